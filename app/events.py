@@ -1,0 +1,142 @@
+"""Task-ended events: workers announce a task's end; synchronous requests wait for it.
+
+With Redis, one listener per web process holds one pub/sub connection and wakes the requests
+waiting on the ended task, so hundreds of waiting requests cost one connection and no polling.
+Under gevent (the API server) the listener and the waits are greenlets.
+
+Without Redis (the embedded mode's filesystem broker) there is nothing to subscribe to, so a
+waiter is woken on a growing interval instead and re-reads the task.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
+from typing import Protocol
+
+log = logging.getLogger(__name__)
+
+
+class Wakeup(Protocol):
+    def wait(self, timeout: float) -> bool: ...
+
+
+class TaskEvents(Protocol):
+    def announce(self, task_id: str) -> None: ...
+    def subscription(self, task_id: str) -> AbstractContextManager[Wakeup]: ...
+    def close(self) -> None: ...
+
+
+class RedisTaskEvents:
+    def __init__(self, redis_url: str):
+        import redis  # imported here so the embedded mode never needs a Redis client
+
+        self._redis = redis.Redis.from_url(redis_url, socket_keepalive=True)
+        # Pub/sub channels ignore Redis db indexes, so the index is part of the name.
+        self.channel = f"imagegate:{self._redis.connection_pool.connection_kwargs.get('db', 0)}:task-ended"
+        self._waiters: dict[str, set[threading.Event]] = defaultdict(set)
+        self._lock = threading.Lock()
+        self._listener: threading.Thread | None = None
+        self._closed = False
+
+    def announce(self, task_id: str) -> None:
+        self._redis.publish(self.channel, task_id)
+
+    @contextmanager
+    def subscription(self, task_id: str) -> Iterator[threading.Event]:
+        """Register before publishing the task, then wait; re-read the task after every wake-up."""
+        self._ensure_listening()
+        event = threading.Event()
+        with self._lock:
+            self._waiters[task_id].add(event)
+        try:
+            yield _ClearingEvent(event)
+        finally:
+            with self._lock:
+                self._waiters[task_id].discard(event)
+                if not self._waiters[task_id]:
+                    del self._waiters[task_id]
+
+    def close(self) -> None:
+        self._closed = True
+        self._redis.close()
+
+    def _ensure_listening(self) -> None:
+        with self._lock:
+            if self._listener is None or not self._listener.is_alive():
+                self._listener = threading.Thread(target=self._listen, name="task-events", daemon=True)
+                self._listener.start()
+
+    def _listen(self) -> None:
+        import redis
+
+        while not self._closed:
+            pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                pubsub.subscribe(self.channel)
+                # Events published while we were not subscribed are lost: wake every waiter so
+                # each re-reads its task from the database.
+                self._wake(None)
+                for message in pubsub.listen():
+                    if message["type"] == "message":
+                        self._wake(message["data"].decode())
+            except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+                log.warning("task-events listener lost Redis (%s); reconnecting", exc)
+                time.sleep(1)
+            finally:
+                pubsub.close()
+
+    def _wake(self, task_id: str | None) -> None:
+        with self._lock:
+            if task_id is None:
+                events = [event for group in self._waiters.values() for event in group]
+            else:
+                events = list(self._waiters.get(task_id, ()))
+        for event in events:
+            event.set()
+
+
+class _ClearingEvent:
+    """An event that re-arms after each wake-up, so one waiter can wait several times."""
+
+    def __init__(self, event: threading.Event):
+        self._event = event
+
+    def wait(self, timeout: float) -> bool:
+        woken = self._event.wait(timeout)
+        self._event.clear()
+        return woken
+
+
+class PollingTaskEvents:
+    """For brokers without pub/sub: wake waiters on a growing interval (0.1 s up to 1 s)."""
+
+    def announce(self, task_id: str) -> None:
+        pass
+
+    @contextmanager
+    def subscription(self, task_id: str) -> Iterator["_Interval"]:
+        yield _Interval()
+
+    def close(self) -> None:
+        pass
+
+
+class _Interval:
+    def __init__(self) -> None:
+        self._next = 0.1
+
+    def wait(self, timeout: float) -> bool:
+        time.sleep(min(timeout, self._next))
+        self._next = min(self._next * 1.5, 1.0)
+        return True
+
+
+def make_task_events(broker_url: str) -> RedisTaskEvents | PollingTaskEvents:
+    if broker_url.startswith(("redis://", "rediss://")):
+        return RedisTaskEvents(broker_url)
+    return PollingTaskEvents()

@@ -1,0 +1,90 @@
+"""The providers file: which models are served and which adapter speaks to each upstream.
+
+Adapter names come from the `imagegate.adapters` entry points, so the web process can check a
+name without importing adapter code (which needs httpx and lives in the workers).
+"""
+
+from __future__ import annotations
+
+import tomllib
+from importlib.metadata import entry_points
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+ADAPTER_ENTRY_POINTS = "imagegate.adapters"
+LOCAL_MODEL = "local"
+
+
+class ProvidersFileError(ValueError):
+    """The providers file cannot be served; the message names the file, the model and the key."""
+
+
+class ModelConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    adapter: str
+    base_url: str | None = None
+    # Name of the environment variable holding the upstream key, never the key itself.
+    api_key_env: str | None = None
+    upstream_model: str | None = None
+    # Total time allowed for one upstream call.
+    timeout_s: float = Field(120.0, gt=0)
+    # Ceiling for a request's `retries`.
+    max_retries: int = Field(2, ge=0, le=10)
+    # Tests serve images from 127.0.0.1; real deployments must not fetch private addresses.
+    allow_private_downloads: bool = False
+
+    @property
+    def upstream_name(self) -> str:
+        return self.upstream_model or self.name
+
+
+def installed_adapters() -> set[str]:
+    return {ep.name for ep in entry_points(group=ADAPTER_ENTRY_POINTS)}
+
+
+def default_models() -> dict[str, ModelConfig]:
+    return {LOCAL_MODEL: ModelConfig(name=LOCAL_MODEL, adapter="local", timeout_s=60, max_retries=2)}
+
+
+def load_models(path: Path | None, adapters: set[str] | None = None) -> dict[str, ModelConfig]:
+    """Read and check the providers file; without one, serve the built-in `local` model."""
+    if path is None:
+        return default_models()
+    adapters = installed_adapters() if adapters is None else adapters
+    try:
+        document = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ProvidersFileError(f"{path}: cannot read providers file: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ProvidersFileError(f"{path}: not valid TOML: {exc}") from None
+
+    unknown_tables = set(document) - {"models"}
+    if unknown_tables:
+        raise ProvidersFileError(f"{path}: unknown top-level key {sorted(unknown_tables)[0]!r}; expected [models.\"NAME\"] tables")
+    tables = document.get("models")
+    if not isinstance(tables, dict) or not tables:
+        raise ProvidersFileError(f"{path}: no models; declare at least one [models.\"NAME\"] table")
+
+    models: dict[str, ModelConfig] = {}
+    for name, table in tables.items():
+        where = f"{path}: model {name!r}"
+        if not isinstance(table, dict):
+            raise ProvidersFileError(f"{where}: must be a table")
+        try:
+            config = ModelConfig(name=name, **table)
+        except TypeError as exc:  # a key named "name" collides with the table name
+            raise ProvidersFileError(f"{where}: {exc}") from None
+        except ValidationError as exc:
+            error = exc.errors()[0]
+            key = ".".join(str(part) for part in error["loc"]) or "?"
+            raise ProvidersFileError(f"{where}: key {key!r}: {error['msg']}") from None
+        if config.adapter not in adapters:
+            known = ", ".join(sorted(adapters)) or "none installed"
+            raise ProvidersFileError(f"{where}: key 'adapter': unknown adapter {config.adapter!r} (known: {known})")
+        if config.adapter != "local" and not config.base_url:
+            raise ProvidersFileError(f"{where}: key 'base_url': required for adapter {config.adapter!r}")
+        models[name] = config
+    return models

@@ -1,0 +1,52 @@
+"""The Celery side both processes share: configuration, the task name, and publishing.
+
+The web process publishes by task name only; the task bodies live in `workers/`.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from celery import Celery
+
+from app.settings import Settings
+
+RUN_TASK = "imagegate.run_task"
+QUEUE = "imagegate"
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    transport_options: dict[str, Any] = {"visibility_timeout": settings.visibility_timeout_s}
+    if settings.broker_url.startswith("filesystem://"):
+        folder = str(settings.data_dir / "broker")  # type: ignore[operator]
+        transport_options |= {"data_folder_in": folder, "data_folder_out": folder, "store_processed": False}
+    return {
+        "broker_url": settings.broker_url,
+        "broker_transport_options": transport_options,
+        "broker_connection_retry_on_startup": True,
+        "task_default_queue": QUEUE,
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "result_backend": None,  # results live in the database, not in Celery
+        "task_ignore_result": True,
+        # At-least-once: acknowledge after the task ran, hand the message back if the worker dies,
+        # and take one message at a time so a dying worker strands as few as possible.
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "task_time_limit": settings.task_time_limit_s,
+        "task_soft_time_limit": max(1, settings.task_time_limit_s - 30),
+        "worker_hijack_root_logger": False,
+        "worker_send_task_events": False,
+    }
+
+
+def make_celery(settings: Settings) -> Celery:
+    app = Celery("imagegate", set_as_current=False)
+    app.conf.update(celery_config(settings))
+    return app
+
+
+def publish_run(celery: Celery, task_id: uuid.UUID, attempt: int, countdown: float | None = None) -> None:
+    celery.send_task(RUN_TASK, args=[str(task_id), attempt], countdown=countdown, queue=QUEUE)

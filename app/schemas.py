@@ -1,0 +1,125 @@
+"""Request and response shapes. The same models validate requests and generate /openapi.json."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from app.states import TaskStatus
+
+MAX_PROMPT_CHARS = 32000  # gpt-image's limit, the largest of any model family
+MAX_N = 10
+SIZE_PATTERN = r"^(auto|[1-9][0-9]{1,4}x[1-9][0-9]{1,4}|[1-9][kK])$"
+
+
+class GenerationRequest(BaseModel):
+    """POST /v1/images/generations: OpenAI's Images fields plus GeekAI's extensions."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True,
+                              json_schema_extra={"additionalProperties": False})
+
+    model: str | None = Field(None, min_length=1, max_length=200,
+                              description="Model to use; defaults to the first model of the providers file.")
+    prompt: str = Field(..., max_length=MAX_PROMPT_CHARS, description="Text description of the image(s).")
+    n: int = Field(1, ge=1, le=MAX_N, description="How many images to generate.")
+    size: str | None = Field(None, pattern=SIZE_PATTERN, description="WIDTHxHEIGHT, `auto`, or 1k/2k/4k.")
+    quality: str | None = Field(None, max_length=32)
+    style: str | None = Field(None, max_length=32)
+    response_format: Literal["url", "b64_json"] = "url"
+    output_format: Literal["png", "jpeg", "jpg", "webp"] = "png"
+    output_compression: int | None = Field(None, ge=0, le=100)
+    background: Literal["transparent", "opaque", "auto"] | None = None
+    moderation: Literal["low", "auto"] | None = None
+    user: str | None = Field(None, max_length=256)
+    stream: Literal[False] | None = Field(None, description="Streaming is not supported; omit or false.")
+    partial_images: Literal[0] | None = None
+
+    # GeekAI extensions
+    negative_prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS)
+    aspect_ratio: str | None = Field(None, pattern=r"^(auto|[0-9]+(\.[0-9]+)?:[0-9]+(\.[0-9]+)?)$")
+    image: str | list[str] | None = Field(None, description="Input image(s): URL or base64.")
+    strength: float | None = Field(None, ge=0, le=1)
+    mask: str | None = None
+    style_preset: str | None = Field(None, max_length=64)
+    watermark: bool | None = None
+    extra_body: dict[str, Any] | None = Field(None, description="Provider-specific parameters, forwarded as is.")
+    async_: bool = Field(False, alias="async", description="Answer 202 with a task id at once.")
+    retries: int = Field(0, ge=0, le=10, description="Automatic retries on retryable upstream errors.")
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_not_blank(cls, prompt: str) -> str:
+        if not prompt.strip():
+            raise ValueError("prompt must not be empty")
+        return prompt
+
+    @property
+    def image_format(self) -> str:
+        return "jpeg" if self.output_format == "jpg" else self.output_format
+
+    def stored(self) -> dict[str, Any]:
+        """The request as kept on the task: the fields the client sent, under the client's names."""
+        return self.model_dump(mode="json", by_alias=True, exclude_unset=True)
+
+    def upstream_params(self) -> dict[str, Any]:
+        """The fields the client sent that an upstream may see: all but the gateway's own controls."""
+        return self.model_dump(mode="json", exclude_unset=True, exclude_none=True,
+                               exclude={"async_", "retries", "stream", "partial_images"})
+
+
+class ImageData(BaseModel):
+    url: str | None = None
+    b64_json: str | None = None
+    revised_prompt: str | None = None
+
+
+class ImagesResponse(BaseModel):
+    """A finished synchronous request: exactly OpenAI's body, plus the task's id and status."""
+
+    created: int
+    data: list[ImageData]
+    usage: dict[str, Any] | None = None
+    task_id: str
+    task_status: TaskStatus
+
+
+class TaskAccepted(BaseModel):
+    """202: the task is queued (async) or still going when the synchronous wait ran out."""
+
+    created: int
+    task_id: str
+    task_status: TaskStatus
+    data: list[ImageData] = []
+
+
+class TaskError(BaseModel):
+    code: str
+    message: str
+    details: dict[str, Any] | None = None
+
+
+class TaskView(BaseModel):
+    """GET /v1/images/{task_id}: GeekAI's retrieval shape."""
+
+    model: str
+    task_id: str
+    task_status: TaskStatus
+    created: int
+    attempts: int = Field(description="Upstream attempts made so far.")
+    data: list[ImageData] | None = Field(None, description="Only when task_status is succeed.")
+    usage: dict[str, Any] | None = None
+    error: TaskError | None = Field(None, description="Only when task_status is failed.")
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error shape, used for every error the gateway answers."""
+
+    error: ErrorDetail

@@ -1,0 +1,76 @@
+"""Every setting imagegate reads, with its default: the one place defaults are documented.
+
+Settings come from `IMAGEGATE_*` environment variables (or keyword arguments in tests) and are
+passed around as an object; nothing reads the environment at import time.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# A placeholder, never a usable secret: start-up refuses it outside the embedded mode.
+DEFAULT_SECRET_KEY = "change-me"
+
+
+class SettingsError(ValueError):
+    """A setting that makes the process refuse to start."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="IMAGEGATE_", frozen=True, extra="ignore")
+
+    # Where tasks, keys and image bytes live (SQLAlchemy URL; Postgres via psycopg 3).
+    database_url: str = "postgresql+psycopg://postgres@127.0.0.1:5432/imagegate"
+    # Celery broker. Redis in production; the same Redis carries the task-ended pub/sub.
+    broker_url: str = "redis://127.0.0.1:6379/0"
+    # TOML file declaring the models served; without one, the built-in `local` model is served.
+    providers_file: Path | None = None
+    # Signs image URLs.
+    secret_key: str = DEFAULT_SECRET_KEY
+    # Base of the absolute image URLs handed to clients.
+    public_url: str = "http://127.0.0.1:8000"
+    # How long a synchronous request waits before answering 202 with the task id.
+    sync_timeout_s: float = Field(300.0, gt=0)
+    # Largest request body accepted (base64 input images make bodies large).
+    max_body_bytes: int = Field(25 * 1024 * 1024, gt=0)
+    # How long a signed image URL stays valid (OpenAI's expire after an hour too).
+    image_url_ttl_s: int = Field(3600, gt=0)
+
+    # Retry backoff: full jitter over base * 2**(attempt-1), capped; never below Retry-After.
+    retry_base_s: float = Field(1.0, ge=0)
+    retry_max_s: float = Field(300.0, ge=0)
+    # Redis redelivers an unacknowledged message after this long; every time limit and
+    # countdown must stay below it or a running task would be delivered twice.
+    visibility_timeout_s: int = Field(3600, gt=0)
+    # Hard limit of one Celery task run (one upstream attempt, downloads included).
+    task_time_limit_s: int = Field(900, gt=0)
+
+    # Largest image downloaded from an upstream URL, and the total time allowed for it.
+    max_download_bytes: int = Field(50 * 1024 * 1024, gt=0)
+    download_timeout_s: float = Field(60.0, gt=0)
+
+    # The embedded mode (`imagegate up`): SQLite file + filesystem broker under data_dir.
+    embedded: bool = False
+    data_dir: Path | None = None
+
+    def check(self) -> "Settings":
+        """Refuse settings a server must not run with. Returns self for chaining."""
+        if not self.embedded and self.secret_key in ("", DEFAULT_SECRET_KEY):
+            raise SettingsError(
+                "IMAGEGATE_SECRET_KEY is unset or the default placeholder; set a long random value "
+                "(for example: python -c 'import secrets; print(secrets.token_urlsafe(48))')"
+            )
+        if self.task_time_limit_s >= self.visibility_timeout_s:
+            raise SettingsError("IMAGEGATE_TASK_TIME_LIMIT_S must be below IMAGEGATE_VISIBILITY_TIMEOUT_S")
+        if self.retry_max_s >= self.visibility_timeout_s:
+            raise SettingsError("IMAGEGATE_RETRY_MAX_S must be below IMAGEGATE_VISIBILITY_TIMEOUT_S")
+        if self.broker_url.startswith("filesystem://") and self.data_dir is None:
+            raise SettingsError("a filesystem:// broker needs IMAGEGATE_DATA_DIR")
+        return self
+
+    @property
+    def uses_redis(self) -> bool:
+        return self.broker_url.startswith(("redis://", "rediss://"))

@@ -1,0 +1,48 @@
+"""Task states, error codes and what each failure means to a client."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class TaskStatus(StrEnum):
+    PENDING = "pending"
+    RUNNING = "running"
+    SUCCEED = "succeed"
+    FAILED = "failed"
+
+    @property
+    def finished(self) -> bool:
+        return self in (TaskStatus.SUCCEED, TaskStatus.FAILED)
+
+
+class ErrorCode(StrEnum):
+    """`error.code` of a failed task."""
+
+    UPSTREAM_REJECTED = "upstream_rejected"          # 400/404/422 from the upstream
+    CONTENT_POLICY = "content_policy_violation"     # the upstream refused the prompt
+    UPSTREAM_AUTH = "upstream_auth_failed"          # 401/403: the gateway's upstream key is wrong
+    UPSTREAM_ERROR = "upstream_error"               # 5xx, 408, 409, connection errors
+    UPSTREAM_RATE_LIMITED = "upstream_rate_limited"  # 429
+    UPSTREAM_TIMEOUT = "upstream_timeout"
+    UPSTREAM_BAD_RESPONSE = "upstream_bad_response"  # a reply we cannot read images from
+    MISCONFIGURED = "model_misconfigured"
+    INTERNAL = "internal_error"
+
+
+# The HTTP status a synchronous request answers with when its task failed.
+HTTP_STATUS_OF_FAILURE: dict[str, int] = {
+    ErrorCode.UPSTREAM_REJECTED: 400,
+    ErrorCode.CONTENT_POLICY: 400,
+    ErrorCode.UPSTREAM_AUTH: 502,
+    ErrorCode.UPSTREAM_ERROR: 502,
+    ErrorCode.UPSTREAM_RATE_LIMITED: 502,
+    ErrorCode.UPSTREAM_TIMEOUT: 504,
+    ErrorCode.UPSTREAM_BAD_RESPONSE: 502,
+    ErrorCode.MISCONFIGURED: 500,
+    ErrorCode.INTERNAL: 500,
+}
+
+
+def http_status_of_failure(code: str | None) -> int:
+    return HTTP_STATUS_OF_FAILURE.get(code or "", 502)

@@ -1,0 +1,49 @@
+"""The intake API: create_app(settings) builds a Flask app wired to the database and broker."""
+
+from __future__ import annotations
+
+from flask import Flask
+from sqlalchemy import text
+
+from app.db import make_engine, make_sessionmaker
+from app.events import make_task_events
+from app.providers import load_models
+from app.queue import make_celery
+from app.settings import Settings
+from app.store import TaskStore
+from app.web import files, images, openapi
+from app.web.errors import error_response, register_error_handlers
+from app.web.services import Services, services
+
+
+def create_app(settings: Settings | None = None) -> Flask:
+    settings = (settings or Settings()).check()
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    app.json.sort_keys = False
+
+    sessions = make_sessionmaker(make_engine(settings.database_url))
+    app.extensions["imagegate"] = Services(
+        settings=settings,
+        models=load_models(settings.providers_file),
+        sessions=sessions,
+        store=TaskStore(sessions),
+        celery=make_celery(settings),
+        events=make_task_events(settings.broker_url),
+    )
+
+    register_error_handlers(app)
+    app.register_blueprint(images.bp)
+    app.register_blueprint(files.bp)
+    app.register_blueprint(openapi.bp)
+
+    @app.get("/healthz")
+    def healthz():
+        try:
+            with services().sessions() as session:
+                session.execute(text("SELECT 1"))
+        except Exception:
+            return error_response(503, "The database is unreachable.", type="server_error", code="database_unavailable")
+        return {"status": "ok"}
+
+    return app

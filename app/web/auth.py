@@ -1,0 +1,21 @@
+"""Bearer-key authentication for every /v1 route."""
+
+from __future__ import annotations
+
+from flask import g, request
+
+from app.keys import authenticate
+from app.web.errors import ApiError
+from app.web.services import services
+
+
+def require_api_key() -> None:
+    header = request.headers.get("Authorization", "")
+    scheme, _, presented = header.partition(" ")
+    if not header:
+        raise ApiError(401, "You didn't provide an API key. Send it as 'Authorization: Bearer KEY'.",
+                       code="missing_api_key")
+    key_id = authenticate(services().sessions, presented.strip()) if scheme.lower() == "bearer" else None
+    if key_id is None:
+        raise ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
+    g.api_key_id = key_id

@@ -1,0 +1,39 @@
+"""Serve the API with gunicorn's gevent workers: a waiting synchronous request is a greenlet,
+not an OS thread, so hundreds can wait at once."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gunicorn.app.base import BaseApplication
+
+from app.settings import Settings
+
+
+class ApiServer(BaseApplication):
+    def __init__(self, settings: Settings, options: dict[str, Any]):
+        self._settings = settings
+        self._options = options
+        super().__init__()
+
+    def load_config(self) -> None:
+        for key, value in self._options.items():
+            self.cfg.set(key, value)
+
+    def load(self):
+        from app.web import create_app  # after gevent patched this worker process
+
+        return create_app(self._settings)
+
+
+def serve(settings: Settings, *, host: str, port: int, workers: int, connections: int) -> None:
+    ApiServer(settings, {
+        "bind": f"{host}:{port}",
+        "workers": workers,
+        "worker_class": "gevent",
+        "worker_connections": connections,
+        # A synchronous request may wait IMAGEGATE_SYNC_TIMEOUT_S; never kill it before that.
+        "timeout": int(settings.sync_timeout_s) + 60,
+        "graceful_timeout": 30,
+        "accesslog": "-",
+    }).run()

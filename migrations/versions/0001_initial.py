@@ -1,0 +1,79 @@
+"""keys, tasks, attempts, images
+
+Revision ID: 0001
+Revises:
+Create Date: 2026-11-21
+"""
+import sqlalchemy as sa
+from alembic import op
+from sqlalchemy.dialects import postgresql
+
+revision = "0001"
+down_revision = None
+branch_labels = None
+depends_on = None
+
+json = sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
+timestamp = sa.DateTime(timezone=True)
+
+
+def upgrade() -> None:
+    op.create_table(
+        "api_keys",
+        sa.Column("id", sa.Uuid(), primary_key=True),
+        sa.Column("name", sa.String(200), nullable=False),
+        sa.Column("prefix", sa.String(16), nullable=False),
+        sa.Column("key_hash", sa.String(64), nullable=False, unique=True),
+        sa.Column("created_at", timestamp, nullable=False),
+        sa.Column("revoked_at", timestamp, nullable=True),
+    )
+    op.create_table(
+        "tasks",
+        sa.Column("id", sa.Uuid(), primary_key=True),
+        sa.Column("api_key_id", sa.Uuid(), sa.ForeignKey("api_keys.id"), nullable=False),
+        sa.Column("model", sa.String(200), nullable=False),
+        sa.Column("status", sa.String(16), nullable=False),
+        sa.Column("request", json, nullable=False),
+        sa.Column("response_format", sa.String(16), nullable=False),
+        sa.Column("max_retries", sa.Integer(), nullable=False),
+        sa.Column("attempts", sa.Integer(), nullable=False),
+        sa.Column("worker", sa.String(200), nullable=True),
+        sa.Column("usage", json, nullable=True),
+        sa.Column("error_code", sa.String(64), nullable=True),
+        sa.Column("error_message", sa.Text(), nullable=True),
+        sa.Column("error_details", json, nullable=True),
+        sa.Column("created_at", timestamp, nullable=False),
+        sa.Column("started_at", timestamp, nullable=True),
+        sa.Column("finished_at", timestamp, nullable=True),
+    )
+    op.create_index("ix_tasks_api_key_id", "tasks", ["api_key_id"])
+    op.create_index("ix_tasks_status_created_at", "tasks", ["status", "created_at"])
+    op.create_table(
+        "attempts",
+        sa.Column("task_id", sa.Uuid(), sa.ForeignKey("tasks.id", ondelete="CASCADE"), primary_key=True),
+        sa.Column("number", sa.Integer(), primary_key=True),
+        sa.Column("worker", sa.String(200), nullable=True),
+        sa.Column("started_at", timestamp, nullable=False),
+        sa.Column("ended_at", timestamp, nullable=True),
+        sa.Column("upstream_status", sa.Integer(), nullable=True),
+        sa.Column("error_code", sa.String(64), nullable=True),
+        sa.Column("error_message", sa.Text(), nullable=True),
+    )
+    op.create_table(
+        "images",
+        sa.Column("id", sa.Uuid(), primary_key=True),
+        sa.Column("task_id", sa.Uuid(), sa.ForeignKey("tasks.id", ondelete="CASCADE"), nullable=False),
+        sa.Column("index", sa.Integer(), nullable=False),
+        sa.Column("content_type", sa.String(64), nullable=False),
+        sa.Column("data", sa.LargeBinary(), nullable=False),
+        sa.Column("revised_prompt", sa.Text(), nullable=True),
+        sa.Column("created_at", timestamp, nullable=False),
+    )
+    op.create_index("ix_images_task_id", "images", ["task_id"])
+
+
+def downgrade() -> None:
+    op.drop_table("images")
+    op.drop_table("attempts")
+    op.drop_table("tasks")
+    op.drop_table("api_keys")

@@ -1,0 +1,58 @@
+"""`local`: renders real images with Pillow, no network. Serves the embedded default and load tests."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import textwrap
+from typing import ClassVar
+
+import httpx
+from PIL import Image, ImageDraw, ImageFont
+
+from app.providers import ModelConfig
+from app.schemas import GenerationRequest
+from workers.adapters.base import Generation, UpstreamError, UpstreamImage
+
+MAX_SIDE = 4096
+NAMED_SIZES = {"auto": (1024, 1024), "1k": (1024, 1024), "2k": (2048, 2048), "4k": (4096, 4096)}
+
+
+def parse_size(size: str | None) -> tuple[int, int]:
+    size = (size or "auto").lower()
+    if size in NAMED_SIZES:
+        return NAMED_SIZES[size]
+    width, _, height = size.partition("x")
+    return int(width), int(height)
+
+
+def render(prompt: str, index: int, width: int, height: int, image_format: str) -> bytes:
+    """A deterministic picture for (prompt, index): a colour from their hash, the prompt drawn in."""
+    digest = hashlib.sha256(f"{index}:{prompt}".encode()).digest()
+    background = (digest[0], digest[1], digest[2])
+    ink = tuple(255 - channel for channel in background)
+    mode = "RGBA" if image_format in ("png", "webp") else "RGB"
+    image = Image.new(mode, (width, height), background)
+    draw = ImageDraw.Draw(image)
+    font = ImageFont.load_default(size=max(10, min(width, height) // 16))
+    lines = textwrap.wrap(prompt, width=max(8, width // max(6, min(width, height) // 28)))[:12]
+    draw.multiline_text((width // 20, height // 20), "\n".join(lines + [f"#{index + 1}"]), fill=ink, font=font)
+    out = io.BytesIO()
+    image.save(out, format=image_format.upper())
+    return out.getvalue()
+
+
+class LocalAdapter:
+    name: ClassVar[str] = "local"
+    max_images_per_call: ClassVar[int | None] = None
+
+    def __init__(self, config: ModelConfig, http: httpx.Client, api_key: str | None) -> None:
+        self.config = config
+
+    def generate(self, request: GenerationRequest) -> Generation:
+        width, height = parse_size(request.size)
+        if not (1 <= width <= MAX_SIDE and 1 <= height <= MAX_SIDE):
+            raise UpstreamError("upstream_rejected", f"size must be at most {MAX_SIDE}x{MAX_SIDE}", retryable=False)
+        images = [UpstreamImage(data=render(request.prompt, index, width, height, request.image_format))
+                  for index in range(request.n)]
+        return Generation(images=images, usage={"generated_images": len(images)})

@@ -1,0 +1,69 @@
+"""`openai`: the OpenAI Images wire protocol, for OpenAI itself and OpenAI-compatible relays."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, ClassVar
+
+import httpx
+
+from app.providers import ModelConfig
+from app.schemas import GenerationRequest
+from app.states import ErrorCode
+from workers import http
+from workers.adapters.base import Generation, UpstreamError, UpstreamImage, error_for_status
+
+CONTENT_POLICY_CODES = {"content_policy_violation", "moderation_blocked", "content_filter"}
+
+
+class OpenAIAdapter:
+    name: ClassVar[str] = "openai"
+    max_images_per_call: ClassVar[int | None] = None
+
+    def __init__(self, config: ModelConfig, http_client: httpx.Client, api_key: str | None) -> None:
+        self.config = config
+        self.http = http_client
+        self.api_key = api_key
+
+    def generate(self, request: GenerationRequest) -> Generation:
+        body = request.upstream_params() | {"model": self.config.upstream_name}
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        reply = http.request(self.http, "POST", f"{self.config.base_url.rstrip('/')}/images/generations",
+                             json=body, headers=headers, deadline_s=self.config.timeout_s)
+        document = _json_object(reply.body)
+        if reply.status >= 400:
+            raise _error(reply, document)
+        items = document.get("data") if document else None
+        if not isinstance(items, list) or not items:
+            raise UpstreamError(ErrorCode.UPSTREAM_BAD_RESPONSE, "upstream reply has no images",
+                                retryable=True, upstream_status=reply.status)
+        images = [UpstreamImage(b64_json=item.get("b64_json"), url=item.get("url"),
+                                revised_prompt=item.get("revised_prompt"))
+                  for item in items if isinstance(item, dict) and (item.get("b64_json") or item.get("url"))]
+        if len(images) != len(items):
+            raise UpstreamError(ErrorCode.UPSTREAM_BAD_RESPONSE, "upstream image without b64_json or url",
+                                retryable=True, upstream_status=reply.status)
+        usage = document.get("usage")
+        return Generation(images, usage if isinstance(usage, dict) else None, reply.status)
+
+
+def _json_object(body: bytes) -> dict[str, Any] | None:
+    try:
+        document = json.loads(body)
+    except ValueError:
+        return None
+    return document if isinstance(document, dict) else None
+
+
+def _error(reply: http.Reply, document: dict[str, Any] | None) -> UpstreamError:
+    error = (document or {}).get("error")
+    error = error if isinstance(error, dict) else {}
+    message = str(error.get("message") or f"upstream answered HTTP {reply.status}")[:1000]
+    details = {"upstream_status": reply.status}
+    if error.get("code"):
+        details["upstream_code"] = str(error["code"])
+    failure = error_for_status(reply.status, message, retry_after_s=http.retry_after_s(reply.headers),
+                               details=details)
+    if reply.status == 400 and str(error.get("code")) in CONTENT_POLICY_CODES:
+        failure.code = ErrorCode.CONTENT_POLICY
+    return failure

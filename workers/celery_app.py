@@ -1,0 +1,36 @@
+"""The worker's Celery app: the shared configuration plus the task bodies."""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from app.db import make_engine, make_sessionmaker
+from app.events import make_task_events
+from app.providers import load_models
+from app.queue import RUN_TASK, make_celery
+from app.settings import Settings
+from app.store import TaskStore
+from workers.adapters import load_adapters
+from workers.http import make_client
+from workers.runner import TaskRunner
+
+
+def make_worker_app(settings: Settings, *, concurrency: int = 100) -> Celery:
+    celery = make_celery(settings.check())
+    adapters = load_adapters()
+    sessions = make_sessionmaker(make_engine(settings.database_url, pool_size=min(20, concurrency)))
+    runner = TaskRunner(
+        settings=settings,
+        store=TaskStore(sessions),
+        models=load_models(settings.providers_file, set(adapters)),
+        adapters=adapters,
+        http=make_client(max_connections=max(20, concurrency * 2)),
+        events=make_task_events(settings.broker_url),
+        celery=celery,
+    )
+
+    @celery.task(name=RUN_TASK, bind=True, acks_late=True, reject_on_worker_lost=True)
+    def run_task(self, task_id: str, attempt: int) -> None:
+        runner.run(task_id, attempt, worker=self.request.hostname or "worker")
+
+    return celery

@@ -1,0 +1,95 @@
+"""HTTP for the workers: one httpx client per process, calls bounded by a total deadline,
+and image downloads that refuse private addresses and oversize bodies."""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import time
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+from urllib.parse import urlsplit
+
+import httpx
+
+from app.states import ErrorCode
+from workers.adapters.base import UpstreamError
+
+MAX_REPLY_BYTES = 64 * 1024 * 1024  # an upstream's JSON reply may carry several base64 images
+
+
+def make_client(max_connections: int = 200) -> httpx.Client:
+    limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections // 4)
+    return httpx.Client(limits=limits, follow_redirects=False, headers={"User-Agent": "imagegate"})
+
+
+@dataclass(frozen=True)
+class Reply:
+    status: int
+    headers: httpx.Headers
+    body: bytes
+
+
+def request(client: httpx.Client, method: str, url: str, *, deadline_s: float, max_bytes: int = MAX_REPLY_BYTES,
+            **kwargs) -> Reply:
+    """One call that ends within deadline_s however slowly the peer sends, or raises UpstreamError."""
+    started = time.monotonic()
+    try:
+        with client.stream(method, url, timeout=httpx.Timeout(deadline_s), **kwargs) as response:
+            chunks, size = [], 0
+            for chunk in response.iter_bytes():
+                size += len(chunk)
+                if size > max_bytes:
+                    raise UpstreamError(ErrorCode.UPSTREAM_BAD_RESPONSE, f"reply larger than {max_bytes} bytes",
+                                        retryable=False, upstream_status=response.status_code)
+                if time.monotonic() - started > deadline_s:
+                    raise httpx.ReadTimeout("total deadline exceeded")
+                chunks.append(chunk)
+            return Reply(response.status_code, response.headers, b"".join(chunks))
+    except httpx.TimeoutException:
+        raise UpstreamError(ErrorCode.UPSTREAM_TIMEOUT, f"no complete reply within {deadline_s:g} s",
+                            retryable=True) from None
+    except httpx.TransportError as exc:
+        raise UpstreamError(ErrorCode.UPSTREAM_ERROR, f"connection failed: {type(exc).__name__}",
+                            retryable=True) from None
+
+
+def retry_after_s(headers: httpx.Headers) -> float | None:
+    """Retry-After as seconds (delta or HTTP date)."""
+    value = headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        try:
+            return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+        except (TypeError, ValueError):
+            return None
+
+
+def check_public(url: str) -> None:
+    """Refuse URLs that are not http(s) or whose host resolves to a non-public address."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise UpstreamError(ErrorCode.UPSTREAM_BAD_RESPONSE, "image URL is not http(s)", retryable=False)
+    try:
+        infos = socket.getaddrinfo(parts.hostname, parts.port or 80, proto=socket.IPPROTO_TCP)
+    except socket.gaierror:
+        raise UpstreamError(ErrorCode.UPSTREAM_ERROR, "image host does not resolve", retryable=True) from None
+    for info in infos:
+        address = ipaddress.ip_address(info[4][0])
+        if not address.is_global or (address.version == 6 and address.ipv4_mapped is not None):
+            raise UpstreamError(ErrorCode.UPSTREAM_BAD_RESPONSE, "image URL points to a private address",
+                                retryable=False)
+
+
+def download(client: httpx.Client, url: str, *, max_bytes: int, deadline_s: float, allow_private: bool) -> bytes:
+    if not allow_private:
+        check_public(url)
+    reply = request(client, "GET", url, deadline_s=deadline_s, max_bytes=max_bytes)
+    if reply.status != 200:
+        raise UpstreamError(ErrorCode.UPSTREAM_ERROR if reply.status >= 500 else ErrorCode.UPSTREAM_BAD_RESPONSE,
+                            f"image download answered {reply.status}", retryable=reply.status >= 500,
+                            upstream_status=reply.status)
+    return reply.body

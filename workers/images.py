@@ -1,0 +1,56 @@
+"""Turn what an upstream returned (bytes, base64 or a URL) into stored image bytes."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+
+import httpx
+
+from app.providers import ModelConfig
+from app.settings import Settings
+from app.states import ErrorCode
+from app.store import NewImage
+from workers import http
+from workers.adapters.base import UpstreamError, UpstreamImage
+
+
+def sniff_content_type(data: bytes) -> str | None:
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "image/png"
+    if data.startswith(b"\xff\xd8\xff"):
+        return "image/jpeg"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "image/webp"
+    if data[:6] in (b"GIF87a", b"GIF89a"):
+        return "image/gif"
+    return None
+
+
+def _decode_b64(text: str) -> bytes:
+    if text.startswith("data:"):
+        text = text.partition(",")[2]
+    try:
+        return base64.b64decode(text, validate=False)
+    except (binascii.Error, ValueError):
+        raise UpstreamError(ErrorCode.UPSTREAM_BAD_RESPONSE, "upstream b64_json is not base64", retryable=True) from None
+
+
+def fetch_images(images: list[UpstreamImage], *, client: httpx.Client, config: ModelConfig,
+                 settings: Settings) -> list[NewImage]:
+    stored = []
+    for image in images:
+        if image.data is not None:
+            data = image.data
+        elif image.b64_json:
+            data = _decode_b64(image.b64_json)
+        else:
+            data = http.download(client, image.url or "", max_bytes=settings.max_download_bytes,
+                                 deadline_s=settings.download_timeout_s,
+                                 allow_private=config.allow_private_downloads)
+        content_type = sniff_content_type(data)
+        if content_type is None:
+            raise UpstreamError(ErrorCode.UPSTREAM_BAD_RESPONSE, "upstream returned something that is not an image",
+                                retryable=True)
+        stored.append(NewImage(data=data, content_type=content_type, revised_prompt=image.revised_prompt))
+    return stored
