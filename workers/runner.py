@@ -92,7 +92,8 @@ class TaskRunner:
 
     def _end_failed(self, claim: Claim, failure: Failure) -> None:
         if self.store.fail(claim, failure):
-            log.info("task %s attempt %s: failed (%s)", claim.task_id, claim.attempt, failure.code)
+            log.info("task %s attempt %s: failed (%s: %s)", claim.task_id, claim.attempt, failure.code,
+                     failure.message)
             self._announce(claim)
 
     def _announce(self, claim: Claim) -> None:

@@ -36,4 +36,6 @@ def serve(settings: Settings, *, host: str, port: int, workers: int, connections
         "timeout": int(settings.sync_timeout_s) + 60,
         "graceful_timeout": 30,
         "accesslog": "-",
+        # gunicorn's control socket is one fixed path per user: several servers on a host would clash.
+        "control_socket_disable": True,
     }).run()

@@ -1,0 +1,228 @@
+"""Test fixtures: a database and Redis db indexes of this run's own, a fake upstream, and a real
+Celery worker and API server started through the `imagegate` CLI."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import httpx
+import psycopg
+import pytest
+import redis
+
+from app.settings import Settings
+from tests.fake_upstream import FakeUpstream
+from tests.services import MissingService, free_port, reachable, start_postgres, start_redis, wait_until
+
+IMAGEGATE = [sys.executable, "-m", "app.cli"]
+LOCK_KEY = "imagegate-test:lock"
+
+
+def run_cli(args: list[str], env: dict[str, str], **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(IMAGEGATE + args, env=env, capture_output=True, text=True, timeout=120, **kwargs)
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    if reachable("127.0.0.1", 5432):
+        yield "postgresql+psycopg://postgres@127.0.0.1:5432"
+        return
+    try:
+        server = start_postgres()
+    except MissingService as exc:
+        pytest.exit(str(exc), returncode=3)
+    yield server.url
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_server_url():
+    if reachable("127.0.0.1", 6379):
+        yield "redis://127.0.0.1:6379"
+        return
+    try:
+        server = start_redis()
+    except MissingService as exc:
+        pytest.exit(str(exc), returncode=3)
+    yield server.url
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def database_url(postgres_url):
+    """A database of this run's own, created empty, dropped at the end."""
+    name = f"imagegate_test_{uuid.uuid4().hex[:12]}"
+    admin = postgres_url.replace("postgresql+psycopg://", "postgresql://") + "/postgres"
+    with psycopg.connect(admin, autocommit=True) as connection:
+        connection.execute(f'CREATE DATABASE "{name}"')
+    yield f"{postgres_url}/{name}"
+    with psycopg.connect(admin, autocommit=True) as connection:
+        connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def _claim_redis_db(server_url: str, taken: set[int]) -> int:
+    for index in range(1, 16):
+        if index in taken:
+            continue
+        client = redis.Redis.from_url(f"{server_url}/{index}")
+        if client.set(LOCK_KEY, "1", nx=True, ex=6 * 3600):
+            client.flushdb()
+            client.set(LOCK_KEY, "1", ex=6 * 3600)
+            return index
+    raise RuntimeError("no free Redis db index (1-15) for this test run")
+
+
+@pytest.fixture(scope="session")
+def redis_dbs(redis_server_url):
+    """Two Redis db indexes of this run's own: one the worker consumes, one nobody consumes."""
+    busy = _claim_redis_db(redis_server_url, set())
+    idle = _claim_redis_db(redis_server_url, {busy})
+    yield f"{redis_server_url}/{busy}", f"{redis_server_url}/{idle}"
+    for url in (f"{redis_server_url}/{busy}", f"{redis_server_url}/{idle}"):
+        redis.Redis.from_url(url).flushdb()
+
+
+@pytest.fixture(scope="session")
+def upstream():
+    server = FakeUpstream().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def run_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("imagegate")
+
+
+@pytest.fixture(scope="session")
+def providers_file(run_dir, upstream) -> Path:
+    path = run_dir / "providers.toml"
+    path.write_text(f"""
+[models."local"]
+adapter = "local"
+max_retries = 2
+
+[models."fake-dalle"]
+adapter = "openai"
+base_url = "{upstream.base_url}"
+api_key_env = "FAKE_UPSTREAM_KEY"
+upstream_model = "dall-e-3"
+timeout_s = 5
+max_retries = 3
+allow_private_downloads = true
+""")
+    return path
+
+
+@pytest.fixture(scope="session")
+def api_port() -> int:
+    return free_port()
+
+
+@pytest.fixture(scope="session")
+def env(database_url, redis_dbs, providers_file, api_port) -> dict[str, str]:
+    """The environment every imagegate process of this run gets."""
+    base = {name: value for name, value in os.environ.items() if not name.startswith("IMAGEGATE_")}
+    return base | {
+        "IMAGEGATE_DATABASE_URL": database_url,
+        "IMAGEGATE_BROKER_URL": redis_dbs[0],
+        "IMAGEGATE_PROVIDERS_FILE": str(providers_file),
+        "IMAGEGATE_SECRET_KEY": secrets.token_urlsafe(32),
+        "IMAGEGATE_PUBLIC_URL": f"http://127.0.0.1:{api_port}",
+        "IMAGEGATE_SYNC_TIMEOUT_S": "30",
+        "IMAGEGATE_MAX_BODY_BYTES": "200000",
+        "IMAGEGATE_RETRY_BASE_S": "0.2",
+        "IMAGEGATE_RETRY_MAX_S": "10",
+        "FAKE_UPSTREAM_KEY": "sk-upstream-secret-" + secrets.token_hex(8),
+    }
+
+
+@pytest.fixture(scope="session")
+def settings(env) -> Settings:
+    return Settings(**{name[len("IMAGEGATE_"):].lower(): value
+                       for name, value in env.items() if name.startswith("IMAGEGATE_")})
+
+
+@pytest.fixture(scope="session")
+def migrated(env):
+    result = run_cli(["db", "upgrade"], env)
+    assert result.returncode == 0, result.stderr
+    return True
+
+
+def _start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    handle = log.open("w")
+    return subprocess.Popen(IMAGEGATE + args, env=env, stdout=handle, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def _stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+@pytest.fixture(scope="session")
+def worker(migrated, env, run_dir):
+    log = run_dir / "worker.log"
+    process = _start(["worker", "--concurrency", "100"], env, log)
+    wait_until(lambda: process.poll() is not None or "ready" in log.read_text(), 60, "the Celery worker")
+    assert process.poll() is None, log.read_text()
+    yield process
+    _stop(process)
+
+
+@pytest.fixture(scope="session")
+def api_url(migrated, env, api_port, run_dir):
+    log = run_dir / "api.log"
+    process = _start(["api", "--host", "127.0.0.1", "--port", str(api_port), "--workers", "1"], env, log)
+    url = f"http://127.0.0.1:{api_port}"
+
+    def healthy() -> bool:
+        assert process.poll() is None, log.read_text()
+        try:
+            return httpx.get(f"{url}/healthz", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait_until(healthy, 60, "the API server")
+    yield url
+    _stop(process)
+
+
+def _create_key(env, name: str) -> str:
+    result = run_cli(["keys", "create", "--name", name], env)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip().splitlines()[-1]
+
+
+@pytest.fixture(scope="session")
+def api_key(migrated, env) -> str:
+    return _create_key(env, "tests")
+
+
+@pytest.fixture(scope="session")
+def other_key(migrated, env) -> str:
+    return _create_key(env, "someone-else")
+
+
+@pytest.fixture
+def client(api_url, api_key, worker):
+    with httpx.Client(base_url=api_url, headers={"Authorization": f"Bearer {api_key}"}, timeout=60) as http:
+        yield http
+
+
+@pytest.fixture
+def prompt() -> str:
+    """A prompt no other test uses, so the fake upstream's script and log are this test's own."""
+    return f"a red fox {uuid.uuid4().hex}"
