@@ -35,7 +35,8 @@ class RedisTaskEvents:
     def __init__(self, redis_url: str):
         import redis  # imported here so the embedded mode never needs a Redis client
 
-        self._redis = redis.Redis.from_url(redis_url, socket_keepalive=True)
+        # health_check_interval makes the listener notice a connection that died silently.
+        self._redis = redis.Redis.from_url(redis_url, socket_keepalive=True, health_check_interval=30)
         # Pub/sub channels ignore Redis db indexes, so the index is part of the name.
         self.channel = f"imagegate:{self._redis.connection_pool.connection_kwargs.get('db', 0)}:task-ended"
         self._waiters: dict[str, set[threading.Event]] = defaultdict(set)

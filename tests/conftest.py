@@ -226,3 +226,11 @@ def client(api_url, api_key, worker):
 def prompt() -> str:
     """A prompt no other test uses, so the fake upstream's script and log are this test's own."""
     return f"a red fox {uuid.uuid4().hex}"
+
+
+@pytest.fixture(scope="session")
+def app_client(settings, redis_dbs, migrated):
+    """The Flask app in this process, publishing to the Redis db index no worker consumes."""
+    from app.web import create_app
+
+    return create_app(settings.model_copy(update={"broker_url": redis_dbs[1]})).test_client()
