@@ -134,18 +134,16 @@ class TaskStore:
         return True
 
     def fail(self, claim: Claim, failure: Failure) -> bool:
-        with self._sessions.begin() as session:
-            if not self._end(session, claim, TaskStatus.FAILED, error_code=failure.code,
-                             error_message=failure.message, error_details=failure.details or None):
-                return False
-            self._end_attempt(session, claim, failure)
-        return True
+        return self._end_with(claim, TaskStatus.FAILED, failure)
 
     def retry_later(self, claim: Claim, failure: Failure) -> bool:
         """Hand a failed attempt back to the queue: running -> pending, keeping the attempt count."""
+        return self._end_with(claim, TaskStatus.PENDING, failure)
+
+    def _end_with(self, claim: Claim, status: TaskStatus, failure: Failure) -> bool:
         with self._sessions.begin() as session:
-            if not self._end(session, claim, TaskStatus.PENDING, error_code=failure.code,
-                             error_message=failure.message, error_details=failure.details or None):
+            if not self._end(session, claim, status, error_code=failure.code, error_message=failure.message,
+                             error_details=failure.details or None):
                 return False
             self._end_attempt(session, claim, failure)
         return True

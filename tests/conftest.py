@@ -18,7 +18,7 @@ import redis
 
 from app.settings import Settings
 from tests.fake_upstream import FakeUpstream
-from tests.services import MissingService, free_port, reachable, start_postgres, start_redis, wait_until
+from tests.services import MissingService, free_port, http_ok, reachable, start_postgres, start_redis, wait_until
 
 IMAGEGATE = [sys.executable, "-m", "app.cli"]
 LOCK_KEY = "imagegate-test:lock"
@@ -28,30 +28,27 @@ def run_cli(args: list[str], env: dict[str, str], **kwargs) -> subprocess.Comple
     return subprocess.run(IMAGEGATE + args, env=env, capture_output=True, text=True, timeout=120, **kwargs)
 
 
-@pytest.fixture(scope="session")
-def postgres_url():
-    if reachable("127.0.0.1", 5432):
-        yield "postgresql+psycopg://postgres@127.0.0.1:5432"
+def _service(port: int, local_url: str, start_throwaway):
+    """The machine's service when reachable, else a throwaway one, else stop with what is missing."""
+    if reachable("127.0.0.1", port):
+        yield local_url
         return
     try:
-        server = start_postgres()
+        server = start_throwaway()
     except MissingService as exc:
         pytest.exit(str(exc), returncode=3)
     yield server.url
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    yield from _service(5432, "postgresql+psycopg://postgres@127.0.0.1:5432", start_postgres)
 
 
 @pytest.fixture(scope="session")
 def redis_server_url():
-    if reachable("127.0.0.1", 6379):
-        yield "redis://127.0.0.1:6379"
-        return
-    try:
-        server = start_redis()
-    except MissingService as exc:
-        pytest.exit(str(exc), returncode=3)
-    yield server.url
-    server.stop()
+    yield from _service(6379, "redis://127.0.0.1:6379", start_redis)
 
 
 @pytest.fixture(scope="session")
@@ -190,10 +187,7 @@ def api_url(migrated, env, api_port, run_dir):
 
     def healthy() -> bool:
         assert process.poll() is None, log.read_text()
-        try:
-            return httpx.get(f"{url}/healthz", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
+        return http_ok(f"{url}/healthz")
 
     wait_until(healthy, 60, "the API server")
     yield url

@@ -16,7 +16,7 @@ from PIL import Image
 from sqlalchemy import create_engine, text
 
 from tests.conftest import IMAGEGATE, _stop, run_cli
-from tests.services import free_port, wait_until
+from tests.services import free_port, http_ok, wait_until
 
 
 def clean_env() -> dict[str, str]:
@@ -31,7 +31,7 @@ def test_up_serves_the_local_model_with_no_servers(tmp_path):
     try:
         curl = wait_until(lambda: re.search(r"^\s*(curl .*)$", log.read_text(), re.M), 60, "the curl line")
         key = re.search(r"API key \(shown once\): (\S+)", log.read_text()).group(1)
-        wait_until(lambda: _up(port), 60, "the embedded API")
+        wait_until(lambda: http_ok(f"http://127.0.0.1:{port}/healthz"), 60, "the embedded API")
         # The printed curl line works as printed.
         result = subprocess.run(curl.group(1), shell=True, capture_output=True, text=True, timeout=120)
         body = httpx.Response(200, content=result.stdout).json()
@@ -46,13 +46,6 @@ def test_up_serves_the_local_model_with_no_servers(tmp_path):
         assert (tmp_path / "imagegate-data" / "imagegate.db").exists()
     finally:
         _stop(process)
-
-
-def _up(port: int) -> bool:
-    try:
-        return httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 @pytest.mark.parametrize("command", [["api", "--port", "1"], ["worker"]])

@@ -148,14 +148,14 @@ def test_a_message_delivered_twice_makes_one_upstream_call(client, upstream, pro
 def test_sync_wait_past_the_timeout_answers_202_and_the_task_goes_on(api_url, api_key, worker, env, upstream,
                                                                      prompt, run_dir):
     from tests.conftest import _start, _stop
-    from tests.services import free_port, wait_until
+    from tests.services import free_port, http_ok, wait_until
 
     port = free_port()
     short = env | {"IMAGEGATE_SYNC_TIMEOUT_S": "1"}
     process = _start(["api", "--port", str(port), "--workers", "1"], short, run_dir / "api-short.log")
     try:
         base = f"http://127.0.0.1:{port}"
-        wait_until(lambda: _healthy(base), 60, "second API server")
+        wait_until(lambda: http_ok(f"{base}/healthz"), 60, "second API server")
         upstream.script(prompt, Step(delay_s=3))
         headers = {"Authorization": f"Bearer {api_key}"}
         started = time.monotonic()
@@ -168,13 +168,6 @@ def test_sync_wait_past_the_timeout_answers_202_and_the_task_goes_on(api_url, ap
             assert wait_for_end(http, body["task_id"])["task_status"] == "succeed"
     finally:
         _stop(process)
-
-
-def _healthy(base: str) -> bool:
-    try:
-        return httpx.get(f"{base}/healthz", timeout=1).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 def test_another_keys_task_is_a_404_like_a_missing_one(client, api_url, other_key):
