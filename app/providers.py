@@ -36,6 +36,31 @@ class ModelConfig(BaseModel):
     # Tests serve images from 127.0.0.1; real deployments must not fetch private addresses.
     allow_private_downloads: bool = False
 
+    # What a request may ask of this model, checked at intake (app/families.py). A family sets
+    # them all at once; a key given here overrides the family's value.
+    family: str | None = None
+    sizes: list[str] | None = None               # allowed `size` values; [] means no `size` at all
+    aspect_ratios: list[str] | None = None       # allowed `aspect_ratio` values
+    size_range: tuple[int, int] | None = None    # WIDTHxHEIGHT with both sides in [min, max]
+    min_pixels: int | None = Field(None, gt=0)
+    max_pixels: int | None = Field(None, gt=0)
+    max_prompt_chars: int | None = Field(None, gt=0)
+    max_n: int | None = Field(None, ge=1, le=10)
+
+    # How many images one upstream call returns; more are made by concurrent calls (fan-out).
+    # Unset: the adapter's own capability.
+    max_images_per_call: int | None = Field(None, ge=1)
+    # Fields some relays want as `[null, value]` arrays (the grok relay's aspect_ratio, ...).
+    wrap_params: list[str] = []
+    # chat_image: an optional system prompt, and `image_generation: true` in the body.
+    system_prompt: str | None = None
+    image_generation: bool = False
+    # Asynchronous upstreams: first poll after poll_interval_s, growing; give up after poll_deadline_s.
+    poll_interval_s: float = Field(2.0, gt=0)
+    poll_deadline_s: float = Field(600.0, gt=0)
+    # Models to go on with, in order, once this one's retries are spent on retryable errors.
+    fallbacks: list[str] = []
+
     @property
     def upstream_name(self) -> str:
         return self.upstream_model or self.name
@@ -87,4 +112,9 @@ def load_models(path: Path | None, adapters: set[str] | None = None) -> dict[str
         if config.adapter != "local" and not config.base_url:
             raise ProvidersFileError(f"{where}: key 'base_url': required for adapter {config.adapter!r}")
         models[name] = config
+    for name, config in models.items():
+        for fallback in config.fallbacks:
+            if fallback not in models or fallback == name:
+                raise ProvidersFileError(f"{path}: model {name!r}: key 'fallbacks': {fallback!r} is not another "
+                                         f"model of this file")
     return models
