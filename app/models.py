@@ -44,10 +44,15 @@ class Task(Base):
     # The validated request as the client sent it (aliases, no nulls).
     request: Mapped[dict[str, Any]]
     response_format: Mapped[str] = mapped_column(String(16))
-    # Retries this task may make: the request's `retries` capped by the model's `max_retries`.
-    max_retries: Mapped[int] = mapped_column(Integer, default=0)
-    # Attempts claimed so far; the guard that keeps one attempt to one upstream call.
+    # Attempts (rounds) claimed so far; the guard that keeps one attempt to one call per slot.
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # The model now serving the task: `model`, or one of its fallbacks, from attempt route_started on.
+    route: Mapped[str] = mapped_column(String(200))
+    route_started: Mapped[int] = mapped_column(Integer, default=1)
+    # An asynchronous upstream's own task id, kept so a new attempt polls instead of resubmitting.
+    upstream_task_id: Mapped[str | None] = mapped_column(String(200))
+    # Poll steps taken in this attempt; guards against a duplicated poll message.
+    polls: Mapped[int] = mapped_column(Integer, default=0)
     worker: Mapped[str | None] = mapped_column(String(200))
     usage: Mapped[dict[str, Any] | None]
     error_code: Mapped[str | None] = mapped_column(String(64))
@@ -61,12 +66,14 @@ class Task(Base):
 
 
 class Attempt(Base):
-    """One upstream call (or the try of one): what happened and when."""
+    """One upstream call: attempt `number` of the task, for its images in `slot` (fan-out)."""
 
     __tablename__ = "attempts"
 
     task_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tasks.id", ondelete="CASCADE"), primary_key=True)
     number: Mapped[int] = mapped_column(Integer, primary_key=True)
+    slot: Mapped[int] = mapped_column(Integer, primary_key=True, default=0)
+    model: Mapped[str] = mapped_column(String(200))
     worker: Mapped[str | None] = mapped_column(String(200))
     started_at: Mapped[datetime] = mapped_column(default=utcnow)
     ended_at: Mapped[datetime | None]
@@ -82,6 +89,8 @@ class Image(Base):
 
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
     task_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tasks.id", ondelete="CASCADE"), index=True)
+    # Which fan-out call produced it, and its place among that call's images.
+    slot: Mapped[int] = mapped_column(Integer, default=0)
     index: Mapped[int] = mapped_column(Integer)
     content_type: Mapped[str] = mapped_column(String(64))
     data: Mapped[bytes] = mapped_column(LargeBinary)

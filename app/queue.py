@@ -48,5 +48,8 @@ def make_celery(settings: Settings) -> Celery:
     return app
 
 
-def publish_run(celery: Celery, task_id: uuid.UUID, attempt: int, countdown: float | None = None) -> None:
-    celery.send_task(RUN_TASK, args=[str(task_id), attempt], countdown=countdown, queue=QUEUE)
+def publish_run(celery: Celery, task_id: uuid.UUID, attempt: int, countdown: float | None = None,
+                poll: int = 0) -> None:
+    """Ask a worker for attempt `attempt` of a task (or for poll step `poll` of that attempt)."""
+    args = [str(task_id), attempt] + ([poll] if poll else [])
+    celery.send_task(RUN_TASK, args=args, countdown=countdown, queue=QUEUE)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -42,6 +43,7 @@ class GenerationRequest(BaseModel):
     strength: float | None = Field(None, ge=0, le=1)
     mask: str | None = None
     style_preset: str | None = Field(None, max_length=64)
+    resolution: str | None = Field(None, max_length=16, description="Relay-specific resolution, e.g. 1k or 2k.")
     watermark: bool | None = None
     extra_body: dict[str, Any] | None = Field(None, description="Provider-specific parameters, forwarded as is.")
     async_: bool = Field(False, alias="async", description="Answer 202 with a task id at once.")
@@ -99,6 +101,18 @@ class TaskError(BaseModel):
     details: dict[str, Any] | None = None
 
 
+class AttemptView(BaseModel):
+    """One upstream call: which attempt, which fan-out slot, which model (route) and how it ended."""
+
+    number: int
+    slot: int
+    model: str
+    started_at: datetime
+    ended_at: datetime | None = None
+    upstream_status: int | None = None
+    error_code: str | None = None
+
+
 class TaskView(BaseModel):
     """GET /v1/images/{task_id}: GeekAI's retrieval shape."""
 
@@ -106,10 +120,11 @@ class TaskView(BaseModel):
     task_id: str
     task_status: TaskStatus
     created: int
-    attempts: int = Field(description="Upstream attempts made so far.")
+    attempts: int = Field(description="Attempts made so far (each retry or fallback is one more).")
     data: list[ImageData] | None = Field(None, description="Only when task_status is succeed.")
     usage: dict[str, Any] | None = None
     error: TaskError | None = Field(None, description="Only when task_status is failed.")
+    attempt_log: list[AttemptView] = Field([], description="Every upstream call, in order.")
 
 
 class ErrorDetail(BaseModel):

@@ -113,6 +113,46 @@ upstream_model = "dall-e-3"
 timeout_s = 5
 max_retries = 3
 allow_private_downloads = true
+
+[models."fake-grok"]
+adapter = "openai"
+base_url = "{upstream.base_url}"
+upstream_model = "grok-3-image"
+family = "grok"
+wrap_params = ["aspect_ratio", "quality", "resolution"]
+allow_private_downloads = true
+
+[models."fake-async"]
+adapter = "geekai_async"
+base_url = "{upstream.base_url}"
+poll_interval_s = 0.2
+poll_deadline_s = 60
+allow_private_downloads = true
+
+[models."fake-one"]
+adapter = "openai"
+base_url = "{upstream.base_url}"
+max_images_per_call = 1
+timeout_s = 7
+allow_private_downloads = true
+
+[models."fake-primary"]
+adapter = "openai"
+base_url = "{upstream.base_url}"
+upstream_model = "primary-model"
+max_retries = 0
+fallbacks = ["fake-backup"]
+allow_private_downloads = true
+
+[models."fake-backup"]
+adapter = "openai"
+base_url = "{upstream.base_url}"
+upstream_model = "backup-model"
+allow_private_downloads = true
+
+[models."fake-strict"]
+adapter = "openai"
+base_url = "{upstream.base_url}"
 """)
     return path
 

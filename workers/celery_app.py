@@ -30,7 +30,7 @@ def make_worker_app(settings: Settings, *, concurrency: int = 100) -> Celery:
     )
 
     @celery.task(name=RUN_TASK, bind=True, acks_late=True, reject_on_worker_lost=True)
-    def run_task(self, task_id: str, attempt: int) -> None:
-        runner.run(task_id, attempt, worker=self.request.hostname or "worker")
+    def run_task(self, task_id: str, attempt: int, poll: int = 0) -> None:
+        runner.run(task_id, attempt, poll, worker=self.request.hostname or "worker")
 
     return celery

@@ -1,13 +1,16 @@
-"""One attempt of one task: claim it, call the adapter, store the outcome.
+"""One attempt of one task: claim it, make its upstream calls, store the outcome.
 
 Every write is a guarded transition in app.store; a duplicate delivery claims nothing and so
-calls nothing. Retries are new Celery messages with a countdown, never a sleep in the worker.
+calls nothing. Retries, fallbacks and polls of asynchronous upstreams are new Celery messages
+with a countdown, never a sleep in the worker.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import httpx
@@ -15,17 +18,41 @@ from celery import Celery
 from pydantic import ValidationError
 
 from app.events import TaskEvents
+from app.models import utcnow
 from app.providers import ModelConfig
 from app.queue import publish_run
 from app.schemas import GenerationRequest
 from app.settings import Settings
 from app.states import ErrorCode
-from app.store import Claim, Failure, TaskStore, parse_task_id
-from workers.adapters.base import UpstreamError
+from app.store import CallOutcome, Claim, Failure, NewImage, TaskStore, parse_task_id
+from workers.adapters.base import Generation, UpstreamError, is_polling
+from workers.fanout import merge_usage, slot_counts
 from workers.images import fetch_images
 from workers.retry import backoff_s
 
 log = logging.getLogger(__name__)
+
+MAX_POLL_INTERVAL_S = 30.0
+
+
+@dataclass(frozen=True)
+class Call:
+    """What one upstream call (one fan-out slot) gave."""
+
+    slot: int
+    images: list[NewImage] = dataclasses.field(default_factory=list)
+    usage: dict | None = None
+    upstream_status: int | None = None
+    error: UpstreamError | None = None
+
+    @property
+    def outcome(self) -> CallOutcome:
+        failure = _failure(self.error) if self.error else None
+        return CallOutcome(self.slot, self.upstream_status, failure)
+
+
+def _failure(exc: UpstreamError) -> Failure:
+    return Failure(exc.code, exc.message, exc.details, exc.upstream_status)
 
 
 @dataclass
@@ -38,35 +65,142 @@ class TaskRunner:
     events: TaskEvents
     celery: Celery
 
-    def run(self, task_id: str, attempt: int, *, worker: str) -> None:
+    def run(self, task_id: str, attempt: int, poll: int = 0, *, worker: str) -> None:
         parsed = parse_task_id(task_id)
-        claim = self.store.claim(parsed, attempt, worker=worker) if parsed else None
-        if claim is None:
-            log.info("task %s attempt %s: not claimable (duplicate delivery or already ended)", task_id, attempt)
+        if parsed is None:
             return
-        log.info("task %s attempt %s: claimed by %s", task_id, attempt, worker)
+        claim = self.store.claim_poll(parsed, attempt, poll) if poll else \
+            self.store.claim(parsed, attempt, worker=worker)
+        if claim is None:
+            log.info("task %s attempt %s poll %s: not claimable (duplicate delivery or already ended)",
+                     task_id, attempt, poll)
+            return
         try:
-            self._attempt(claim)
-        except UpstreamError as exc:
-            self._failed(claim, exc)
+            config = self.models.get(claim.route)
+            if config is None:
+                raise UpstreamError(ErrorCode.MISCONFIGURED, f"model {claim.route!r} is no longer configured", False)
+            request = GenerationRequest.model_validate(claim.request)
+            adapter = self.adapters[config.adapter](config, self.http, self._upstream_key(config))
+            if is_polling(adapter):
+                self._run_polling(claim, config, adapter, request, worker)
+            else:
+                self._run_calls(claim, config, adapter, request, worker)
+        except UpstreamError as exc:  # before any call was made: the model cannot be served
+            self._end_failed(claim, _failure(exc), [])
+        except ValidationError:
+            self._end_failed(claim, Failure(ErrorCode.INTERNAL, "stored request no longer validates"), [])
         except Exception:
             log.exception("task %s attempt %s: unexpected error", task_id, attempt)
-            self._end_failed(claim, Failure(ErrorCode.INTERNAL, "The gateway failed while running this task."))
+            self._end_failed(claim, Failure(ErrorCode.INTERNAL, "The gateway failed while running this task."), [])
 
-    def _attempt(self, claim: Claim) -> None:
-        config = self.models.get(claim.model)
-        if config is None:
-            raise UpstreamError(ErrorCode.MISCONFIGURED, f"model {claim.model!r} is no longer configured", False)
-        try:
-            request = GenerationRequest.model_validate(claim.request)
-        except ValidationError:
-            raise UpstreamError(ErrorCode.INTERNAL, "stored request no longer validates", False) from None
-        adapter = self.adapters[config.adapter](config, self.http, self._upstream_key(config))
-        generation = adapter.generate(request)
+    # -- upstreams that answer with images ----------------------------------------------------
+    def _run_calls(self, claim: Claim, config: ModelConfig, adapter, request: GenerationRequest,
+                   worker: str) -> None:
+        counts = slot_counts(request.n, config.max_images_per_call or adapter.max_images_per_call)
+        done = self.store.done_slots(claim.task_id) if claim.attempt > 1 else set()
+        todo = [slot for slot in range(len(counts)) if slot not in done]
+        if not self.store.begin_calls(claim, todo, worker=worker):
+            return
+
+        def call(slot: int) -> Call:
+            single = request if len(counts) == 1 else request.model_copy(update={"n": counts[slot]})
+            try:
+                generation = adapter.generate(single)
+                return self._stored(slot, generation, config)
+            except UpstreamError as exc:
+                return Call(slot, upstream_status=exc.upstream_status, error=exc)
+
+        if len(todo) == 1:
+            calls = [call(todo[0])]
+        else:  # concurrent calls; under the gevent pool these threads are greenlets
+            with ThreadPoolExecutor(max_workers=len(todo)) as pool:
+                calls = list(pool.map(call, todo))
+        self._finish(claim, config, request, calls)
+
+    def _stored(self, slot: int, generation: Generation, config: ModelConfig) -> Call:
         images = fetch_images(generation.images, client=self.http, config=config, settings=self.settings)
-        if self.store.succeed(claim, images, generation.usage, generation.upstream_status):
-            log.info("task %s attempt %s: succeed with %d image(s)", claim.task_id, claim.attempt, len(images))
+        return Call(slot, [dataclasses.replace(image, slot=slot) for image in images], generation.usage,
+                    generation.upstream_status)
+
+    def _finish(self, claim: Claim, config: ModelConfig, request: GenerationRequest, calls: list[Call]) -> None:
+        outcomes = [call.outcome for call in calls]
+        images = [image for call in calls for image in call.images]
+        usage = claim.usage
+        for call in calls:
+            usage = merge_usage(usage, call.usage)
+        errors = [call.error for call in calls if call.error]
+        if not errors:
+            if self.store.succeed(claim, images, usage, outcomes):
+                log.info("task %s attempt %s: succeed via %s", claim.task_id, claim.attempt, claim.route)
+                self._announce(claim)
+            return
+        # One refusal ends the task; otherwise retry (or fall back) the calls that failed.
+        fatal = next((error for error in errors if not error.retryable), None)
+        self._failed(claim, config, request, fatal or errors[0], outcomes, images=images, usage=usage)
+
+    # -- upstreams that are themselves asynchronous -------------------------------------------
+    def _run_polling(self, claim: Claim, config: ModelConfig, adapter, request: GenerationRequest,
+                     worker: str) -> None:
+        if claim.polls == 0 and not self.store.begin_calls(claim, [0], worker=worker):
+            return
+        try:
+            if claim.upstream_task_id is None:
+                upstream_task_id = adapter.submit(request)
+                if self.store.record_upstream_task(claim, upstream_task_id):
+                    publish_run(self.celery, claim.task_id, claim.attempt, countdown=config.poll_interval_s, poll=1)
+                return
+            generation = adapter.poll(claim.upstream_task_id)
+            if generation is None:
+                waited = (utcnow() - claim.started_at).total_seconds()
+                if waited > config.poll_deadline_s:
+                    raise UpstreamError(ErrorCode.UPSTREAM_TIMEOUT,
+                                        f"the upstream task did not end within {config.poll_deadline_s:g} s", False)
+                countdown = min(config.poll_interval_s * 1.5 ** claim.polls, MAX_POLL_INTERVAL_S,
+                                self.settings.retry_max_s)
+                publish_run(self.celery, claim.task_id, claim.attempt, countdown=countdown, poll=claim.polls + 1)
+                return
+            call = self._stored(0, generation, config)
+        except UpstreamError as exc:
+            call = Call(0, upstream_status=exc.upstream_status, error=exc)
+        self._finish(claim, config, request, [call])
+
+    # -- endings ------------------------------------------------------------------------------
+    def _failed(self, claim: Claim, config: ModelConfig, request: GenerationRequest, exc: UpstreamError,
+                outcomes: list[CallOutcome], *, images: list[NewImage], usage: dict | None) -> None:
+        failure = _failure(exc)
+        retries_used = claim.attempt - claim.route_started
+        if exc.retryable and retries_used < min(request.retries, config.max_retries):
+            delay = backoff_s(retries_used + 1, base_s=self.settings.retry_base_s, max_s=self.settings.retry_max_s,
+                              retry_after_s=exc.retry_after_s)
+            if self.store.retry_later(claim, failure, outcomes, images=images, usage=usage):
+                log.info("task %s attempt %s: %s; retrying in %.1f s", claim.task_id, claim.attempt, exc, delay)
+                publish_run(self.celery, claim.task_id, claim.attempt + 1, countdown=delay)
+            return
+        fallback = self._next_route(claim) if exc.retryable else None
+        if fallback is not None:
+            if self.store.retry_later(claim, failure, outcomes, images=images, usage=usage, route=fallback):
+                log.info("task %s attempt %s: %s; falling back to %s", claim.task_id, claim.attempt, exc, fallback)
+                publish_run(self.celery, claim.task_id, claim.attempt + 1)
+            return
+        self._end_failed(claim, failure, outcomes)
+
+    def _next_route(self, claim: Claim) -> str | None:
+        primary = self.models.get(claim.model)
+        routes = [claim.model] + (primary.fallbacks if primary else [])
+        position = routes.index(claim.route) if claim.route in routes else len(routes)
+        return routes[position + 1] if position + 1 < len(routes) else None
+
+    def _end_failed(self, claim: Claim, failure: Failure, outcomes: list[CallOutcome]) -> None:
+        if self.store.fail(claim, failure, outcomes):
+            log.info("task %s attempt %s: failed (%s: %s)", claim.task_id, claim.attempt, failure.code,
+                     failure.message)
             self._announce(claim)
+
+    def _announce(self, claim: Claim) -> None:
+        try:
+            self.events.announce(str(claim.task_id))
+        except Exception as exc:  # waiters re-read the task on reconnect; the result is stored
+            log.warning("could not announce the end of task %s: %s", claim.task_id, exc)
 
     @staticmethod
     def _upstream_key(config: ModelConfig) -> str | None:
@@ -79,25 +213,3 @@ class TaskRunner:
                                 retryable=False)
         return key
 
-    def _failed(self, claim: Claim, exc: UpstreamError) -> None:
-        failure = Failure(exc.code, exc.message, exc.details, exc.upstream_status)
-        if not exc.retryable or claim.attempt > claim.max_retries:
-            self._end_failed(claim, failure)
-            return
-        delay = backoff_s(claim.attempt, base_s=self.settings.retry_base_s, max_s=self.settings.retry_max_s,
-                          retry_after_s=exc.retry_after_s)
-        if self.store.retry_later(claim, failure):
-            log.info("task %s attempt %s: %s; retrying in %.1f s", claim.task_id, claim.attempt, exc, delay)
-            publish_run(self.celery, claim.task_id, claim.attempt + 1, countdown=delay)
-
-    def _end_failed(self, claim: Claim, failure: Failure) -> None:
-        if self.store.fail(claim, failure):
-            log.info("task %s attempt %s: failed (%s: %s)", claim.task_id, claim.attempt, failure.code,
-                     failure.message)
-            self._announce(claim)
-
-    def _announce(self, claim: Claim) -> None:
-        try:
-            self.events.announce(str(claim.task_id))
-        except Exception as exc:  # waiters re-read the task on reconnect; the result is stored
-            log.warning("could not announce the end of task %s: %s", claim.task_id, exc)

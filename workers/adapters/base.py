@@ -72,3 +72,24 @@ class Adapter(Protocol):
     def __init__(self, config: ModelConfig, http: httpx.Client, api_key: str | None) -> None: ...
 
     def generate(self, request: GenerationRequest) -> Generation: ...
+
+
+class PollingAdapter(Protocol):
+    """An upstream that is itself asynchronous: submit once, then poll its task id.
+
+    The runner polls by rescheduling the Celery task, never by holding a worker slot."""
+
+    name: ClassVar[str]
+    max_images_per_call: ClassVar[int | None]
+
+    def __init__(self, config: ModelConfig, http: httpx.Client, api_key: str | None) -> None: ...
+
+    def submit(self, request: GenerationRequest) -> str: ...
+
+    def poll(self, upstream_task_id: str) -> Generation | None:
+        """The images once the upstream task succeeded; None while it is still going."""
+        ...
+
+
+def is_polling(adapter: object) -> bool:
+    return callable(getattr(adapter, "submit", None)) and callable(getattr(adapter, "poll", None))

@@ -1,0 +1,53 @@
+"""`geekai_async`: an upstream that is itself asynchronous (seed 000).
+
+Submit with `async: true` and read the upstream's `task_id`; then `GET /images/{task_id}` until
+`task_status` is `succeed` or `failed`. The runner records the task id and polls by rescheduling,
+so a new attempt resumes polling instead of submitting again."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import httpx
+
+from app.providers import ModelConfig
+from app.schemas import GenerationRequest
+from app.states import ErrorCode
+from workers.adapters.base import Generation, UpstreamError
+from workers.adapters.openai import call, images_body, images_of
+
+REFUSAL_WORDS = ("policy", "sensitive", "moderation", "safety")
+
+
+class GeekAIAsyncAdapter:
+    name: ClassVar[str] = "geekai_async"
+    max_images_per_call: ClassVar[int | None] = None
+
+    def __init__(self, config: ModelConfig, http_client: httpx.Client, api_key: str | None) -> None:
+        self.config = config
+        self.http = http_client
+        self.api_key = api_key
+
+    def submit(self, request: GenerationRequest) -> str:
+        body = images_body(request, self.config) | {"async": True}
+        reply, document = call(self.http, self.config, self.api_key, "POST", "/images/generations", json=body)
+        task_id = document.get("task_id")
+        if not isinstance(task_id, str) or not task_id:
+            raise UpstreamError(ErrorCode.UPSTREAM_BAD_RESPONSE, "asynchronous upstream gave no task_id",
+                                retryable=True, upstream_status=reply.status)
+        return task_id
+
+    def poll(self, upstream_task_id: str) -> Generation | None:
+        reply, document = call(self.http, self.config, self.api_key, "GET", f"/images/{upstream_task_id}")
+        status = document.get("task_status")
+        if status in ("pending", "running"):
+            return None
+        if status == "succeed":
+            return images_of(reply, document)
+        error = document.get("error") if isinstance(document.get("error"), dict) else {}
+        code = str(error.get("code") or "")
+        refused = any(word in code.lower() for word in REFUSAL_WORDS)
+        raise UpstreamError(ErrorCode.CONTENT_POLICY if refused else ErrorCode.UPSTREAM_ERROR,
+                            str(error.get("message") or f"upstream task {status or 'unknown'}")[:1000],
+                            retryable=not refused and status == "failed", upstream_status=reply.status,
+                            details={"upstream_task_id": upstream_task_id, "upstream_code": code})
