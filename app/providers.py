@@ -12,6 +12,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from app.families import known_families
+
 ADAPTER_ENTRY_POINTS = "imagegate.adapters"
 LOCAL_MODEL = "local"
 
@@ -109,6 +111,9 @@ def load_models(path: Path | None, adapters: set[str] | None = None) -> dict[str
         if config.adapter not in adapters:
             known = ", ".join(sorted(adapters)) or "none installed"
             raise ProvidersFileError(f"{where}: key 'adapter': unknown adapter {config.adapter!r} (known: {known})")
+        if config.family is not None and config.family not in known_families():
+            raise ProvidersFileError(f"{where}: key 'family': unknown family {config.family!r} "
+                                     f"(known: {', '.join(sorted(known_families()))})")
         if config.adapter != "local" and not config.base_url:
             raise ProvidersFileError(f"{where}: key 'base_url': required for adapter {config.adapter!r}")
         models[name] = config

@@ -26,6 +26,7 @@ class ErrorCode(StrEnum):
     UPSTREAM_RATE_LIMITED = "upstream_rate_limited"  # 429
     UPSTREAM_TIMEOUT = "upstream_timeout"
     UPSTREAM_BAD_RESPONSE = "upstream_bad_response"  # a reply we cannot read images from
+    NO_IMAGE = "no_image_in_reply"                  # a chat model answered with text only
     MISCONFIGURED = "model_misconfigured"
     INTERNAL = "internal_error"
 
@@ -39,6 +40,7 @@ HTTP_STATUS_OF_FAILURE: dict[str, int] = {
     ErrorCode.UPSTREAM_RATE_LIMITED: 502,
     ErrorCode.UPSTREAM_TIMEOUT: 504,
     ErrorCode.UPSTREAM_BAD_RESPONSE: 502,
+    ErrorCode.NO_IMAGE: 502,
     ErrorCode.MISCONFIGURED: 500,
     ErrorCode.INTERNAL: 500,
 }

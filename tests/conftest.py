@@ -17,6 +17,7 @@ import pytest
 import redis
 
 from app.settings import Settings
+from tests.fake_chat import FakeChat
 from tests.fake_upstream import FakeUpstream
 from tests.services import MissingService, free_port, http_ok, reachable, start_postgres, start_redis, wait_until
 
@@ -93,12 +94,19 @@ def upstream():
 
 
 @pytest.fixture(scope="session")
+def chat_upstream():
+    server = FakeChat().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
 def run_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("imagegate")
 
 
 @pytest.fixture(scope="session")
-def providers_file(run_dir, upstream) -> Path:
+def providers_file(run_dir, upstream, chat_upstream) -> Path:
     path = run_dir / "providers.toml"
     path.write_text(f"""
 [models."local"]
@@ -148,6 +156,14 @@ allow_private_downloads = true
 adapter = "openai"
 base_url = "{upstream.base_url}"
 upstream_model = "backup-model"
+allow_private_downloads = true
+
+[models."fake-chat"]
+adapter = "chat_image"
+base_url = "{chat_upstream.base_url}"
+upstream_model = "gemini-2.5-flash-image"
+system_prompt = "你是一个AI画图机器人,请根据用户需求进行画图"
+image_generation = true
 allow_private_downloads = true
 
 [models."fake-strict"]

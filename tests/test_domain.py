@@ -54,6 +54,8 @@ def test_a_providers_file_is_read(tmp_path):
     ('[models."m4"]\nadapter = "openai"\n', ["m4", "'base_url'"]),
     ('[models."m5"\nadapter = "openai"\n', ["not valid TOML"]),
     ('title = "x"\n', ["'title'"]),
+    ('[models."m6"]\nadapter = "openai"\nbase_url = "https://x"\nfamily = "midjourney"\n', ["m6", "'family'"]),
+    ('[models."m7"]\nadapter = "openai"\nbase_url = "https://x"\nfallbacks = ["nope"]\n', ["m7", "'fallbacks'"]),
 ])
 def test_a_bad_providers_file_names_the_file_the_model_and_the_key(tmp_path, text, expected):
     path = write(tmp_path, text)

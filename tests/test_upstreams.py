@@ -138,3 +138,31 @@ def test_image_urls_on_private_addresses_are_not_downloaded(client, upstream, pr
     body = wait_for_end(client, submit_async(client, model="fake-strict", prompt=prompt))
     assert body["task_status"] == "failed" and body["error"]["code"] == "upstream_bad_response"
     assert "private" in body["error"]["message"]
+
+
+def test_chat_model_image_from_the_seed_reply_is_rehosted(client, chat_upstream, prompt):
+    from tests.fake_chat import ChatStep
+
+    chat_upstream.script(prompt, ChatStep(style="geekai"))
+    body = client.post("/v1/images/generations", json={"model": "fake-chat", "prompt": prompt,
+                                                       "response_format": "b64_json"}).json()
+    assert body["task_status"] == "succeed" and len(body["data"]) == 1
+    assert Image.open(io.BytesIO(base64.b64decode(body["data"][0]["b64_json"]))).format == "PNG"
+    (call,) = chat_upstream.calls_for(prompt)
+    assert call.body["model"] == "gemini-2.5-flash-image" and call.body["image_generation"] is True
+    assert call.body["messages"][0]["role"] == "system"
+
+
+def test_chat_model_edit_fans_out_and_retries_a_reply_without_an_image(client, chat_upstream, prompt):
+    from tests.fake_chat import ChatStep
+
+    chat_upstream.script(prompt, ChatStep(style="no_image"), ChatStep(style="openrouter"))
+    task_id = submit_async(client, model="fake-chat", prompt=prompt, n=2, retries=1,
+                           image="https://example.com/cat.png")
+    body = wait_for_end(client, task_id)
+    assert body["task_status"] == "succeed" and len(body["data"]) == 2
+    calls = chat_upstream.calls_for(prompt)
+    assert len(calls) == 3  # two concurrent calls, one answered text only and was made again
+    parts = calls[0].body["messages"][-1]["content"]
+    assert {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}} in parts
+    assert [entry.get("error_code") for entry in body["attempt_log"]].count("no_image_in_reply") == 1

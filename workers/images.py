@@ -44,6 +44,8 @@ def fetch_images(images: list[UpstreamImage], *, client: httpx.Client, config: M
             data = image.data
         elif image.b64_json:
             data = _decode_b64(image.b64_json)
+        elif image.url and image.url.startswith("data:"):  # chat models inline their image so
+            data = _decode_b64(image.url)
         else:
             data = http.download(client, image.url or "", max_bytes=settings.max_download_bytes,
                                  deadline_s=settings.download_timeout_s,

@@ -18,6 +18,7 @@ from celery import Celery
 from pydantic import ValidationError
 
 from app.events import TaskEvents
+from app.families import constraints
 from app.models import utcnow
 from app.providers import ModelConfig
 from app.queue import publish_run
@@ -96,7 +97,7 @@ class TaskRunner:
     # -- upstreams that answer with images ----------------------------------------------------
     def _run_calls(self, claim: Claim, config: ModelConfig, adapter, request: GenerationRequest,
                    worker: str) -> None:
-        counts = slot_counts(request.n, config.max_images_per_call or adapter.max_images_per_call)
+        counts = slot_counts(request.n, constraints(config).get("max_images_per_call") or adapter.max_images_per_call)
         done = self.store.done_slots(claim.task_id) if claim.attempt > 1 else set()
         todo = [slot for slot in range(len(counts)) if slot not in done]
         if not self.store.begin_calls(claim, todo, worker=worker):

@@ -10,8 +10,9 @@ import uuid
 from flask import Blueprint, g, request
 from pydantic import ValidationError
 
+from app.families import RequestRefused, check_request
 from app.queue import publish_run
-from app.schemas import GenerationRequest, ImageData, ImagesResponse, TaskAccepted, TaskError, TaskView
+from app.schemas import AttemptView, GenerationRequest, ImageData, ImagesResponse, TaskAccepted, TaskError, TaskView
 from app.signing import signed_image_url
 from app.states import TaskStatus, http_status_of_failure
 from app.store import TaskRecord, parse_task_id
@@ -70,10 +71,13 @@ def create_generation():
     model = svc.models.get(model_name)
     if model is None:
         raise ApiError(404, f"The model '{model_name}' does not exist.", param="model", code="model_not_found")
+    try:  # refuse what the model's family cannot do before anything is stored or queued
+        check_request(body, model)
+    except RequestRefused as exc:
+        raise ApiError(400, exc.message, param=exc.param, code="invalid_value") from None
 
     task = svc.store.create(api_key_id=g.api_key_id, model=model_name, request=body.stored(),
-                            response_format=body.response_format,
-                            max_retries=min(body.retries, model.max_retries))
+                            response_format=body.response_format)
     if body.async_:
         _publish(svc, task.id)
         return _json(TaskAccepted(created=int(task.created_at.timestamp()), task_id=str(task.id),
@@ -121,7 +125,10 @@ def get_task(task_id: str):
         raise ApiError(404, f"No task found with id '{task_id}'.", param="task_id", code="task_not_found")
     task = record.task
     view = TaskView(model=task.model, task_id=str(task.id), task_status=task.status, created=_timestamp(record),
-                    attempts=task.attempts)
+                    attempts=task.attempts,
+                    attempt_log=[AttemptView(number=a.number, slot=a.slot, model=a.model, started_at=a.started_at,
+                                             ended_at=a.ended_at, upstream_status=a.upstream_status,
+                                             error_code=a.error_code) for a in record.attempts])
     if task.status == TaskStatus.SUCCEED:
         view = view.model_copy(update={"data": _image_items(record, svc), "usage": task.usage})
     elif task.status == TaskStatus.FAILED:
