@@ -284,3 +284,20 @@ def app_client(settings, redis_dbs, migrated):
     from app.web import create_app
 
     return create_app(settings.model_copy(update={"broker_url": redis_dbs[1]})).test_client()
+
+
+@pytest.fixture(scope="session")
+def count_tasks(database_url):
+    """How many task rows exist: a refused request must not add one."""
+    from sqlalchemy import create_engine, func, select
+
+    from app.models import Task
+
+    engine = create_engine(database_url)
+
+    def count() -> int:
+        with engine.connect() as connection:  # closed each time, so dropping the database is not blocked
+            return connection.execute(select(func.count()).select_from(Task)).scalar_one()
+
+    yield count
+    engine.dispose()

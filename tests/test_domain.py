@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from app.providers import ProvidersFileError, load_models
+from app.providers import ProvidersFileError, installed_adapters, load_models
 from app.queue import celery_config
 from app.settings import Settings, SettingsError
 from app.signing import signed_image_url, verify
@@ -106,3 +106,11 @@ def test_settings_that_would_redeliver_a_running_task_are_refused():
         Settings(secret_key="s", task_time_limit_s=4000, visibility_timeout_s=3600).check()
     with pytest.raises(SettingsError):
         Settings(secret_key="s", retry_max_s=4000, visibility_timeout_s=3600).check()
+
+
+def test_the_readme_providers_example_loads_with_one_model_per_adapter(tmp_path):
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    section = readme[readme.index("### The providers file"):]
+    example = section.split("```toml\n", 1)[1].split("```", 1)[0]
+    models = load_models(write(tmp_path, example), installed_adapters())
+    assert {model.adapter for model in models.values()} == installed_adapters()

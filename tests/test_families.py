@@ -4,10 +4,8 @@ Flask app (400 in OpenAI's shape, nothing stored) on real Postgres."""
 from __future__ import annotations
 
 import pytest
-from sqlalchemy import create_engine, func, select
 
 from app.families import CONSTRAINT_KEYS, FAMILIES, RequestRefused, check_request, constraints, known_families
-from app.models import Task
 from app.providers import ModelConfig
 from app.schemas import GenerationRequest
 from app.web import create_app
@@ -181,18 +179,6 @@ def http(tmp_path_factory, settings, redis_dbs, migrated, api_key):
     client = app.test_client()
     client.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {api_key}"
     return client
-
-
-@pytest.fixture(scope="module")
-def count_tasks(database_url):
-    engine = create_engine(database_url)
-
-    def count() -> int:
-        with engine.connect() as connection:  # closed each time, so dropping the database is not blocked
-            return connection.execute(select(func.count()).select_from(Task)).scalar_one()
-
-    yield count
-    engine.dispose()
 
 
 @pytest.mark.parametrize("body,param,expected", [

@@ -7,9 +7,7 @@ import json
 
 import pytest
 import redis
-from sqlalchemy import create_engine, func, select
 
-from app.models import Task
 from app.queue import QUEUE
 from app.web import create_app
 
@@ -29,12 +27,6 @@ def http(app, api_key):
     client = app.test_client()
     client.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {api_key}"
     return client
-
-
-@pytest.fixture(scope="module")
-def count_tasks(database_url):
-    engine = create_engine(database_url)
-    return lambda: engine.connect().execute(select(func.count()).select_from(Task)).scalar_one()
 
 
 @pytest.fixture

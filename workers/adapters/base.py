@@ -64,6 +64,15 @@ def error_for_status(status: int, message: str, *, retry_after_s: float | None =
                          details=details or {})
 
 
+class HttpAdapter:
+    """The constructor every adapter that calls an HTTP upstream shares."""
+
+    def __init__(self, config: ModelConfig, http: httpx.Client, api_key: str | None) -> None:
+        self.config = config
+        self.http = http
+        self.api_key = api_key
+
+
 class Adapter(Protocol):
     name: ClassVar[str]
     # Capabilities, as data: how many images one upstream call can return (None: any n).

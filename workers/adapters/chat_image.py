@@ -17,12 +17,11 @@ from __future__ import annotations
 import re
 from typing import Any, ClassVar
 
-import httpx
 
 from app.providers import ModelConfig
 from app.schemas import GenerationRequest
 from app.states import ErrorCode
-from workers.adapters.base import Generation, UpstreamError, UpstreamImage
+from workers.adapters.base import HttpAdapter, Generation, UpstreamError, UpstreamImage
 from workers.adapters.openai import call
 
 NO_IMAGE = ErrorCode.NO_IMAGE
@@ -32,15 +31,10 @@ MARKDOWN_IMAGE = re.compile(r"!\[[^\]]*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s
 DATA_URI = re.compile(r"data:image/[\w.+-]+;base64,[A-Za-z0-9+/=]+")
 
 
-class ChatImageAdapter:
+class ChatImageAdapter(HttpAdapter):
     name: ClassVar[str] = "chat_image"
     # A chat reply carries one image; the runner fans out concurrent calls for n > 1.
     max_images_per_call: ClassVar[int | None] = 1
-
-    def __init__(self, config: ModelConfig, http_client: httpx.Client, api_key: str | None) -> None:
-        self.config = config
-        self.http = http_client
-        self.api_key = api_key
 
     def generate(self, request: GenerationRequest) -> Generation:
         reply, document = call(self.http, self.config, self.api_key, "POST", "/chat/completions",

@@ -8,25 +8,18 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-import httpx
 
-from app.providers import ModelConfig
 from app.schemas import GenerationRequest
 from app.states import ErrorCode
-from workers.adapters.base import Generation, UpstreamError
+from workers.adapters.base import HttpAdapter, Generation, UpstreamError
 from workers.adapters.openai import call, images_body, images_of
 
 REFUSAL_WORDS = ("policy", "sensitive", "moderation", "safety")
 
 
-class GeekAIAsyncAdapter:
+class GeekAIAsyncAdapter(HttpAdapter):
     name: ClassVar[str] = "geekai_async"
     max_images_per_call: ClassVar[int | None] = None
-
-    def __init__(self, config: ModelConfig, http_client: httpx.Client, api_key: str | None) -> None:
-        self.config = config
-        self.http = http_client
-        self.api_key = api_key
 
     def submit(self, request: GenerationRequest) -> str:
         body = images_body(request, self.config) | {"async": True}

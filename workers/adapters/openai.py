@@ -14,19 +14,14 @@ from app.providers import ModelConfig
 from app.schemas import GenerationRequest
 from app.states import ErrorCode
 from workers import http
-from workers.adapters.base import Generation, UpstreamError, UpstreamImage, error_for_status
+from workers.adapters.base import HttpAdapter, Generation, UpstreamError, UpstreamImage, error_for_status
 
 CONTENT_POLICY_CODES = {"content_policy_violation", "moderation_blocked", "content_filter"}
 
 
-class OpenAIAdapter:
+class OpenAIAdapter(HttpAdapter):
     name: ClassVar[str] = "openai"
     max_images_per_call: ClassVar[int | None] = None
-
-    def __init__(self, config: ModelConfig, http_client: httpx.Client, api_key: str | None) -> None:
-        self.config = config
-        self.http = http_client
-        self.api_key = api_key
 
     def generate(self, request: GenerationRequest) -> Generation:
         reply, document = call(self.http, self.config, self.api_key, "POST", "/images/generations",

@@ -1,0 +1,96 @@
+"""What the fake upstreams share: a threaded HTTP server on 127.0.0.1, replies scripted per
+prompt (tests use unique prompts, so they stay independent on one shared server), a call log."""
+
+from __future__ import annotations
+
+import io
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Callable
+
+from PIL import Image
+
+
+def png_bytes(width: int = 8, height: int = 8, colour=(200, 30, 30)) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (width, height), colour).save(out, format="PNG")
+    return out.getvalue()
+
+
+class _Server(ThreadingHTTPServer):
+    request_queue_size = 1024  # hundreds of concurrent calls must not be refused at connect
+    daemon_threads = True
+
+
+class JsonHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def send(self, status: int, body: bytes, content_type: str = "application/json",
+             headers: dict[str, str] | None = None) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def send_json(self, status: int, document: Any, headers: dict[str, str] | None = None) -> None:
+        self.send(status, json.dumps(document, ensure_ascii=False).encode(), headers=headers)
+
+    def send_error_json(self, status: int, message: str, code: str | None = None,
+                        headers: dict[str, str] | None = None) -> None:
+        self.send_json(status, {"error": {"message": message, "type": "invalid_request_error", "param": None,
+                                          "code": code}}, headers)
+
+    def read_json(self) -> dict:
+        length = int(self.headers.get("Content-Length") or 0)
+        return json.loads(self.rfile.read(length) or b"{}")
+
+
+class ScriptedServer:
+    """Subclasses give `handler_class(fake)` and the default step; tests call script()/calls_for()."""
+
+    default_step: Callable[[], Any]
+
+    def __init__(self) -> None:
+        self._scripts: dict[str, list] = {}
+        self.calls: list = []
+        self._lock = threading.Lock()
+        self.server = _Server(("127.0.0.1", 0), self.handler_class())
+        self.port = self.server.server_address[1]
+        self.base_url = f"http://127.0.0.1:{self.port}/v1"
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def handler_class(self) -> type[JsonHandler]:
+        raise NotImplementedError
+
+    def start(self):
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def script(self, prompt: str, *steps) -> None:
+        """Replies for successive calls with this prompt; after the last, the default step."""
+        with self._lock:
+            self._scripts[prompt] = list(steps)
+
+    def calls_for(self, prompt: str) -> list:
+        with self._lock:
+            return [call for call in self.calls if call.prompt == prompt]
+
+    def log(self, call) -> None:
+        with self._lock:
+            self.calls.append(call)
+
+    def next_step(self, prompt: str):
+        with self._lock:
+            steps = self._scripts.get(prompt)
+            return steps.pop(0) if steps else self.default_step()
