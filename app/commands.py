@@ -117,6 +117,26 @@ def worker(pool: str, concurrency: int, loglevel: str, hostname: str | None) -> 
 
 
 @cli.command()
+@click.option("--once", is_flag=True, help="One pass, then exit (for cron or a test).")
+def sweeper(once: bool) -> None:
+    """Find and resend what the broker lost: overdue pending tasks, expired leases, deadlines.
+    Safe to run on several hosts at once."""
+    import signal
+    import threading
+
+    from app.sweeper import make_sweeper
+
+    sweep = make_sweeper(load_settings())
+    if once:
+        click.echo(str(sweep.sweep_once()))
+        return
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    sweep.run(stop)
+
+
+@cli.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True, type=int)
 @click.option("--data-dir", default="imagegate-data", show_default=True,
@@ -151,7 +171,8 @@ def up(host: str, port: int, data_dir: Path) -> None:
     upgrade(settings.database_url)
     key = create_key(make_sessionmaker(make_engine(settings.database_url)), "embedded")
 
-    worker_process = subprocess.Popen([sys.executable, "-m", "app.cli", "worker", "--concurrency", "8"])
+    helpers = [subprocess.Popen([sys.executable, "-m", "app.cli", "worker", "--concurrency", "8"]),
+               subprocess.Popen([sys.executable, "-m", "app.cli", "sweeper"])]
     model = next(iter(models))
     body = '{"model": "%s", "prompt": "a lighthouse at dusk", "response_format": "b64_json"}' % model
     click.echo(f"\nimagegate is up at {settings.public_url} (data in {data_dir})")
@@ -163,8 +184,10 @@ def up(host: str, port: int, data_dir: Path) -> None:
     try:
         serve(settings, host=host, port=port, workers=1, connections=1000)
     finally:
-        worker_process.terminate()
-        try:
-            worker_process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            worker_process.kill()
+        for process in helpers:
+            process.terminate()
+        for process in helpers:
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()

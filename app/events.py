@@ -137,6 +137,14 @@ class _Interval:
         return True
 
 
+def announce_quietly(events: TaskEvents, task_id: object) -> None:
+    """Announce a task's end; a broker outage only delays waiters, who re-read the task on reconnect."""
+    try:
+        events.announce(str(task_id))
+    except Exception as exc:
+        log.warning("could not announce the end of task %s: %s", task_id, exc)
+
+
 def make_task_events(broker_url: str) -> RedisTaskEvents | PollingTaskEvents:
     if broker_url.startswith(("redis://", "rediss://")):
         return RedisTaskEvents(broker_url)

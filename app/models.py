@@ -6,7 +6,7 @@ import uuid
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, ForeignKey, Index, Integer, LargeBinary, String, Text, Uuid
+from sqlalchemy import JSON, Boolean, DateTime, ForeignKey, Index, Integer, LargeBinary, String, Text, Uuid
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -46,9 +46,16 @@ class Task(Base):
     response_format: Mapped[str] = mapped_column(String(16))
     # Attempts (rounds) claimed so far; the guard that keeps one attempt to one call per slot.
     attempts: Mapped[int] = mapped_column(Integer, default=0)
-    # The model now serving the task: `model`, or one of its fallbacks, from attempt route_started on.
+    # The model now serving the task: `model`, or one of its fallbacks.
     route: Mapped[str] = mapped_column(String(200))
-    route_started: Mapped[int] = mapped_column(Integer, default=1)
+    # Retries spent on upstream errors on this route (a worker lost is not the client's retry).
+    retries_used: Mapped[int] = mapped_column(Integer, default=0)
+    # A pending task is due from run_after (retry countdowns); the sweeper republishes one that is
+    # long overdue, as its message was lost.
+    run_after: Mapped[datetime] = mapped_column(default=utcnow)
+    # A running attempt is owned until lease_expires_at; the sweeper takes back expired ones.
+    lease_expires_at: Mapped[datetime | None]
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     # An asynchronous upstream's own task id, kept so a new attempt polls instead of resubmitting.
     upstream_task_id: Mapped[str | None] = mapped_column(String(200))
     # Poll steps taken in this attempt; guards against a duplicated poll message.
@@ -62,7 +69,11 @@ class Task(Base):
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
 
-    __table_args__ = (Index("ix_tasks_status_created_at", "status", "created_at"),)
+    __table_args__ = (
+        Index("ix_tasks_status_created_at", "status", "created_at"),
+        Index("ix_tasks_status_run_after", "status", "run_after"),
+        Index("ix_tasks_status_lease_expires_at", "status", "lease_expires_at"),
+    )
 
 
 class Attempt(Base):

@@ -25,6 +25,11 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "broker_url": settings.broker_url,
         "broker_transport_options": transport_options,
         "broker_connection_retry_on_startup": True,
+        # With the broker down, give up publishing within a few seconds: the task is committed
+        # pending, the client gets its id, and the sweeper publishes it once the broker is back.
+        "broker_connection_timeout": 3,
+        "task_publish_retry_policy": {"max_retries": 2, "interval_start": 0, "interval_step": 0.5,
+                                      "interval_max": 1},
         "task_default_queue": QUEUE,
         "task_serializer": "json",
         "accept_content": ["json"],

@@ -121,6 +121,7 @@ class TaskView(BaseModel):
     task_status: TaskStatus
     created: int
     attempts: int = Field(description="Attempts made so far (each retry or fallback is one more).")
+    cancel_requested: bool | None = Field(None, description="True once a cancel reached a running task.")
     data: list[ImageData] | None = Field(None, description="Only when task_status is succeed.")
     usage: dict[str, Any] | None = None
     error: TaskError | None = Field(None, description="Only when task_status is failed.")

@@ -48,6 +48,20 @@ class Settings(BaseSettings):
     # Hard limit of one Celery task run (one upstream attempt, downloads included).
     task_time_limit_s: int = Field(900, gt=0)
 
+    # A claimed attempt is owned for lease_s, extended every lease_s / 3 while its calls run; a
+    # worker that stops extending (killed, frozen) loses the task to the sweeper.
+    lease_s: float = Field(60.0, gt=0)
+    # The sweeper's period, and how overdue a pending task must be before its message counts as lost.
+    sweep_interval_s: float = Field(5.0, gt=0)
+    republish_after_s: float = Field(30.0, gt=0)
+    # A task not ended this long after it was accepted fails with `deadline_exceeded`.
+    task_deadline_s: float = Field(3600.0, gt=0)
+    # Attempts of any kind (retries, fallbacks, lost workers) before a task fails `attempts_exhausted`.
+    max_attempts: int = Field(10, ge=1)
+    # On SIGTERM a worker stops taking tasks and lets running ones finish for this long; what is left
+    # goes back to the queue (its lease expires and the sweeper republishes it).
+    shutdown_grace_s: float = Field(30.0, ge=0)
+
     # Largest image downloaded from an upstream URL, and the total time allowed for it.
     max_download_bytes: int = Field(50 * 1024 * 1024, gt=0)
     download_timeout_s: float = Field(60.0, gt=0)
@@ -67,6 +81,8 @@ class Settings(BaseSettings):
             raise SettingsError("IMAGEGATE_TASK_TIME_LIMIT_S must be below IMAGEGATE_VISIBILITY_TIMEOUT_S")
         if self.retry_max_s >= self.visibility_timeout_s:
             raise SettingsError("IMAGEGATE_RETRY_MAX_S must be below IMAGEGATE_VISIBILITY_TIMEOUT_S")
+        if self.lease_s >= self.visibility_timeout_s:
+            raise SettingsError("IMAGEGATE_LEASE_S must be below IMAGEGATE_VISIBILITY_TIMEOUT_S")
         if self.broker_url.startswith("filesystem://") and self.data_dir is None:
             raise SettingsError("a filesystem:// broker needs IMAGEGATE_DATA_DIR")
         return self

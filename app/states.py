@@ -28,6 +28,10 @@ class ErrorCode(StrEnum):
     UPSTREAM_BAD_RESPONSE = "upstream_bad_response"  # a reply we cannot read images from
     NO_IMAGE = "no_image_in_reply"                  # a chat model answered with text only
     MISCONFIGURED = "model_misconfigured"
+    CANCELLED = "cancelled"                         # the client cancelled it
+    DEADLINE_EXCEEDED = "deadline_exceeded"         # not ended within IMAGEGATE_TASK_DEADLINE_S
+    ATTEMPTS_EXHAUSTED = "attempts_exhausted"       # IMAGEGATE_MAX_ATTEMPTS attempts, none ended it
+    WORKER_LOST = "worker_lost"                     # an attempt's worker stopped renewing its lease
     INTERNAL = "internal_error"
 
 
@@ -42,6 +46,10 @@ HTTP_STATUS_OF_FAILURE: dict[str, int] = {
     ErrorCode.UPSTREAM_BAD_RESPONSE: 502,
     ErrorCode.NO_IMAGE: 502,
     ErrorCode.MISCONFIGURED: 500,
+    ErrorCode.CANCELLED: 409,
+    ErrorCode.DEADLINE_EXCEEDED: 504,
+    ErrorCode.ATTEMPTS_EXHAUSTED: 502,
+    ErrorCode.WORKER_LOST: 502,
     ErrorCode.INTERNAL: 500,
 }
 

@@ -2,21 +2,25 @@
 
 The guard `status = 'pending' AND attempts = attempt - 1` on a claim is what makes a duplicate
 Celery delivery a no-op: only one delivery of attempt N can move the task to running, and every
-later write checks that it still owns attempt N.
+later write is fenced on `status = 'running' AND attempts = N` (see `_owned`), so a worker that
+was presumed dead and lost its attempt to another cannot overwrite anything.
 """
 
 from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
+from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import ColumnElement, case, insert, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.models import Attempt, Image, Task, utcnow
-from app.states import TaskStatus
+from app.states import ErrorCode, TaskStatus
+
+UNFINISHED = (TaskStatus.PENDING, TaskStatus.RUNNING)
 
 
 @dataclass(frozen=True)
@@ -27,7 +31,7 @@ class Claim:
     attempt: int
     model: str
     route: str
-    route_started: int
+    retries_used: int
     request: dict[str, Any]
     usage: dict[str, Any] | None
     upstream_task_id: str | None
@@ -35,7 +39,7 @@ class Claim:
     polls: int
 
 
-CLAIM_COLUMNS = (Task.id, Task.attempts, Task.model, Task.route, Task.route_started, Task.request, Task.usage,
+CLAIM_COLUMNS = (Task.id, Task.attempts, Task.model, Task.route, Task.retries_used, Task.request, Task.usage,
                  Task.upstream_task_id, Task.started_at, Task.polls)
 
 
@@ -45,6 +49,9 @@ class Failure:
     message: str
     details: dict[str, Any] = field(default_factory=dict)
     upstream_status: int | None = None
+
+
+CANCELLED = Failure(ErrorCode.CANCELLED, "The task was cancelled.")
 
 
 @dataclass(frozen=True)
@@ -80,6 +87,13 @@ class TaskRecord:
     attempts: list[Attempt] = field(default_factory=list)
 
 
+class CancelResult(StrEnum):
+    CANCELLED = "cancelled"     # was pending: failed `cancelled` now
+    REQUESTED = "requested"     # is running: stops before its next upstream call or store
+    FINISHED = "finished"       # already ended: nothing to cancel
+    MISSING = "missing"
+
+
 def parse_task_id(text: str) -> uuid.UUID | None:
     try:
         return uuid.UUID(text)
@@ -87,15 +101,20 @@ def parse_task_id(text: str) -> uuid.UUID | None:
         return None
 
 
+def _after(seconds: float) -> datetime:
+    return utcnow() + timedelta(seconds=seconds)
+
+
 class TaskStore:
     def __init__(self, sessions: sessionmaker[Session]):
         self._sessions = sessions
 
-    # -- intake -----------------------------------------------------------------------------
+    # -- intake and reading ------------------------------------------------------------------
     def create(self, *, api_key_id: uuid.UUID, model: str, request: dict[str, Any], response_format: str) -> Task:
+        now = utcnow()
         task = Task(id=uuid.uuid4(), api_key_id=api_key_id, model=model, request=request,
                     response_format=response_format, status=TaskStatus.PENDING, attempts=0, route=model,
-                    route_started=1, polls=0, created_at=utcnow())
+                    retries_used=0, polls=0, cancel_requested=False, created_at=now, run_after=now)
         with self._sessions.begin() as session:
             session.add(task)
         return task
@@ -132,19 +151,31 @@ class TaskStore:
         with self._sessions() as session:
             return set(session.scalars(select(Image.slot).where(Image.task_id == task_id).distinct()))
 
+    def cancel(self, task_id: uuid.UUID, api_key_id: uuid.UUID) -> CancelResult:
+        mine = [Task.id == task_id, Task.api_key_id == api_key_id]
+        with self._sessions.begin() as session:
+            if _update(session, [*mine, Task.status == TaskStatus.PENDING], status=TaskStatus.FAILED,
+                       finished_at=utcnow(), **_error_values(CANCELLED)):
+                return CancelResult.CANCELLED
+            if _update(session, [*mine, Task.status == TaskStatus.RUNNING], cancel_requested=True):
+                return CancelResult.REQUESTED
+            found = session.scalar(select(Task.id).where(*mine))
+        return CancelResult.FINISHED if found else CancelResult.MISSING
+
     # -- worker transitions -----------------------------------------------------------------
-    def claim(self, task_id: uuid.UUID, attempt: int, *, worker: str) -> Claim | None:
+    def claim(self, task_id: uuid.UUID, attempt: int, *, worker: str, lease_s: float) -> Claim | None:
         """pending -> running for attempt `attempt`; None when another delivery got there first."""
         return self._claim_where(task_id, [Task.status == TaskStatus.PENDING, Task.attempts == attempt - 1],
                                  status=TaskStatus.RUNNING, attempts=attempt, worker=worker, started_at=utcnow(),
-                                 polls=0)
+                                 lease_expires_at=_after(lease_s), polls=0)
 
-    def claim_poll(self, task_id: uuid.UUID, attempt: int, poll: int) -> Claim | None:
+    def claim_poll(self, task_id: uuid.UUID, attempt: int, poll: int, *, lease_s: float) -> Claim | None:
         """Take poll step `poll` of a running attempt that is waiting on an asynchronous upstream."""
         return self._claim_where(task_id, [Task.status == TaskStatus.RUNNING, Task.attempts == attempt,
-                                           Task.polls == poll - 1, Task.upstream_task_id.is_not(None)], polls=poll)
+                                           Task.polls == poll - 1, Task.upstream_task_id.is_not(None)],
+                                 polls=poll, lease_expires_at=_after(lease_s))
 
-    def _claim_where(self, task_id: uuid.UUID, guard: list, **values: Any) -> Claim | None:
+    def _claim_where(self, task_id: uuid.UUID, guard: list[ColumnElement[bool]], **values: Any) -> Claim | None:
         with self._sessions.begin() as session:
             row = session.execute(
                 update(Task).where(Task.id == task_id, *guard).values(**values).returning(*CLAIM_COLUMNS)
@@ -152,13 +183,17 @@ class TaskStore:
             ).one_or_none()
         if row is None:
             return None
-        return Claim(row.id, row.attempts, row.model, row.route, row.route_started, row.request, row.usage,
+        return Claim(row.id, row.attempts, row.model, row.route, row.retries_used, row.request, row.usage,
                      row.upstream_task_id, row.started_at, row.polls)
 
-    def begin_calls(self, claim: Claim, slots: list[int], *, worker: str) -> bool:
-        """Record the calls about to be made, while the attempt is still ours."""
+    def extend_lease(self, claim: Claim, lease_s: float) -> bool:
         with self._sessions.begin() as session:
-            if not self._owned(session, claim):
+            return self._owned(session, claim, lease_expires_at=_after(lease_s))
+
+    def begin_calls(self, claim: Claim, slots: list[int], *, worker: str) -> bool:
+        """Record the calls about to be made, while the attempt is ours and not cancelled."""
+        with self._sessions.begin() as session:
+            if not self._owned(session, claim, go_on=True):
                 return False
             session.execute(insert(Attempt), [
                 {"task_id": claim.task_id, "number": claim.attempt, "slot": slot, "model": claim.route,
@@ -166,9 +201,11 @@ class TaskStore:
             ])
         return True
 
-    def record_upstream_task(self, claim: Claim, upstream_task_id: str) -> bool:
+    def wait_upstream(self, claim: Claim, upstream_task_id: str, *, lease_s: float) -> bool:
+        """Keep the attempt while the asynchronous upstream works: the lease covers the next poll."""
         with self._sessions.begin() as session:
-            return self._owned(session, claim, upstream_task_id=upstream_task_id, polls=0)
+            return self._owned(session, claim, go_on=True, upstream_task_id=upstream_task_id,
+                               lease_expires_at=_after(lease_s))
 
     def succeed(self, claim: Claim, images: list[NewImage], usage: dict[str, Any] | None,
                 outcomes: list[CallOutcome]) -> bool:
@@ -177,14 +214,21 @@ class TaskStore:
     def fail(self, claim: Claim, failure: Failure, outcomes: list[CallOutcome]) -> bool:
         return self._end(claim, TaskStatus.FAILED, [], outcomes, **_error_values(failure))
 
-    def retry_later(self, claim: Claim, failure: Failure, outcomes: list[CallOutcome], *,
+    def end_cancelled(self, claim: Claim) -> bool:
+        """running -> failed `cancelled`, when the client asked while this attempt ran."""
+        with self._sessions.begin() as session:
+            return _update(session, [*_fence(claim), Task.cancel_requested.is_(True)], status=TaskStatus.FAILED,
+                           worker=None, lease_expires_at=None, finished_at=utcnow(), **_error_values(CANCELLED))
+
+    def retry_later(self, claim: Claim, failure: Failure, outcomes: list[CallOutcome], *, countdown_s: float,
                     images: list[NewImage] = (), usage: dict[str, Any] | None = None,
                     route: str | None = None) -> bool:
         """running -> pending, keeping the attempt count and the images of the calls that worked.
-        With `route`, the next attempt goes to that fallback model."""
-        values = _error_values(failure) | {"usage": usage, "upstream_task_id": None}
+        With `route`, the next attempt goes to that fallback model with fresh retries."""
+        values = _error_values(failure) | {"usage": usage, "upstream_task_id": None, "run_after": _after(countdown_s),
+                                           "retries_used": 0 if route else claim.retries_used + 1}
         if route is not None:
-            values |= {"route": route, "route_started": claim.attempt + 1}
+            values["route"] = route
         return self._end(claim, TaskStatus.PENDING, images, outcomes, **values)
 
     def _end(self, claim: Claim, status: TaskStatus, images: list[NewImage] | tuple, outcomes: list[CallOutcome],
@@ -192,7 +236,9 @@ class TaskStore:
         if status.finished:
             values["finished_at"] = utcnow()
         with self._sessions.begin() as session:
-            if not self._owned(session, claim, status=status, worker=None, **values):
+            # A failure may always be written; images and retries only while not cancelled.
+            if not self._owned(session, claim, go_on=status != TaskStatus.FAILED, status=status, worker=None,
+                               lease_expires_at=None, **values):
                 return False
             now = utcnow()
             for outcome in outcomes:
@@ -218,15 +264,77 @@ class TaskStore:
         return True
 
     @staticmethod
-    def _owned(session: Session, claim: Claim, **values: Any) -> bool:
-        """The fence: change the task only while attempt `claim.attempt` is still running."""
-        result = session.execute(
-            update(Task)
-            .where(Task.id == claim.task_id, Task.status == TaskStatus.RUNNING, Task.attempts == claim.attempt)
-            .values(**(values or {"attempts": claim.attempt}))
-            .execution_options(synchronize_session=False)
-        )
-        return result.rowcount == 1
+    def _owned(session: Session, claim: Claim, *, go_on: bool = False, **values: Any) -> bool:
+        """The fence: change the task only while attempt `claim.attempt` is still running (and, with
+        go_on, not cancelled). Without values it still locks the row and checks."""
+        guard = _fence(claim) + ([Task.cancel_requested.is_(False)] if go_on else [])
+        return _update(session, guard, **(values or {"attempts": claim.attempt}))
+
+    # -- the sweeper -------------------------------------------------------------------------
+    def fail_overdue(self, deadline_s: float) -> list[uuid.UUID]:
+        """Tasks not ended `deadline_s` after they were accepted fail `deadline_exceeded`."""
+        failure = Failure(ErrorCode.DEADLINE_EXCEEDED, f"The task did not end within {deadline_s:g} s.")
+        with self._sessions.begin() as session:
+            ids = _update_returning(session, [Task.status.in_(UNFINISHED), Task.created_at < _after(-deadline_s)],
+                                    status=TaskStatus.FAILED, worker=None, lease_expires_at=None,
+                                    finished_at=utcnow(), **_error_values(failure))
+            _close_open_attempts(session, ids, failure)
+        return ids
+
+    def take_back_expired(self, max_attempts: int) -> tuple[list[tuple[uuid.UUID, int]], list[uuid.UUID]]:
+        """Running attempts whose lease expired: their worker is dead, frozen or gone. Each goes back to
+        pending (returned with its next attempt number), or fails when it was cancelled or has used
+        its attempts. Returns (requeued, failed)."""
+        lost = Failure(ErrorCode.WORKER_LOST, "The worker running this attempt stopped renewing its lease.")
+        expired = [Task.status == TaskStatus.RUNNING, Task.lease_expires_at < utcnow()]
+        with self._sessions.begin() as session:
+            code = case((Task.cancel_requested.is_(True), ErrorCode.CANCELLED), else_=ErrorCode.ATTEMPTS_EXHAUSTED)
+            failed = _update_returning(session, [*expired, (Task.attempts >= max_attempts) | Task.cancel_requested],
+                                       status=TaskStatus.FAILED, worker=None, lease_expires_at=None,
+                                       finished_at=utcnow(), error_code=code,
+                                       error_message=f"Ended after {max_attempts} attempts or by cancellation.",
+                                       error_details=None)
+            rows = session.execute(
+                update(Task).where(*expired).values(status=TaskStatus.PENDING, worker=None, lease_expires_at=None,
+                                                    run_after=utcnow(), **_error_values(lost))
+                .returning(Task.id, Task.attempts).execution_options(synchronize_session=False)
+            ).all()
+            requeued = [(row.id, row.attempts + 1) for row in rows]
+            _close_open_attempts(session, failed + [task_id for task_id, _ in requeued], lost)
+        return requeued, failed
+
+    def overdue_pending(self, republish_after_s: float) -> list[tuple[uuid.UUID, int]]:
+        """Pending tasks due for `republish_after_s` with no worker taking them: their message was
+        lost (never published, or a flushed broker). Bumps run_after so one sweeper republishes."""
+        with self._sessions.begin() as session:
+            rows = session.execute(
+                update(Task)
+                .where(Task.status == TaskStatus.PENDING, Task.run_after < _after(-republish_after_s))
+                .values(run_after=utcnow())
+                .returning(Task.id, Task.attempts).execution_options(synchronize_session=False)
+            ).all()
+        return [(row.id, row.attempts + 1) for row in rows]
+
+
+def _fence(claim: Claim) -> list[ColumnElement[bool]]:
+    return [Task.id == claim.task_id, Task.status == TaskStatus.RUNNING, Task.attempts == claim.attempt]
+
+
+def _update(session: Session, guard: list[ColumnElement[bool]], **values: Any) -> bool:
+    result = session.execute(update(Task).where(*guard).values(**values).execution_options(synchronize_session=False))
+    return result.rowcount > 0
+
+
+def _update_returning(session: Session, guard: list[ColumnElement[bool]], **values: Any) -> list[uuid.UUID]:
+    return list(session.scalars(update(Task).where(*guard).values(**values).returning(Task.id)
+                                .execution_options(synchronize_session=False)))
+
+
+def _close_open_attempts(session: Session, task_ids: list[uuid.UUID], failure: Failure) -> None:
+    if task_ids:
+        session.execute(update(Attempt).where(Attempt.task_id.in_(task_ids), Attempt.ended_at.is_(None))
+                        .values(ended_at=utcnow(), error_code=failure.code, error_message=failure.message)
+                        .execution_options(synchronize_session=False))
 
 
 def _error_values(failure: Failure) -> dict[str, Any]:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import threading
+
 from celery import Celery
+from celery.signals import worker_shutting_down
 
 from app.db import make_engine, make_sessionmaker
 from app.events import make_task_events
@@ -32,5 +36,13 @@ def make_worker_app(settings: Settings, *, concurrency: int = 100) -> Celery:
     @celery.task(name=RUN_TASK, bind=True, acks_late=True, reject_on_worker_lost=True)
     def run_task(self, task_id: str, attempt: int, poll: int = 0) -> None:
         runner.run(task_id, attempt, poll, worker=self.request.hostname or "worker")
+
+    @worker_shutting_down.connect(weak=False)
+    def _bounded_warm_shutdown(**_) -> None:
+        # Celery's warm shutdown waits for running tasks without limit; past the grace period the
+        # process exits, and the sweeper takes back what it held once the leases expire.
+        timer = threading.Timer(settings.shutdown_grace_s, os._exit, args=(1,))
+        timer.daemon = True
+        timer.start()
 
     return celery

@@ -10,6 +10,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -17,7 +20,7 @@ import httpx
 from celery import Celery
 from pydantic import ValidationError
 
-from app.events import TaskEvents
+from app.events import TaskEvents, announce_quietly
 from app.families import constraints
 from app.models import utcnow
 from app.providers import ModelConfig
@@ -70,8 +73,9 @@ class TaskRunner:
         parsed = parse_task_id(task_id)
         if parsed is None:
             return
-        claim = self.store.claim_poll(parsed, attempt, poll) if poll else \
-            self.store.claim(parsed, attempt, worker=worker)
+        lease_s = self.settings.lease_s
+        claim = self.store.claim_poll(parsed, attempt, poll, lease_s=lease_s) if poll else \
+            self.store.claim(parsed, attempt, worker=worker, lease_s=lease_s)
         if claim is None:
             log.info("task %s attempt %s poll %s: not claimable (duplicate delivery or already ended)",
                      task_id, attempt, poll)
@@ -82,10 +86,11 @@ class TaskRunner:
                 raise UpstreamError(ErrorCode.MISCONFIGURED, f"model {claim.route!r} is no longer configured", False)
             request = GenerationRequest.model_validate(claim.request)
             adapter = self.adapters[config.adapter](config, self.http, self._upstream_key(config))
-            if is_polling(adapter):
-                self._run_polling(claim, config, adapter, request, worker)
-            else:
-                self._run_calls(claim, config, adapter, request, worker)
+            with self._lease_kept(claim):
+                if is_polling(adapter):
+                    self._run_polling(claim, config, adapter, request, worker)
+                else:
+                    self._run_calls(claim, config, adapter, request, worker)
         except UpstreamError as exc:  # before any call was made: the model cannot be served
             self._end_failed(claim, _failure(exc), [])
         except ValidationError:
@@ -101,6 +106,7 @@ class TaskRunner:
         done = self.store.done_slots(claim.task_id) if claim.attempt > 1 else set()
         todo = [slot for slot in range(len(counts)) if slot not in done]
         if not self.store.begin_calls(claim, todo, worker=worker):
+            self._stop_if_cancelled(claim)
             return
 
         def call(slot: int) -> Call:
@@ -134,6 +140,8 @@ class TaskRunner:
             if self.store.succeed(claim, images, usage, outcomes):
                 log.info("task %s attempt %s: succeed via %s", claim.task_id, claim.attempt, claim.route)
                 self._announce(claim)
+            else:
+                self._stop_if_cancelled(claim)
             return
         # One refusal ends the task; otherwise retry (or fall back) the calls that failed.
         fatal = next((error for error in errors if not error.retryable), None)
@@ -143,12 +151,11 @@ class TaskRunner:
     def _run_polling(self, claim: Claim, config: ModelConfig, adapter, request: GenerationRequest,
                      worker: str) -> None:
         if claim.polls == 0 and not self.store.begin_calls(claim, [0], worker=worker):
+            self._stop_if_cancelled(claim)
             return
         try:
             if claim.upstream_task_id is None:
-                upstream_task_id = adapter.submit(request)
-                if self.store.record_upstream_task(claim, upstream_task_id):
-                    publish_run(self.celery, claim.task_id, claim.attempt, countdown=config.poll_interval_s, poll=1)
+                self._wait_upstream(claim, adapter.submit(request), config.poll_interval_s, poll=1)
                 return
             generation = adapter.poll(claim.upstream_task_id)
             if generation is None:
@@ -158,38 +165,73 @@ class TaskRunner:
                                         f"the upstream task did not end within {config.poll_deadline_s:g} s", False)
                 countdown = min(config.poll_interval_s * 1.5 ** claim.polls, MAX_POLL_INTERVAL_S,
                                 self.settings.retry_max_s)
-                publish_run(self.celery, claim.task_id, claim.attempt, countdown=countdown, poll=claim.polls + 1)
+                self._wait_upstream(claim, claim.upstream_task_id, countdown, poll=claim.polls + 1)
                 return
             call = self._stored(0, generation, config)
         except UpstreamError as exc:
             call = Call(0, upstream_status=exc.upstream_status, error=exc)
         self._finish(claim, config, request, [call])
 
+    def _wait_upstream(self, claim: Claim, upstream_task_id: str, countdown: float, poll: int) -> None:
+        """Schedule poll step `poll`; the lease covers the wait, so a lost poll message is taken back."""
+        if self.store.wait_upstream(claim, upstream_task_id, lease_s=countdown + self.settings.lease_s):
+            publish_run(self.celery, claim.task_id, claim.attempt, countdown=countdown, poll=poll)
+        else:
+            self._stop_if_cancelled(claim)
+
+    @contextmanager
+    def _lease_kept(self, claim: Claim) -> Iterator[None]:
+        """Renew the attempt's lease while its calls run, so a long upstream call is not taken back."""
+        stop = threading.Event()
+
+        def renew() -> None:
+            while not stop.wait(self.settings.lease_s / 3):
+                if not self.store.extend_lease(claim, self.settings.lease_s):
+                    return  # no longer ours: the fence will refuse whatever this attempt writes
+
+        renewer = threading.Thread(target=renew, name=f"lease-{claim.task_id}", daemon=True)
+        renewer.start()
+        try:
+            yield
+        finally:
+            stop.set()
+
     # -- endings ------------------------------------------------------------------------------
     def _failed(self, claim: Claim, config: ModelConfig, request: GenerationRequest, exc: UpstreamError,
                 outcomes: list[CallOutcome], *, images: list[NewImage], usage: dict | None) -> None:
         failure = _failure(exc)
-        retries_used = claim.attempt - claim.route_started
-        if exc.retryable and retries_used < min(request.retries, config.max_retries):
-            delay = backoff_s(retries_used + 1, base_s=self.settings.retry_base_s, max_s=self.settings.retry_max_s,
-                              retry_after_s=exc.retry_after_s)
-            if self.store.retry_later(claim, failure, outcomes, images=images, usage=usage):
-                log.info("task %s attempt %s: %s; retrying in %.1f s", claim.task_id, claim.attempt, exc, delay)
-                publish_run(self.celery, claim.task_id, claim.attempt + 1, countdown=delay)
+        if exc.retryable and claim.retries_used < min(request.retries, config.max_retries):
+            delay = backoff_s(claim.retries_used + 1, base_s=self.settings.retry_base_s,
+                              max_s=self.settings.retry_max_s, retry_after_s=exc.retry_after_s)
+            self._retry(claim, failure, outcomes, images, usage, delay=delay, route=None,
+                        why=f"retrying in {delay:.1f} s")
             return
-        fallback = self._next_route(claim) if exc.retryable else None
-        if fallback is not None:
-            if self.store.retry_later(claim, failure, outcomes, images=images, usage=usage, route=fallback):
-                log.info("task %s attempt %s: %s; falling back to %s", claim.task_id, claim.attempt, exc, fallback)
-                publish_run(self.celery, claim.task_id, claim.attempt + 1)
+        route = self._next_route(claim) if exc.retryable else None
+        if route is None:
+            self._end_failed(claim, failure, outcomes)
             return
-        self._end_failed(claim, failure, outcomes)
+        self._retry(claim, failure, outcomes, images, usage, delay=0.0, route=route, why=f"falling back to {route}")
+
+    def _retry(self, claim: Claim, failure: Failure, outcomes: list[CallOutcome], images: list[NewImage],
+               usage: dict | None, *, delay: float, route: str | None, why: str) -> None:
+        if self.store.retry_later(claim, failure, outcomes, countdown_s=delay, images=images, usage=usage,
+                                  route=route):
+            log.info("task %s attempt %s: %s; %s", claim.task_id, claim.attempt, failure.message, why)
+            publish_run(self.celery, claim.task_id, claim.attempt + 1, countdown=delay)
+        else:
+            self._stop_if_cancelled(claim)
 
     def _next_route(self, claim: Claim) -> str | None:
         primary = self.models.get(claim.model)
         routes = [claim.model] + (primary.fallbacks if primary else [])
         position = routes.index(claim.route) if claim.route in routes else len(routes)
         return routes[position + 1] if position + 1 < len(routes) else None
+
+    def _stop_if_cancelled(self, claim: Claim) -> None:
+        """A fenced write was refused: if because the client cancelled, end the task so."""
+        if self.store.end_cancelled(claim):
+            log.info("task %s attempt %s: cancelled", claim.task_id, claim.attempt)
+            self._announce(claim)
 
     def _end_failed(self, claim: Claim, failure: Failure, outcomes: list[CallOutcome]) -> None:
         if self.store.fail(claim, failure, outcomes):
@@ -198,10 +240,7 @@ class TaskRunner:
             self._announce(claim)
 
     def _announce(self, claim: Claim) -> None:
-        try:
-            self.events.announce(str(claim.task_id))
-        except Exception as exc:  # waiters re-read the task on reconnect; the result is stored
-            log.warning("could not announce the end of task %s: %s", claim.task_id, exc)
+        announce_quietly(self.events, claim.task_id)
 
     @staticmethod
     def _upstream_key(config: ModelConfig) -> str | None:

@@ -6,6 +6,7 @@ import logging
 
 from flask import Flask, jsonify
 from pydantic import ValidationError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from werkzeug.exceptions import HTTPException
 
 from app.schemas import ErrorDetail, ErrorResponse
@@ -64,6 +65,14 @@ def register_error_handlers(app: Flask) -> None:
         if status == 405:
             return error_response(405, "Method not allowed.", code="method_not_allowed")
         return error_response(status, exc.description or exc.name, code=exc.name.lower().replace(" ", "_"))
+
+    @app.errorhandler(DBAPIError)
+    def _database_down(exc: DBAPIError):
+        if not isinstance(exc, (OperationalError, InterfaceError)) and not exc.connection_invalidated:
+            return _unexpected(exc)
+        log.warning("database unavailable: %s", type(exc.orig).__name__ if exc.orig else exc)
+        return error_response(503, "The database is unavailable; nothing was stored. Try again shortly.",
+                              type="server_error", code="database_unavailable")
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception):

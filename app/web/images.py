@@ -11,11 +11,12 @@ from flask import Blueprint, g, request
 from pydantic import ValidationError
 
 from app.families import RequestRefused, check_request
+from app.events import announce_quietly
 from app.queue import publish_run
 from app.schemas import AttemptView, GenerationRequest, ImageData, ImagesResponse, TaskAccepted, TaskError, TaskView
 from app.signing import signed_image_url
 from app.states import TaskStatus, http_status_of_failure
-from app.store import TaskRecord, parse_task_id
+from app.store import CancelResult, TaskRecord, parse_task_id
 from app.web.auth import require_api_key
 from app.web.errors import ApiError, error_response, from_validation_error
 from app.web.services import Services, services
@@ -116,13 +117,37 @@ def _sync_reply(svc: Services, record: TaskRecord):
     return _json(TaskAccepted(created=_timestamp(record), task_id=str(task.id), task_status=task.status), 202)
 
 
-@bp.get("/<task_id>")
-def get_task(task_id: str):
+def _owned_record(task_id: str) -> TaskRecord:
     svc = services()
     parsed = parse_task_id(task_id)
     record = svc.store.get(parsed, api_key_id=g.api_key_id, with_bytes=True) if parsed else None
     if record is None:  # missing, malformed and another key's: one answer, nothing to tell them apart
         raise ApiError(404, f"No task found with id '{task_id}'.", param="task_id", code="task_not_found")
+    return record
+
+
+@bp.get("/<task_id>")
+def get_task(task_id: str):
+    return _json(_task_view(_owned_record(task_id), services()))
+
+
+@bp.post("/<task_id>/cancel")
+def cancel_task(task_id: str):
+    """A pending task fails `cancelled` at once; a running one stops before its next upstream call
+    and before storing anything; a finished one answers 409."""
+    svc = services()
+    parsed = parse_task_id(task_id)
+    result = svc.store.cancel(parsed, g.api_key_id) if parsed else CancelResult.MISSING
+    if result == CancelResult.FINISHED:
+        raise ApiError(409, "The task has already ended; there is nothing to cancel.", param="task_id",
+                       code="task_finished")
+    record = _owned_record(task_id)  # 404 for MISSING, in the same words as GET
+    if result == CancelResult.CANCELLED:
+        announce_quietly(svc.events, record.task.id)  # wake a synchronous request waiting on it
+    return _json(_task_view(record, svc), 200 if record.task.status == TaskStatus.FAILED else 202)
+
+
+def _task_view(record: TaskRecord, svc: Services) -> TaskView:
     task = record.task
     view = TaskView(model=task.model, task_id=str(task.id), task_status=task.status, created=_timestamp(record),
                     attempts=task.attempts,
@@ -135,4 +160,6 @@ def get_task(task_id: str):
         view = view.model_copy(update={"error": TaskError(code=task.error_code or "internal_error",
                                                           message=task.error_message or "",
                                                           details=task.error_details)})
-    return _json(view)
+    elif task.cancel_requested:
+        view = view.model_copy(update={"cancel_requested": True})
+    return view

@@ -37,7 +37,10 @@ def upgrade() -> None:
         sa.Column("response_format", sa.String(16), nullable=False),
         sa.Column("attempts", sa.Integer(), nullable=False),
         sa.Column("route", sa.String(200), nullable=False),
-        sa.Column("route_started", sa.Integer(), nullable=False),
+        sa.Column("retries_used", sa.Integer(), nullable=False),
+        sa.Column("run_after", timestamp, nullable=False),
+        sa.Column("lease_expires_at", timestamp, nullable=True),
+        sa.Column("cancel_requested", sa.Boolean(), nullable=False),
         sa.Column("upstream_task_id", sa.String(200), nullable=True),
         sa.Column("polls", sa.Integer(), nullable=False),
         sa.Column("worker", sa.String(200), nullable=True),
@@ -51,6 +54,8 @@ def upgrade() -> None:
     )
     op.create_index("ix_tasks_api_key_id", "tasks", ["api_key_id"])
     op.create_index("ix_tasks_status_created_at", "tasks", ["status", "created_at"])
+    op.create_index("ix_tasks_status_run_after", "tasks", ["status", "run_after"])
+    op.create_index("ix_tasks_status_lease_expires_at", "tasks", ["status", "lease_expires_at"])
     op.create_table(
         "attempts",
         sa.Column("task_id", sa.Uuid(), sa.ForeignKey("tasks.id", ondelete="CASCADE"), primary_key=True),
