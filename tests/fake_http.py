@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
 
@@ -28,6 +29,12 @@ class JsonHandler(BaseHTTPRequestHandler):
 
     def log_message(self, *args) -> None:
         pass
+
+    def handle(self) -> None:
+        try:
+            super().handle()
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the caller gave up (a deadline, a killed worker): nothing to answer
 
     def send(self, status: int, body: bytes, content_type: str = "application/json",
              headers: dict[str, str] | None = None) -> None:
@@ -91,6 +98,12 @@ class ScriptedServer:
             self.calls.append(call)
 
     def next_step(self, prompt: str):
+        """The prompt's next scripted step; a step with `until` (a time.time()) answers every call
+        until then."""
         with self._lock:
             steps = self._scripts.get(prompt)
-            return steps.pop(0) if steps else self.default_step()
+            if not steps:
+                return self.default_step()
+            if getattr(steps[0], "until", None) and time.time() < steps[0].until:
+                return steps[0]
+            return steps.pop(0)

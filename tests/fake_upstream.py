@@ -32,6 +32,8 @@ class Step:
     # Asynchronous upstream (seed 000): answer `pending` to this many polls, then end so.
     pending_polls: int = 0
     final_status: str = "succeed"
+    # Answer every call with this step until this time.time() (then go on with the next step).
+    until: float | None = None
 
 
 @dataclass
@@ -41,6 +43,7 @@ class Call:
     body: dict
     authorization: str | None
     kind: str = "generate"  # or "submit" / "poll" for the asynchronous flow
+    key: str | None = None  # the Idempotency-Key: which call of which attempt of which task
 
 
 class FakeUpstream(ScriptedServer):
@@ -106,7 +109,8 @@ class FakeUpstream(ScriptedServer):
                 body = self.read_json()
                 prompt = body.get("prompt", "")
                 kind = "submit" if body.get("async") else "generate"
-                upstream.log(Call(prompt, time.time(), body, self.headers.get("Authorization"), kind))
+                upstream.log(Call(prompt, time.time(), body, self.headers.get("Authorization"), kind,
+                                  self.headers.get("Idempotency-Key")))
                 step = upstream.next_step(prompt)
                 if step.hang:
                     time.sleep(3600)

@@ -67,7 +67,24 @@ class Throwaway:
     process: subprocess.Popen | None = None
     directory: Path | None = None
     stop_command: list[str] = field(default_factory=list)
+    start_command: list[str] = field(default_factory=list)
     run_as: list[str] = field(default_factory=list)
+
+    def pause(self) -> None:
+        """Stop the server, keeping its data, to start it again with resume()."""
+        if self.process is not None:  # redis-server keeps nothing: a restart is an empty server
+            self.process.kill()
+            self.process.wait()
+        else:
+            subprocess.run(self.run_as + self.stop_command, check=True, capture_output=True, timeout=60)
+
+    def resume(self) -> None:
+        if self.process is not None:
+            self.process = subprocess.Popen(self.start_command, stdout=subprocess.DEVNULL)
+            port = int(self.url.rsplit(":", 1)[1])
+            wait_until(lambda: reachable("127.0.0.1", port), 20, "redis-server to restart")
+        else:
+            subprocess.run(self.run_as + self.start_command, check=True, capture_output=True, timeout=120)
 
     def stop(self) -> None:
         if self.stop_command:
@@ -93,11 +110,12 @@ def start_postgres() -> Throwaway:
     data = directory / "data"
     subprocess.run(run_as + [initdb, "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8"],
                    check=True, capture_output=True, timeout=120)
-    subprocess.run(run_as + [pg_ctl, "-D", str(data), "-l", str(directory / "log"), "-w", "-o",
-                             f"-p {port} -k {directory} -c listen_addresses=127.0.0.1 -c fsync=off", "start"],
-                   check=True, capture_output=True, timeout=120)
+    start = [pg_ctl, "-D", str(data), "-l", str(directory / "log"), "-w", "-o",
+             f"-p {port} -k {directory} -c listen_addresses=127.0.0.1 -c fsync=off", "start"]
+    subprocess.run(run_as + start, check=True, capture_output=True, timeout=120)
     return Throwaway(f"postgresql+psycopg://postgres@127.0.0.1:{port}", directory=directory,
-                     stop_command=[pg_ctl, "-D", str(data), "-m", "immediate", "stop"], run_as=run_as)
+                     stop_command=[pg_ctl, "-D", str(data), "-m", "fast", "-w", "stop"], start_command=start,
+                     run_as=run_as)
 
 
 def start_redis() -> Throwaway:
@@ -106,7 +124,7 @@ def start_redis() -> Throwaway:
         raise MissingService("Redis is not reachable at 127.0.0.1:6379 and redis-server is not installed "
                              "(apt-get install redis-server)")
     port = free_port()
-    process = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                                "--appendonly", "no"], stdout=subprocess.DEVNULL)
+    command = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL)
     wait_until(lambda: reachable("127.0.0.1", port), 20, "throwaway redis-server")
-    return Throwaway(f"redis://127.0.0.1:{port}", process=process)
+    return Throwaway(f"redis://127.0.0.1:{port}", process=process, start_command=command)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 import time
+from contextvars import ContextVar
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from urllib.parse import urlsplit
@@ -16,6 +17,10 @@ from app.states import ErrorCode
 from workers.adapters.base import UpstreamError
 
 MAX_REPLY_BYTES = 64 * 1024 * 1024  # an upstream's JSON reply may carry several base64 images
+
+# Which call of which attempt is being made: sent as Idempotency-Key, so an upstream that honours it
+# (and any log) can tell a repeated call of one attempt from a new attempt.
+current_call: ContextVar[str | None] = ContextVar("current_call", default=None)
 
 
 def make_client(max_connections: int = 200) -> httpx.Client:
@@ -34,6 +39,8 @@ def request(client: httpx.Client, method: str, url: str, *, deadline_s: float, m
             **kwargs) -> Reply:
     """One call that ends within deadline_s however slowly the peer sends, or raises UpstreamError."""
     started = time.monotonic()
+    if current_call.get():
+        kwargs["headers"] = {"Idempotency-Key": current_call.get()} | (kwargs.get("headers") or {})
     try:
         with client.stream(method, url, timeout=httpx.Timeout(deadline_s), **kwargs) as response:
             chunks, size = [], 0

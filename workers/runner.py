@@ -29,6 +29,7 @@ from app.schemas import GenerationRequest
 from app.settings import Settings
 from app.states import ErrorCode
 from app.store import CallOutcome, Claim, Failure, NewImage, TaskStore, parse_task_id
+from workers.http import current_call
 from workers.adapters.base import Generation, UpstreamError, is_polling
 from workers.fanout import merge_usage, slot_counts
 from workers.images import fetch_images
@@ -111,6 +112,7 @@ class TaskRunner:
 
         def call(slot: int) -> Call:
             single = request if len(counts) == 1 else request.model_copy(update={"n": counts[slot]})
+            current_call.set(f"imagegate-{claim.task_id}-{claim.attempt}-{slot}")
             try:
                 generation = adapter.generate(single)
                 return self._stored(slot, generation, config)
@@ -153,6 +155,7 @@ class TaskRunner:
         if claim.polls == 0 and not self.store.begin_calls(claim, [0], worker=worker):
             self._stop_if_cancelled(claim)
             return
+        current_call.set(f"imagegate-{claim.task_id}-{claim.attempt}-0-{claim.polls}")
         try:
             if claim.upstream_task_id is None:
                 self._wait_upstream(claim, adapter.submit(request), config.poll_interval_s, poll=1)
@@ -186,8 +189,11 @@ class TaskRunner:
 
         def renew() -> None:
             while not stop.wait(self.settings.lease_s / 3):
-                if not self.store.extend_lease(claim, self.settings.lease_s):
-                    return  # no longer ours: the fence will refuse whatever this attempt writes
+                try:
+                    if not self.store.extend_lease(claim, self.settings.lease_s):
+                        return  # no longer ours: the fence will refuse whatever this attempt writes
+                except Exception as exc:  # the database is away: keep trying while the calls run
+                    log.warning("task %s: could not renew the lease: %s", claim.task_id, exc)
 
         renewer = threading.Thread(target=renew, name=f"lease-{claim.task_id}", daemon=True)
         renewer.start()

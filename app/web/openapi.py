@@ -38,7 +38,7 @@ def openapi_document() -> dict[str, Any]:
             "200": {"description": "The images (OpenAI's shape, plus task_id and task_status)",
                     "content": _json("ImagesResponse")},
             "202": {"description": "Accepted: the task id (async, or the wait ran out)", "content": _json("TaskAccepted")},
-            **_errors(400, 401, 404, 413, 500, 502, 504),
+            **_errors(400, 401, 404, 409, 413, 500, 502, 503, 504),
         },
     }
     return {
@@ -55,7 +55,18 @@ def openapi_document() -> dict[str, Any]:
                 "operationId": "getImageTask",
                 "summary": "A task's status, and its images once it succeeded",
                 "parameters": [{"name": "task_id", "in": "path", "required": True, "schema": {"type": "string"}}],
-                "responses": {"200": {"description": "The task", "content": _json("TaskView")}, **_errors(401, 404)},
+                "responses": {"200": {"description": "The task", "content": _json("TaskView")},
+                              **_errors(401, 404, 503)},
+            }},
+            "/v1/images/{task_id}/cancel": {"post": {
+                "operationId": "cancelImageTask",
+                "summary": "Cancel a task: a pending one ends at once, a running one before its next upstream call",
+                "parameters": [{"name": "task_id", "in": "path", "required": True, "schema": {"type": "string"}}],
+                "responses": {"200": {"description": "Cancelled (failed with error code cancelled)",
+                                      "content": _json("TaskView")},
+                              "202": {"description": "Running: it stops before its next upstream call or store",
+                                      "content": _json("TaskView")},
+                              **_errors(401, 404, 409, 503)},
             }},
         },
     }
