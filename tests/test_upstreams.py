@@ -137,7 +137,7 @@ def test_image_urls_on_private_addresses_are_not_downloaded(client, upstream, pr
     upstream.script(prompt, Step(as_url=True))  # the URL is on 127.0.0.1
     body = wait_for_end(client, submit_async(client, model="fake-strict", prompt=prompt))
     assert body["task_status"] == "failed" and body["error"]["code"] == "upstream_bad_response"
-    assert "private" in body["error"]["message"]
+    assert "not a public address" in body["error"]["message"]
 
 
 def test_chat_model_image_from_the_seed_reply_is_rehosted(client, chat_upstream, prompt):

@@ -3,16 +3,14 @@ and image downloads that refuse private addresses and oversize bodies."""
 
 from __future__ import annotations
 
-import ipaddress
-import socket
 import time
 from contextvars import ContextVar
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
-from urllib.parse import urlsplit
 
 import httpx
 
+from app.ssrf import UnsafeUrl, resolve_public
 from app.states import ErrorCode
 from workers.adapters.base import UpstreamError
 
@@ -75,25 +73,12 @@ def retry_after_s(headers: httpx.Headers) -> float | None:
             return None
 
 
-def check_public(url: str) -> None:
-    """Refuse URLs that are not http(s) or whose host resolves to a non-public address."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise UpstreamError(ErrorCode.UPSTREAM_BAD_RESPONSE, "image URL is not http(s)", retryable=False)
-    try:
-        infos = socket.getaddrinfo(parts.hostname, parts.port or 80, proto=socket.IPPROTO_TCP)
-    except socket.gaierror:
-        raise UpstreamError(ErrorCode.UPSTREAM_ERROR, "image host does not resolve", retryable=True) from None
-    for info in infos:
-        address = ipaddress.ip_address(info[4][0])
-        if not address.is_global or (address.version == 6 and address.ipv4_mapped is not None):
-            raise UpstreamError(ErrorCode.UPSTREAM_BAD_RESPONSE, "image URL points to a private address",
-                                retryable=False)
-
-
 def download(client: httpx.Client, url: str, *, max_bytes: int, deadline_s: float, allow_private: bool) -> bytes:
     if not allow_private:
-        check_public(url)
+        try:
+            resolve_public(url)
+        except UnsafeUrl as exc:
+            raise UpstreamError(ErrorCode.UPSTREAM_BAD_RESPONSE, f"image URL refused: {exc}", retryable=False) from None
     reply = request(client, "GET", url, deadline_s=deadline_s, max_bytes=max_bytes)
     if reply.status != 200:
         raise UpstreamError(ErrorCode.UPSTREAM_ERROR if reply.status >= 500 else ErrorCode.UPSTREAM_BAD_RESPONSE,
