@@ -66,16 +66,59 @@ def keys() -> None:
     """API keys."""
 
 
+def _key_sessions():
+    from app.db import make_engine, make_sessionmaker
+
+    return make_sessionmaker(make_engine(load_settings().database_url, pool_size=1))
+
+
+def _checked_callback(url: str | None) -> str | None:
+    from app.ssrf import UnsafeUrl, resolve_public
+
+    if url:
+        try:
+            resolve_public(url, allow_private=load_settings().webhook_allow_private)
+        except UnsafeUrl as exc:
+            raise click.BadParameter(str(exc), param_hint="--callback-url") from None
+    return url
+
+
 @keys.command("create")
 @click.option("--name", required=True, help="What the key is for.")
-def keys_create(name: str) -> None:
+@click.option("--callback-url", default=None, help="Default webhook URL for this key's tasks and batches.")
+def keys_create(name: str, callback_url: str | None) -> None:
     """Create an API key; the key is printed once, alone on the last line."""
-    from app.db import make_engine, make_sessionmaker
     from app.keys import create_key
 
-    key = create_key(make_sessionmaker(make_engine(load_settings().database_url)), name)
+    created = create_key(_key_sessions(), name, _checked_callback(callback_url))
+    click.echo(f"Webhook signing secret (verify webhook-signature with it): {created.webhook_secret}")
     click.echo(f"Created API key {name!r}. It is shown only now; store it:")
-    click.echo(key)
+    click.echo(created.key)
+
+
+@keys.command("rotate-webhook-secret")
+@click.option("--name", required=True, help="The key's name.")
+@click.option("--overlap-s", default=86400.0, show_default=True,
+              help="How long the previous secret keeps signing too.")
+def keys_rotate_webhook_secret(name: str, overlap_s: float) -> None:
+    """Give the key a new webhook signing secret; both sign during the overlap."""
+    from app.keys import rotate_webhook_secret
+
+    secret = rotate_webhook_secret(_key_sessions(), name, overlap_s)
+    if secret is None:
+        raise click.ClickException(f"no live key named {name!r}")
+    click.echo(secret)
+
+
+@keys.command("set-callback")
+@click.option("--name", required=True, help="The key's name.")
+@click.option("--url", default=None, help="The default callback URL; omit to remove it.")
+def keys_set_callback(name: str, url: str | None) -> None:
+    """Set (or remove) the key's default webhook URL."""
+    from app.keys import set_callback_url
+
+    if not set_callback_url(_key_sessions(), name, _checked_callback(url)):
+        raise click.ClickException(f"no live key named {name!r}")
 
 
 @cli.command()
@@ -105,13 +148,13 @@ def api(host: str, port: int, workers: int, connections: int) -> None:
 @_providers_guard
 def worker(pool: str, concurrency: int, loglevel: str, hostname: str | None) -> None:
     """Run a Celery worker (an I/O-bound pool keeps many upstream calls in flight)."""
-    from app.queue import QUEUE
+    from app.queue import BATCH_QUEUE, QUEUE
     from workers.celery_app import make_worker_app
 
     celery = make_worker_app(load_settings(), concurrency=concurrency)
     celery.worker_main([
         "worker", f"--pool={pool}", f"--concurrency={concurrency}", f"--loglevel={loglevel}",
-        f"--queues={QUEUE}", f"--hostname={hostname or f'imagegate-{os.getpid()}@%h'}",
+        f"--queues={QUEUE},{BATCH_QUEUE}", f"--hostname={hostname or f'imagegate-{os.getpid()}@%h'}",
         "--without-gossip", "--without-mingle",
     ])
 
@@ -169,7 +212,7 @@ def up(host: str, port: int, data_dir: Path) -> None:
     settings = load_settings()
     models = load_models(settings.providers_file)
     upgrade(settings.database_url)
-    key = create_key(make_sessionmaker(make_engine(settings.database_url)), "embedded")
+    key = create_key(make_sessionmaker(make_engine(settings.database_url)), "embedded").key
 
     helpers = [subprocess.Popen([sys.executable, "-m", "app.cli", "worker", "--concurrency", "8"]),
                subprocess.Popen([sys.executable, "-m", "app.cli", "sweeper"])]
@@ -191,3 +234,49 @@ def up(host: str, port: int, data_dir: Path) -> None:
                 process.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 process.kill()
+
+
+@cli.group()
+def batch() -> None:
+    """Submit a JSONL file of image requests as batches, follow them, download the images.
+    An HTTP client of a running server (see client/batch.py)."""
+
+
+@batch.command("submit")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--url", required=True, envvar="IMAGEGATE_URL", show_envvar=True, help="The server's base URL.")
+@click.option("--key", required=True, envvar="IMAGEGATE_KEY", show_envvar=True, help="An API key.")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Where images and the resume state (.imagegate-batch.json) go.")
+@click.option("--wait", is_flag=True, help="Follow the batches and download every image; exit 1 if any failed.")
+@click.option("--chunk-size", default=5000, show_default=True, type=click.IntRange(1, 10000),
+              help="Lines per batch.")
+def batch_submit(file: Path, url: str, key: str, out: Path, wait: bool, chunk_size: int) -> None:
+    """Submit FILE (JSONL: {"custom_id", "body"} per line, or OpenAI Batch API lines).
+    Running the same command again resumes and never submits anything twice."""
+    from client.batch import submit
+
+    sys.exit(submit(file, url, key, out, wait, chunk_size))
+
+
+@batch.command("status")
+@click.argument("batch_id")
+@click.option("--url", required=True, envvar="IMAGEGATE_URL", show_envvar=True, help="The server's base URL.")
+@click.option("--key", required=True, envvar="IMAGEGATE_KEY", show_envvar=True, help="An API key.")
+@click.option("--json", "as_json", is_flag=True, help="Print the batch object as JSON.")
+def batch_status(batch_id: str, url: str, key: str, as_json: bool) -> None:
+    """Show a batch's progress."""
+    from client.batch import status
+
+    sys.exit(status(batch_id, url, key, as_json))
+
+
+@batch.command("results")
+@click.argument("batch_id")
+@click.option("--url", required=True, envvar="IMAGEGATE_URL", show_envvar=True, help="The server's base URL.")
+@click.option("--key", required=True, envvar="IMAGEGATE_KEY", show_envvar=True, help="An API key.")
+def batch_results(batch_id: str, url: str, key: str) -> None:
+    """Print a batch's results JSONL (one line per request, in file order)."""
+    from client.batch import results
+
+    sys.exit(results(batch_id, url, key))

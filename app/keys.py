@@ -6,15 +6,18 @@ hash cannot be reversed and a lookup by hash is an index hit.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import secrets
 import uuid
+from dataclasses import dataclass
+from datetime import timedelta
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.models import ApiKey
+from app.models import ApiKey, utcnow
 
 KEY_PREFIX = "ig_"
 
@@ -23,23 +26,63 @@ def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
-def create_key(sessions: sessionmaker[Session], name: str) -> str:
+@dataclass(frozen=True)
+class NewKey:
+    key: str
+    webhook_secret: str
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who is calling: the key's id, and where its events go by default."""
+
+    id: uuid.UUID
+    callback_url: str | None
+
+
+def new_webhook_secret() -> str:
+    """A Standard Webhooks secret: whsec_ and 24 random bytes in base64."""
+    return "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
+
+
+def create_key(sessions: sessionmaker[Session], name: str, callback_url: str | None = None) -> NewKey:
     """Store a new key and return it; this is the only time the key itself exists."""
     key = KEY_PREFIX + secrets.token_urlsafe(32)
+    secret = new_webhook_secret()
     with sessions.begin() as session:
-        session.add(ApiKey(id=uuid.uuid4(), name=name, prefix=key[:10], key_hash=hash_key(key)))
-    return key
+        session.add(ApiKey(id=uuid.uuid4(), name=name, prefix=key[:10], key_hash=hash_key(key),
+                           callback_url=callback_url, webhook_secret=secret))
+    return NewKey(key, secret)
 
 
-def authenticate(sessions: sessionmaker[Session], presented: str) -> uuid.UUID | None:
-    """The id of the live key whose hash matches, else None."""
+def rotate_webhook_secret(sessions: sessionmaker[Session], name: str, overlap_s: float) -> str | None:
+    """A new signing secret for the key named `name`; the old one still signs for overlap_s."""
+    secret = new_webhook_secret()
+    with sessions.begin() as session:
+        rows = session.execute(
+            update(ApiKey).where(ApiKey.name == name, ApiKey.revoked_at.is_(None))
+            .values(webhook_secret_previous=ApiKey.webhook_secret, webhook_secret=secret,
+                    webhook_secret_previous_until=utcnow() + timedelta(seconds=overlap_s))
+            .execution_options(synchronize_session=False)).rowcount
+    return secret if rows else None
+
+
+def set_callback_url(sessions: sessionmaker[Session], name: str, url: str | None) -> bool:
+    with sessions.begin() as session:
+        return session.execute(update(ApiKey).where(ApiKey.name == name, ApiKey.revoked_at.is_(None))
+                               .values(callback_url=url).execution_options(synchronize_session=False)).rowcount > 0
+
+
+def authenticate(sessions: sessionmaker[Session], presented: str) -> Caller | None:
+    """The live key whose hash matches, else None."""
     if not presented.startswith(KEY_PREFIX) or len(presented) > 200:
         return None
     digest = hash_key(presented)
     with sessions() as session:
         row = session.execute(
-            select(ApiKey.id, ApiKey.key_hash).where(ApiKey.key_hash == digest, ApiKey.revoked_at.is_(None))
+            select(ApiKey.id, ApiKey.key_hash, ApiKey.callback_url)
+            .where(ApiKey.key_hash == digest, ApiKey.revoked_at.is_(None))
         ).one_or_none()
     if row is None or not hmac.compare_digest(row.key_hash, digest):
         return None
-    return row.id
+    return Caller(row.id, row.callback_url)

@@ -32,6 +32,26 @@ class ApiKey(Base):
     key_hash: Mapped[str] = mapped_column(String(64), unique=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     revoked_at: Mapped[datetime | None]
+    # Where this key's task and batch events go when a request names no callback_url.
+    callback_url: Mapped[str | None] = mapped_column(Text)
+    # Standard Webhooks signing secrets (whsec_...). They must be usable to sign, so unlike the key
+    # they are kept as they are. During a rotation the previous one signs too, until the time given.
+    webhook_secret: Mapped[str | None] = mapped_column(String(100))
+    webhook_secret_previous: Mapped[str | None] = mapped_column(String(100))
+    webhook_secret_previous_until: Mapped[datetime | None]
+
+
+class Batch(Base):
+    __tablename__ = "batches"
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    api_key_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("api_keys.id"), index=True)
+    status: Mapped[str] = mapped_column(String(16), default="in_progress")
+    total: Mapped[int] = mapped_column(Integer)
+    callback_url: Mapped[str | None] = mapped_column(Text)
+    meta: Mapped[dict[str, Any] | None]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None]
 
 
 class Task(Base):
@@ -56,6 +76,12 @@ class Task(Base):
     # A running attempt is owned until lease_expires_at; the sweeper takes back expired ones.
     lease_expires_at: Mapped[datetime | None]
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    # Where the task's end is announced (the request's callback_url, or its key's default).
+    callback_url: Mapped[str | None] = mapped_column(Text)
+    # Set for a batch's tasks: which batch, which line (0-based), and the line's custom_id.
+    batch_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("batches.id"), index=True)
+    batch_line: Mapped[int | None] = mapped_column(Integer)
+    custom_id: Mapped[str | None] = mapped_column(String(200))
     # An asynchronous upstream's own task id, kept so a new attempt polls instead of resubmitting.
     upstream_task_id: Mapped[str | None] = mapped_column(String(200))
     # Poll steps taken in this attempt; guards against a duplicated poll message.
@@ -107,3 +133,63 @@ class Image(Base):
     data: Mapped[bytes] = mapped_column(LargeBinary)
     revised_prompt: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class IdempotencyKey(Base):
+    """A client's Idempotency-Key: the same key and body give the same task or batch."""
+
+    __tablename__ = "idempotency_keys"
+
+    api_key_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("api_keys.id"), primary_key=True)
+    key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    fingerprint: Mapped[str] = mapped_column(String(64))  # SHA-256 of the canonical request
+    task_id: Mapped[uuid.UUID | None] = mapped_column(Uuid)
+    batch_id: Mapped[uuid.UUID | None] = mapped_column(Uuid)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+
+
+class WebhookEvent(Base):
+    """An event to deliver, written in the same transaction as the end it announces (an outbox).
+    Its id is the webhook-id of every delivery attempt."""
+
+    __tablename__ = "webhook_events"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    api_key_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("api_keys.id"), index=True)
+    type: Mapped[str] = mapped_column(String(40))
+    task_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, index=True)
+    batch_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, index=True)
+    url: Mapped[str] = mapped_column(Text)
+    # pending -> sending -> delivered | failed | disabled (410); sending -> pending to retry.
+    status: Mapped[str] = mapped_column(String(16), default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # When the next attempt is due; while sending, when the attempt counts as lost.
+    next_attempt_at: Mapped[datetime] = mapped_column(default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    __table_args__ = (Index("ix_webhook_events_status_next_attempt_at", "status", "next_attempt_at"),)
+
+
+class WebhookDelivery(Base):
+    """One delivery attempt of an event: what the receiver answered, how fast, or what went wrong."""
+
+    __tablename__ = "webhook_deliveries"
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    event_id: Mapped[str] = mapped_column(ForeignKey("webhook_events.id", ondelete="CASCADE"), index=True)
+    attempt: Mapped[int] = mapped_column(Integer)
+    url: Mapped[str] = mapped_column(Text)
+    status_code: Mapped[int | None] = mapped_column(Integer)
+    latency_ms: Mapped[int] = mapped_column(Integer)
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class DisabledCallback(Base):
+    """A callback URL that answered 410 Gone: no more events go there for this key."""
+
+    __tablename__ = "disabled_callbacks"
+
+    api_key_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("api_keys.id"), primary_key=True)
+    url: Mapped[str] = mapped_column(Text, primary_key=True)
+    disabled_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -13,7 +13,11 @@ from celery import Celery
 from app.settings import Settings
 
 RUN_TASK = "imagegate.run_task"
+DELIVER_WEBHOOK = "imagegate.deliver_webhook"
 QUEUE = "imagegate"
+# Batch tasks wait in a queue of their own; a worker takes from both queues in turn, so a single
+# request is never stuck behind a 10 000-task batch.
+BATCH_QUEUE = "imagegate.batch"
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -53,8 +57,23 @@ def make_celery(settings: Settings) -> Celery:
     return app
 
 
+def queue_of(batch_id: uuid.UUID | None) -> str:
+    return BATCH_QUEUE if batch_id else QUEUE
+
+
 def publish_run(celery: Celery, task_id: uuid.UUID, attempt: int, countdown: float | None = None,
-                poll: int = 0) -> None:
+                poll: int = 0, *, batch_id: uuid.UUID | None = None) -> None:
     """Ask a worker for attempt `attempt` of a task (or for poll step `poll` of that attempt)."""
     args = [str(task_id), attempt] + ([poll] if poll else [])
-    celery.send_task(RUN_TASK, args=args, countdown=countdown, queue=QUEUE)
+    celery.send_task(RUN_TASK, args=args, countdown=countdown, queue=queue_of(batch_id))
+
+
+def publish_runs(celery: Celery, task_ids: list[uuid.UUID], *, batch_id: uuid.UUID | None = None) -> None:
+    """First attempts of many tasks over one broker connection (a batch's thousands)."""
+    with celery.producer_or_acquire() as producer:
+        for task_id in task_ids:
+            celery.send_task(RUN_TASK, args=[str(task_id), 1], queue=queue_of(batch_id), producer=producer)
+
+
+def publish_webhook(celery: Celery, event_id: str, countdown: float | None = None) -> None:
+    celery.send_task(DELIVER_WEBHOOK, args=[event_id], countdown=countdown, queue=QUEUE)

@@ -46,6 +46,8 @@ class GenerationRequest(BaseModel):
     resolution: str | None = Field(None, max_length=16, description="Relay-specific resolution, e.g. 1k or 2k.")
     watermark: bool | None = None
     extra_body: dict[str, Any] | None = Field(None, description="Provider-specific parameters, forwarded as is.")
+    callback_url: str | None = Field(None, max_length=2048, pattern=r"^https?://",
+                                     description="Where the task's end is POSTed (Standard Webhooks).")
     async_: bool = Field(False, alias="async", description="Answer 202 with a task id at once.")
     retries: int = Field(0, ge=0, le=10, description="Automatic retries on retryable upstream errors.")
 
@@ -67,7 +69,7 @@ class GenerationRequest(BaseModel):
     def upstream_params(self) -> dict[str, Any]:
         """The fields the client sent that an upstream may see: all but the gateway's own controls."""
         return self.model_dump(mode="json", exclude_unset=True, exclude_none=True,
-                               exclude={"async_", "retries", "stream", "partial_images"})
+                               exclude={"async_", "retries", "stream", "partial_images", "callback_url"})
 
 
 class ImageData(BaseModel):
@@ -126,6 +128,57 @@ class TaskView(BaseModel):
     usage: dict[str, Any] | None = None
     error: TaskError | None = Field(None, description="Only when task_status is failed.")
     attempt_log: list[AttemptView] = Field([], description="Every upstream call, in order.")
+
+
+class BatchLine(BaseModel):
+    """One line of a batch, as in OpenAI's Batch API input (method and url may be given; ignored)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    custom_id: str = Field(..., min_length=1, max_length=200)
+    body: GenerationRequest
+    method: Literal["POST"] | None = None
+    url: Literal["/v1/images/generations", "/v1/images/generations/"] | None = None
+
+
+class BatchCounts(BaseModel):
+    pending: int = 0
+    running: int = 0
+    succeed: int = 0
+    failed: int = 0
+
+
+class BatchView(BaseModel):
+    id: str
+    object: Literal["image.batch"] = "image.batch"
+    status: Literal["in_progress", "completed", "cancelling", "cancelled"]
+    created: int
+    finished: int | None = None
+    total: int
+    counts: BatchCounts
+    metadata: dict[str, Any] | None = None
+    callback_url: str | None = None
+
+
+class DeliveryView(BaseModel):
+    """One delivery attempt of a webhook event."""
+
+    id: str
+    event_id: str
+    type: str
+    task_id: str | None = None
+    batch_id: str | None = None
+    attempt: int
+    url: str
+    status_code: int | None = None
+    latency_ms: int
+    error: str | None = None
+    created: int
+
+
+class DeliveryList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[DeliveryView]
 
 
 class ErrorDetail(BaseModel):

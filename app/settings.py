@@ -62,6 +62,15 @@ class Settings(BaseSettings):
     # goes back to the queue (its lease expires and the sweeper republishes it).
     shutdown_grace_s: float = Field(30.0, ge=0)
 
+    # Webhooks: private callback URLs are refused unless this is set (private deployments, tests);
+    # the retry schedule in seconds after each failed delivery (comma-separated).
+    webhook_allow_private: bool = False
+    webhook_retry_schedule: str = "5,300,1800,7200,18000,36000,86400"
+    webhook_timeout_s: float = Field(15.0, gt=0)
+    # Most requests in one batch, and how long an Idempotency-Key is remembered.
+    max_batch: int = Field(10_000, ge=1)
+    idempotency_ttl_s: float = Field(86_400.0, gt=0)
+
     # Largest image downloaded from an upstream URL, and the total time allowed for it.
     max_download_bytes: int = Field(50 * 1024 * 1024, gt=0)
     download_timeout_s: float = Field(60.0, gt=0)

@@ -12,13 +12,15 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import StrEnum
-from typing import Any
+from typing import Any, NamedTuple
 
-from sqlalchemy import ColumnElement, case, insert, select, update
+from sqlalchemy import ColumnElement, case, delete, insert, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.models import Attempt, Image, Task, utcnow
+from app.idempotency import reserve
+from app.models import Attempt, IdempotencyKey, Image, Task, utcnow
 from app.states import ErrorCode, TaskStatus
+from app.webhook_events import enqueue_task_events
 
 UNFINISHED = (TaskStatus.PENDING, TaskStatus.RUNNING)
 
@@ -37,10 +39,11 @@ class Claim:
     upstream_task_id: str | None
     started_at: datetime
     polls: int
+    batch_id: uuid.UUID | None = None
 
 
 CLAIM_COLUMNS = (Task.id, Task.attempts, Task.model, Task.route, Task.retries_used, Task.request, Task.usage,
-                 Task.upstream_task_id, Task.started_at, Task.polls)
+                 Task.upstream_task_id, Task.started_at, Task.polls, Task.batch_id)
 
 
 @dataclass(frozen=True)
@@ -87,6 +90,14 @@ class TaskRecord:
     attempts: list[Attempt] = field(default_factory=list)
 
 
+class Requeued(NamedTuple):
+    """A task to publish again: attempt `attempt` of it, on its batch's queue if it has one."""
+
+    task_id: uuid.UUID
+    attempt: int
+    batch_id: uuid.UUID | None
+
+
 class CancelResult(StrEnum):
     CANCELLED = "cancelled"     # was pending: failed `cancelled` now
     REQUESTED = "requested"     # is running: stops before its next upstream call or store
@@ -110,14 +121,22 @@ class TaskStore:
         self._sessions = sessions
 
     # -- intake and reading ------------------------------------------------------------------
-    def create(self, *, api_key_id: uuid.UUID, model: str, request: dict[str, Any], response_format: str) -> Task:
+    def create(self, *, api_key_id: uuid.UUID, model: str, request: dict[str, Any], response_format: str,
+               callback_url: str | None = None, idempotency: tuple[str, str] | None = None) -> tuple[Task, bool]:
+        """The new task, True; or, when the Idempotency-Key (key, fingerprint) was used before with
+        the same request, that earlier task, False."""
         now = utcnow()
         task = Task(id=uuid.uuid4(), api_key_id=api_key_id, model=model, request=request,
                     response_format=response_format, status=TaskStatus.PENDING, attempts=0, route=model,
-                    retries_used=0, polls=0, cancel_requested=False, created_at=now, run_after=now)
+                    retries_used=0, polls=0, cancel_requested=False, created_at=now, run_after=now,
+                    callback_url=callback_url)
         with self._sessions.begin() as session:
+            if idempotency is not None:
+                earlier = reserve(session, api_key_id, *idempotency, task_id=task.id)
+                if earlier is not None:
+                    return session.get(Task, earlier.task_id), False
             session.add(task)
-        return task
+        return task, True
 
     def get(self, task_id: uuid.UUID, *, api_key_id: uuid.UUID | None = None,
             with_bytes: bool = False) -> TaskRecord | None:
@@ -156,6 +175,7 @@ class TaskStore:
         with self._sessions.begin() as session:
             if _update(session, [*mine, Task.status == TaskStatus.PENDING], status=TaskStatus.FAILED,
                        finished_at=utcnow(), **_error_values(CANCELLED)):
+                enqueue_task_events(session, [task_id])
                 return CancelResult.CANCELLED
             if _update(session, [*mine, Task.status == TaskStatus.RUNNING], cancel_requested=True):
                 return CancelResult.REQUESTED
@@ -184,7 +204,7 @@ class TaskStore:
         if row is None:
             return None
         return Claim(row.id, row.attempts, row.model, row.route, row.retries_used, row.request, row.usage,
-                     row.upstream_task_id, row.started_at, row.polls)
+                     row.upstream_task_id, row.started_at, row.polls, row.batch_id)
 
     def extend_lease(self, claim: Claim, lease_s: float) -> bool:
         with self._sessions.begin() as session:
@@ -217,8 +237,11 @@ class TaskStore:
     def end_cancelled(self, claim: Claim) -> bool:
         """running -> failed `cancelled`, when the client asked while this attempt ran."""
         with self._sessions.begin() as session:
-            return _update(session, [*_fence(claim), Task.cancel_requested.is_(True)], status=TaskStatus.FAILED,
-                           worker=None, lease_expires_at=None, finished_at=utcnow(), **_error_values(CANCELLED))
+            ended = _update(session, [*_fence(claim), Task.cancel_requested.is_(True)], status=TaskStatus.FAILED,
+                            worker=None, lease_expires_at=None, finished_at=utcnow(), **_error_values(CANCELLED))
+            if ended:
+                enqueue_task_events(session, [claim.task_id])
+            return ended
 
     def retry_later(self, claim: Claim, failure: Failure, outcomes: list[CallOutcome], *, countdown_s: float,
                     images: list[NewImage] = (), usage: dict[str, Any] | None = None,
@@ -261,6 +284,8 @@ class TaskStore:
                                  "content_type": image.content_type, "data": image.data,
                                  "revised_prompt": image.revised_prompt, "created_at": now})
                 session.execute(insert(Image), rows)
+            if status.finished:  # the webhook event commits with the end it announces
+                enqueue_task_events(session, [claim.task_id])
         return True
 
     @staticmethod
@@ -279,9 +304,10 @@ class TaskStore:
                                     status=TaskStatus.FAILED, worker=None, lease_expires_at=None,
                                     finished_at=utcnow(), **_error_values(failure))
             _close_open_attempts(session, ids, failure)
+            enqueue_task_events(session, ids)
         return ids
 
-    def take_back_expired(self, max_attempts: int) -> tuple[list[tuple[uuid.UUID, int]], list[uuid.UUID]]:
+    def take_back_expired(self, max_attempts: int) -> tuple[list[Requeued], list[uuid.UUID]]:
         """Running attempts whose lease expired: their worker is dead, frozen or gone. Each goes back to
         pending (returned with its next attempt number), or fails when it was cancelled or has used
         its attempts. Returns (requeued, failed)."""
@@ -297,13 +323,14 @@ class TaskStore:
             rows = session.execute(
                 update(Task).where(*expired).values(status=TaskStatus.PENDING, worker=None, lease_expires_at=None,
                                                     run_after=utcnow(), **_error_values(lost))
-                .returning(Task.id, Task.attempts).execution_options(synchronize_session=False)
+                .returning(Task.id, Task.attempts, Task.batch_id).execution_options(synchronize_session=False)
             ).all()
-            requeued = [(row.id, row.attempts + 1) for row in rows]
-            _close_open_attempts(session, failed + [task_id for task_id, _ in requeued], lost)
+            requeued = [Requeued(row.id, row.attempts + 1, row.batch_id) for row in rows]
+            _close_open_attempts(session, failed + [item.task_id for item in requeued], lost)
+            enqueue_task_events(session, failed)
         return requeued, failed
 
-    def overdue_pending(self, republish_after_s: float) -> list[tuple[uuid.UUID, int]]:
+    def overdue_pending(self, republish_after_s: float) -> list[Requeued]:
         """Pending tasks due for `republish_after_s` with no worker taking them: their message was
         lost (never published, or a flushed broker). Bumps run_after so one sweeper republishes."""
         with self._sessions.begin() as session:
@@ -311,9 +338,17 @@ class TaskStore:
                 update(Task)
                 .where(Task.status == TaskStatus.PENDING, Task.run_after < _after(-republish_after_s))
                 .values(run_after=utcnow())
-                .returning(Task.id, Task.attempts).execution_options(synchronize_session=False)
+                .returning(Task.id, Task.attempts, Task.batch_id).execution_options(synchronize_session=False)
             ).all()
-        return [(row.id, row.attempts + 1) for row in rows]
+        return [Requeued(row.id, row.attempts + 1, row.batch_id) for row in rows]
+
+    def batch_of(self, task_ids: list[uuid.UUID]) -> dict[uuid.UUID, uuid.UUID | None]:
+        with self._sessions() as session:
+            return dict(session.execute(select(Task.id, Task.batch_id).where(Task.id.in_(task_ids))).all())
+
+    def forget_idempotency_keys(self, ttl_s: float) -> int:
+        with self._sessions.begin() as session:
+            return session.execute(delete(IdempotencyKey).where(IdempotencyKey.created_at < _after(-ttl_s))).rowcount
 
 
 def _fence(claim: Claim) -> list[ColumnElement[bool]]:

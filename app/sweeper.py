@@ -13,15 +13,14 @@ from __future__ import annotations
 
 import logging
 import threading
-import uuid
 from dataclasses import dataclass
 
 from celery import Celery
 
-from app.events import TaskEvents, announce_quietly
+from app.endings import Endings
 from app.queue import publish_run
 from app.settings import Settings
-from app.store import TaskStore
+from app.store import Requeued, TaskStore
 
 log = logging.getLogger(__name__)
 
@@ -43,15 +42,21 @@ class Sweeper:
     settings: Settings
     store: TaskStore
     celery: Celery
-    events: TaskEvents
+    endings: Endings
 
     def sweep_once(self) -> SweepReport:
         overdue = self.store.fail_overdue(self.settings.task_deadline_s)
         requeued, exhausted = self.store.take_back_expired(self.settings.max_attempts)
         republished = self.store.overdue_pending(self.settings.republish_after_s)
-        for task_id in overdue + exhausted:
-            announce_quietly(self.events, task_id)
-        errors = sum(not self._publish(task_id, attempt) for task_id, attempt in requeued + republished)
+        ended = overdue + exhausted
+        for task_id, batch_id in (self.store.batch_of(ended) if ended else {}).items():
+            self.endings.task_ended(task_id, batch_id)
+        errors = sum(not self._publish(item) for item in requeued + republished)
+        # Safety nets: webhook events whose message was lost, batches whose closing was missed.
+        self.endings.send(self.endings.webhooks.overdue(self.settings.republish_after_s))
+        for batch_id in self.endings.batches.open_batches():
+            self.endings.batch_touched(batch_id)
+        self.store.forget_idempotency_keys(self.settings.idempotency_ttl_s)
         report = SweepReport(len(overdue), len(requeued), len(exhausted), len(republished), errors)
         if report:
             log.info("sweep: %s", report)
@@ -65,12 +70,12 @@ class Sweeper:
                 log.exception("sweep failed; retrying in %.0f s", self.settings.sweep_interval_s)
             stop.wait(self.settings.sweep_interval_s)
 
-    def _publish(self, task_id: uuid.UUID, attempt: int) -> bool:
+    def _publish(self, item: Requeued) -> bool:
         try:
-            publish_run(self.celery, task_id, attempt)
+            publish_run(self.celery, item.task_id, item.attempt, batch_id=item.batch_id)
             return True
         except Exception as exc:  # still pending in Postgres: the next pass republishes it
-            log.warning("could not publish task %s: %s", task_id, exc)
+            log.warning("could not publish task %s: %s", item.task_id, exc)
             return False
 
 
@@ -80,4 +85,6 @@ def make_sweeper(settings: Settings) -> Sweeper:
     from app.queue import make_celery
 
     sessions = make_sessionmaker(make_engine(settings.database_url, pool_size=2))
-    return Sweeper(settings, TaskStore(sessions), make_celery(settings), make_task_events(settings.broker_url))
+    celery = make_celery(settings)
+    return Sweeper(settings, TaskStore(sessions), celery,
+                   Endings.make(sessions, make_task_events(settings.broker_url), celery))

@@ -89,7 +89,7 @@ from app.settings import Settings
 from workers.celery_app import make_worker_app
 make_worker_app(Settings())
 import sys
-loaded = sorted(m for m in sys.modules if m == 'flask' or m.startswith(('flask.', 'app.web', 'werkzeug')))
+loaded = sorted(m for m in sys.modules if m == 'flask' or m == 'app.web' or m.startswith(('flask.', 'app.web.', 'werkzeug')))
 assert not loaded, loaded
 """
 

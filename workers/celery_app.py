@@ -9,14 +9,16 @@ from celery import Celery
 from celery.signals import worker_shutting_down
 
 from app.db import make_engine, make_sessionmaker
+from app.endings import Endings
 from app.events import make_task_events
 from app.providers import load_models
-from app.queue import RUN_TASK, make_celery
+from app.queue import DELIVER_WEBHOOK, RUN_TASK, make_celery
 from app.settings import Settings
 from app.store import TaskStore
 from workers.adapters import load_adapters
 from workers.http import make_client
 from workers.runner import TaskRunner
+from workers.webhook_sender import WebhookSender
 
 
 def make_worker_app(settings: Settings, *, concurrency: int = 100) -> Celery:
@@ -29,13 +31,19 @@ def make_worker_app(settings: Settings, *, concurrency: int = 100) -> Celery:
         models=load_models(settings.providers_file, set(adapters)),
         adapters=adapters,
         http=make_client(max_connections=max(20, concurrency * 2)),
-        events=make_task_events(settings.broker_url),
+        endings=Endings.make(sessions, make_task_events(settings.broker_url), celery),
         celery=celery,
     )
+
+    sender = WebhookSender(settings, runner.endings.webhooks, runner.store, runner.endings.batches, celery)
 
     @celery.task(name=RUN_TASK, bind=True, acks_late=True, reject_on_worker_lost=True)
     def run_task(self, task_id: str, attempt: int, poll: int = 0) -> None:
         runner.run(task_id, attempt, poll, worker=self.request.hostname or "worker")
+
+    @celery.task(name=DELIVER_WEBHOOK, acks_late=True, reject_on_worker_lost=True)
+    def deliver_webhook(event_id: str) -> None:
+        sender.run(event_id)
 
     @worker_shutting_down.connect(weak=False)
     def _bounded_warm_shutdown(**_) -> None:

@@ -20,7 +20,7 @@ import httpx
 from celery import Celery
 from pydantic import ValidationError
 
-from app.events import TaskEvents, announce_quietly
+from app.endings import Endings
 from app.families import constraints
 from app.models import utcnow
 from app.providers import ModelConfig
@@ -67,7 +67,7 @@ class TaskRunner:
     models: dict[str, ModelConfig]
     adapters: dict[str, type]
     http: httpx.Client
-    events: TaskEvents
+    endings: Endings
     celery: Celery
 
     def run(self, task_id: str, attempt: int, poll: int = 0, *, worker: str) -> None:
@@ -178,7 +178,8 @@ class TaskRunner:
     def _wait_upstream(self, claim: Claim, upstream_task_id: str, countdown: float, poll: int) -> None:
         """Schedule poll step `poll`; the lease covers the wait, so a lost poll message is taken back."""
         if self.store.wait_upstream(claim, upstream_task_id, lease_s=countdown + self.settings.lease_s):
-            publish_run(self.celery, claim.task_id, claim.attempt, countdown=countdown, poll=poll)
+            publish_run(self.celery, claim.task_id, claim.attempt, countdown=countdown, poll=poll,
+                        batch_id=claim.batch_id)
         else:
             self._stop_if_cancelled(claim)
 
@@ -223,7 +224,7 @@ class TaskRunner:
         if self.store.retry_later(claim, failure, outcomes, countdown_s=delay, images=images, usage=usage,
                                   route=route):
             log.info("task %s attempt %s: %s; %s", claim.task_id, claim.attempt, failure.message, why)
-            publish_run(self.celery, claim.task_id, claim.attempt + 1, countdown=delay)
+            publish_run(self.celery, claim.task_id, claim.attempt + 1, countdown=delay, batch_id=claim.batch_id)
         else:
             self._stop_if_cancelled(claim)
 
@@ -246,7 +247,7 @@ class TaskRunner:
             self._announce(claim)
 
     def _announce(self, claim: Claim) -> None:
-        announce_quietly(self.events, claim.task_id)
+        self.endings.task_ended(claim.task_id, claim.batch_id)
 
     @staticmethod
     def _upstream_key(config: ModelConfig) -> str | None:

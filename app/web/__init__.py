@@ -6,12 +6,13 @@ from flask import Flask
 from sqlalchemy import text
 
 from app.db import make_engine, make_sessionmaker
+from app.endings import Endings
 from app.events import make_task_events
 from app.providers import load_models
 from app.queue import make_celery
 from app.settings import Settings
 from app.store import TaskStore
-from app.web import files, images, openapi
+from app.web import batches, files, images, openapi, webhooks
 from app.web.errors import error_response, register_error_handlers
 from app.web.services import Services, services
 
@@ -23,17 +24,21 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.json.sort_keys = False
 
     sessions = make_sessionmaker(make_engine(settings.database_url))
+    celery, events = make_celery(settings), make_task_events(settings.broker_url)
     app.extensions["imagegate"] = Services(
         settings=settings,
         models=load_models(settings.providers_file),
         sessions=sessions,
         store=TaskStore(sessions),
-        celery=make_celery(settings),
-        events=make_task_events(settings.broker_url),
+        celery=celery,
+        events=events,
+        endings=Endings.make(sessions, events, celery),
     )
 
     register_error_handlers(app)
+    app.register_blueprint(batches.bp)  # before images: /v1/images/batches is not a task id
     app.register_blueprint(images.bp)
+    app.register_blueprint(webhooks.bp)
     app.register_blueprint(files.bp)
     app.register_blueprint(openapi.bp)
 

@@ -15,7 +15,8 @@ def require_api_key() -> None:
     if not header:
         raise ApiError(401, "You didn't provide an API key. Send it as 'Authorization: Bearer KEY'.",
                        code="missing_api_key")
-    key_id = authenticate(services().sessions, presented.strip()) if scheme.lower() == "bearer" else None
-    if key_id is None:
+    caller = authenticate(services().sessions, presented.strip()) if scheme.lower() == "bearer" else None
+    if caller is None:
         raise ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
-    g.api_key_id = key_id
+    g.caller = caller
+    g.api_key_id = caller.id

@@ -16,14 +16,16 @@ log = logging.getLogger(__name__)
 
 class ApiError(Exception):
     def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None):
+                 param: str | None = None, code: str | None = None, extra: dict | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.extra = extra or {}  # more fields inside "error", e.g. a batch's bad lines
 
 
 def error_response(status: int, message: str, *, type: str = "invalid_request_error",
-                   param: str | None = None, code: str | None = None, **extra):
+                   param: str | None = None, code: str | None = None, detail: dict | None = None, **extra):
     body = ErrorResponse(error=ErrorDetail(message=message, type=type, param=param, code=code)).model_dump()
+    body["error"].update(detail or {})
     response = jsonify(body | extra)
     response.status_code = status
     return response
@@ -53,7 +55,8 @@ def from_validation_error(exc: ValidationError) -> ApiError:
 def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(ApiError)
     def _api_error(exc: ApiError):
-        return error_response(exc.status, exc.message, type=exc.type, param=exc.param, code=exc.code)
+        return error_response(exc.status, exc.message, type=exc.type, param=exc.param, code=exc.code,
+                              detail=exc.extra)
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException):

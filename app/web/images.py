@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import logging
 import time
 import uuid
@@ -10,15 +9,15 @@ import uuid
 from flask import Blueprint, g, request
 from pydantic import ValidationError
 
-from app.families import RequestRefused, check_request
-from app.events import announce_quietly
 from app.queue import publish_run
-from app.schemas import AttemptView, GenerationRequest, ImageData, ImagesResponse, TaskAccepted, TaskError, TaskView
-from app.signing import signed_image_url
+from app.schemas import GenerationRequest, ImagesResponse, TaskAccepted
 from app.states import TaskStatus, http_status_of_failure
 from app.store import CancelResult, TaskRecord, parse_task_id
+from app.views import image_items, task_view, timestamp
 from app.web.auth import require_api_key
+from app.idempotency import IdempotencyMismatch
 from app.web.errors import ApiError, error_response, from_validation_error
+from app.web.intake import checked_callback, checked_model, default_callback, idempotency
 from app.web.services import Services, services
 
 log = logging.getLogger(__name__)
@@ -29,21 +28,6 @@ bp.before_request(require_api_key)
 
 def _json(model, status: int = 200):
     return model.model_dump(mode="json", exclude_none=True), status
-
-
-def _timestamp(record: TaskRecord) -> int:
-    return int(record.task.created_at.timestamp())
-
-
-def _image_items(record: TaskRecord, svc: Services) -> list[ImageData]:
-    settings = svc.settings
-    if record.task.response_format == "b64_json":
-        return [ImageData(b64_json=base64.b64encode(image.data or b"").decode(), revised_prompt=image.revised_prompt)
-                for image in record.images]
-    return [ImageData(url=signed_image_url(settings.public_url, settings.secret_key, image.id, image.content_type,
-                                           settings.image_url_ttl_s),
-                      revised_prompt=image.revised_prompt)
-            for image in record.images]
 
 
 def _parse_generation() -> GenerationRequest:
@@ -68,27 +52,30 @@ def _publish(svc: Services, task_id: uuid.UUID) -> None:
 def create_generation():
     svc = services()
     body = _parse_generation()
-    model_name = body.model or svc.default_model
-    model = svc.models.get(model_name)
-    if model is None:
-        raise ApiError(404, f"The model '{model_name}' does not exist.", param="model", code="model_not_found")
-    try:  # refuse what the model's family cannot do before anything is stored or queued
-        check_request(body, model)
-    except RequestRefused as exc:
-        raise ApiError(400, exc.message, param=exc.param, code="invalid_value") from None
-
-    task = svc.store.create(api_key_id=g.api_key_id, model=model_name, request=body.stored(),
-                            response_format=body.response_format)
+    model_name, _ = checked_model(svc, body)
+    callback_url = checked_callback(svc, body.callback_url) or default_callback()
+    try:
+        task, new = svc.store.create(api_key_id=g.api_key_id, model=model_name, request=body.stored(),
+                                     response_format=body.response_format, callback_url=callback_url,
+                                     idempotency=idempotency(body.stored()))
+    except IdempotencyMismatch:
+        raise ApiError(422, "This Idempotency-Key was already used with a different request body.",
+                       param="Idempotency-Key", code="idempotency_key_reused") from None
+    replayed = {} if new else {"Idempotent-Replayed": "true"}
     if body.async_:
-        _publish(svc, task.id)
-        return _json(TaskAccepted(created=int(task.created_at.timestamp()), task_id=str(task.id),
-                                  task_status=TaskStatus.PENDING), 202)
+        if new:
+            _publish(svc, task.id)
+        accepted = TaskAccepted(created=int(task.created_at.timestamp()), task_id=str(task.id),
+                                task_status=TaskStatus.PENDING)
+        return *_json(accepted, 202), replayed
 
     # Subscribe before publishing, so the end of even a very fast task is not missed.
     with svc.events.subscription(str(task.id)) as wakeup:
-        _publish(svc, task.id)
+        if new:
+            _publish(svc, task.id)
         record = _wait_for_end(svc, task.id, wakeup)
-    return _sync_reply(svc, record)
+    response = _sync_reply(svc, record)
+    return (*response, replayed) if isinstance(response, tuple) else (response, replayed)
 
 
 def _wait_for_end(svc: Services, task_id: uuid.UUID, wakeup) -> TaskRecord:
@@ -106,7 +93,7 @@ def _wait_for_end(svc: Services, task_id: uuid.UUID, wakeup) -> TaskRecord:
 def _sync_reply(svc: Services, record: TaskRecord):
     task = record.task
     if task.status == TaskStatus.SUCCEED:
-        return _json(ImagesResponse(created=_timestamp(record), data=_image_items(record, svc), usage=task.usage,
+        return _json(ImagesResponse(created=timestamp(record), data=image_items(record, svc.settings), usage=task.usage,
                                     task_id=str(task.id), task_status=TaskStatus.SUCCEED))
     if task.status == TaskStatus.FAILED:
         status = http_status_of_failure(task.error_code)
@@ -114,7 +101,7 @@ def _sync_reply(svc: Services, record: TaskRecord):
                               type="invalid_request_error" if status == 400 else "upstream_error",
                               code=task.error_code, task_id=str(task.id), task_status=task.status)
     # Still going past IMAGEGATE_SYNC_TIMEOUT_S: hand back the id; the task carries on.
-    return _json(TaskAccepted(created=_timestamp(record), task_id=str(task.id), task_status=task.status), 202)
+    return _json(TaskAccepted(created=timestamp(record), task_id=str(task.id), task_status=task.status), 202)
 
 
 def _owned_record(task_id: str) -> TaskRecord:
@@ -128,7 +115,7 @@ def _owned_record(task_id: str) -> TaskRecord:
 
 @bp.get("/<task_id>")
 def get_task(task_id: str):
-    return _json(_task_view(_owned_record(task_id), services()))
+    return _json(task_view(_owned_record(task_id), services().settings))
 
 
 @bp.post("/<task_id>/cancel")
@@ -142,24 +129,6 @@ def cancel_task(task_id: str):
         raise ApiError(409, "The task has already ended; there is nothing to cancel.", param="task_id",
                        code="task_finished")
     record = _owned_record(task_id)  # 404 for MISSING, in the same words as GET
-    if result == CancelResult.CANCELLED:
-        announce_quietly(svc.events, record.task.id)  # wake a synchronous request waiting on it
-    return _json(_task_view(record, svc), 200 if record.task.status == TaskStatus.FAILED else 202)
-
-
-def _task_view(record: TaskRecord, svc: Services) -> TaskView:
-    task = record.task
-    view = TaskView(model=task.model, task_id=str(task.id), task_status=task.status, created=_timestamp(record),
-                    attempts=task.attempts,
-                    attempt_log=[AttemptView(number=a.number, slot=a.slot, model=a.model, started_at=a.started_at,
-                                             ended_at=a.ended_at, upstream_status=a.upstream_status,
-                                             error_code=a.error_code) for a in record.attempts])
-    if task.status == TaskStatus.SUCCEED:
-        view = view.model_copy(update={"data": _image_items(record, svc), "usage": task.usage})
-    elif task.status == TaskStatus.FAILED:
-        view = view.model_copy(update={"error": TaskError(code=task.error_code or "internal_error",
-                                                          message=task.error_message or "",
-                                                          details=task.error_details)})
-    elif task.cancel_requested:
-        view = view.model_copy(update={"cancel_requested": True})
-    return view
+    if result == CancelResult.CANCELLED:  # wake waiters, send its webhook, maybe close its batch
+        svc.endings.task_ended(record.task.id, record.task.batch_id)
+    return _json(task_view(record, svc.settings), 200 if record.task.status == TaskStatus.FAILED else 202)

@@ -8,6 +8,7 @@ from celery import Celery
 from flask import current_app
 from sqlalchemy.orm import Session, sessionmaker
 
+from app.endings import Endings
 from app.events import TaskEvents
 from app.providers import ModelConfig
 from app.settings import Settings
@@ -22,6 +23,7 @@ class Services:
     store: TaskStore
     celery: Celery
     events: TaskEvents
+    endings: Endings
 
     @property
     def default_model(self) -> str:

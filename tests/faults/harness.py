@@ -81,7 +81,7 @@ class Cluster:
                  **settings: str) -> None:
         self.directory, self.database_url, self.upstream = directory, database_url, upstream
         upgrade(database_url)
-        self.key = create_key(make_sessionmaker(make_engine(database_url, pool_size=1)), "faults")
+        self.key = create_key(make_sessionmaker(make_engine(database_url, pool_size=1)), "faults").key
         providers = directory / "providers.toml"
         providers.write_text(f"""
 [models."fault"]

@@ -1,0 +1,47 @@
+"""What follows a task's end, wherever it ended (a worker, a cancel, the sweeper): wake the
+synchronous requests waiting on it, send its webhook events, and close its batch if it was the last."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass
+
+from celery import Celery
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.batches import BatchStore
+from app.events import TaskEvents, announce_quietly
+from app.queue import publish_webhook
+from app.webhook_events import WebhookStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Endings:
+    events: TaskEvents
+    webhooks: WebhookStore
+    batches: BatchStore
+    celery: Celery
+
+    @classmethod
+    def make(cls, sessions: sessionmaker[Session], events: TaskEvents, celery: Celery) -> "Endings":
+        return cls(events, WebhookStore(sessions), BatchStore(sessions), celery)
+
+    def task_ended(self, task_id: uuid.UUID, batch_id: uuid.UUID | None = None) -> None:
+        announce_quietly(self.events, task_id)
+        self.send(self.webhooks.new_for(task_id=task_id))
+        if batch_id is not None:
+            self.batch_touched(batch_id)
+
+    def batch_touched(self, batch_id: uuid.UUID) -> None:
+        if self.batches.complete(batch_id):
+            self.send(self.webhooks.new_for(batch_id=batch_id))
+
+    def send(self, event_ids: list[str]) -> None:
+        for event_id in event_ids:
+            try:
+                publish_webhook(self.celery, event_id)
+            except Exception as exc:  # the event is in Postgres; the sweeper sends it later
+                log.warning("could not publish webhook event %s: %s", event_id, exc)

@@ -1,0 +1,56 @@
+"""Checks every accepted request passes, one or a batch's many: the model exists and can do what
+is asked, a callback URL is public, and the Idempotency-Key header."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import g, request
+
+from app.families import RequestRefused, check_request
+from app.idempotency import fingerprint
+from app.providers import ModelConfig
+from app.schemas import GenerationRequest
+from app.ssrf import UnsafeUrl, resolve_public
+from app.web.errors import ApiError
+from app.web.services import Services
+
+MAX_IDEMPOTENCY_KEY = 255
+
+
+def checked_model(svc: Services, body: GenerationRequest, prefix: str = "") -> tuple[str, ModelConfig]:
+    name = body.model or svc.default_model
+    model = svc.models.get(name)
+    if model is None:
+        raise ApiError(404, f"The model '{name}' does not exist.", param=f"{prefix}model", code="model_not_found")
+    try:  # refuse what the model's family cannot do before anything is stored or queued
+        check_request(body, model)
+    except RequestRefused as exc:
+        raise ApiError(400, exc.message, param=f"{prefix}{exc.param}", code="invalid_value") from None
+    return name, model
+
+
+def checked_callback(svc: Services, url: str | None, param: str = "callback_url") -> str | None:
+    """The URL, once it is http(s) to a public address (checked again when delivering)."""
+    if url is None:
+        return None
+    try:
+        resolve_public(url, allow_private=svc.settings.webhook_allow_private)
+    except UnsafeUrl as exc:
+        raise ApiError(400, f"Invalid callback URL: {exc}.", param=param, code="invalid_callback_url") from None
+    return url
+
+
+def idempotency(document: Any) -> tuple[str, str] | None:
+    """(Idempotency-Key, fingerprint of the request) when the client sent the header."""
+    key = request.headers.get("Idempotency-Key")
+    if key is None:
+        return None
+    if not key.strip() or len(key) > MAX_IDEMPOTENCY_KEY:
+        raise ApiError(400, f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} characters.",
+                       param="Idempotency-Key", code="invalid_idempotency_key")
+    return key, fingerprint(document)
+
+
+def default_callback() -> str | None:
+    return g.caller.callback_url

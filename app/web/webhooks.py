@@ -1,0 +1,55 @@
+"""/v1/webhooks: every delivery attempt of a key's events, and sending an event again."""
+
+from __future__ import annotations
+
+from flask import Blueprint, g, request
+
+from app.schemas import DeliveryList, DeliveryView
+from app.store import parse_task_id
+from app.web.auth import require_api_key
+from app.web.errors import ApiError
+from app.web.services import services
+
+bp = Blueprint("webhooks", __name__, url_prefix="/v1/webhooks")
+bp.before_request(require_api_key)
+
+
+def _id_arg(name: str):
+    value = request.args.get(name)
+    if value is None:
+        return None
+    parsed = parse_task_id(value)
+    if parsed is None:
+        raise ApiError(400, f"'{name}' is not a valid id.", param=name, code="invalid_value")
+    return parsed
+
+
+@bp.get("/deliveries")
+def list_deliveries():
+    """?task_id=... or ?batch_id=... (else the key's latest); newest first."""
+    limit = request.args.get("limit", "100")
+    if not limit.isdigit() or not 1 <= int(limit) <= 1000:
+        raise ApiError(400, "'limit' must be 1 to 1000.", param="limit", code="invalid_value")
+    rows = services().endings.webhooks.deliveries(g.api_key_id, task_id=_id_arg("task_id"),
+                                                  batch_id=_id_arg("batch_id"), limit=int(limit))
+    return DeliveryList(data=[
+        DeliveryView(id=str(delivery.id), event_id=event.id, type=event.type,
+                     task_id=str(event.task_id) if event.task_id else None,
+                     batch_id=str(event.batch_id) if event.batch_id else None, attempt=delivery.attempt,
+                     url=delivery.url, status_code=delivery.status_code, latency_ms=delivery.latency_ms,
+                     error=delivery.error, created=int(delivery.created_at.timestamp()))
+        for delivery, event in rows]).model_dump(mode="json")
+
+
+@bp.post("/deliveries/<delivery_id>/redeliver")
+def redeliver(delivery_id: str):
+    svc = services()
+    parsed = parse_task_id(delivery_id)
+    event_id = svc.endings.webhooks.redeliver(g.api_key_id, parsed) if parsed else None
+    if event_id is None:
+        raise ApiError(404, f"No delivery found with id '{delivery_id}'.", param="delivery_id",
+                       code="delivery_not_found")
+    svc.endings.send([event_id])
+    return {"event_id": event_id, "status": "pending"}, 202
+
+
