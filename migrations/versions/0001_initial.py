@@ -26,7 +26,23 @@ def upgrade() -> None:
         sa.Column("key_hash", sa.String(64), nullable=False, unique=True),
         sa.Column("created_at", timestamp, nullable=False),
         sa.Column("revoked_at", timestamp, nullable=True),
+        sa.Column("callback_url", sa.Text(), nullable=True),
+        sa.Column("webhook_secret", sa.String(100), nullable=True),
+        sa.Column("webhook_secret_previous", sa.String(100), nullable=True),
+        sa.Column("webhook_secret_previous_until", timestamp, nullable=True),
     )
+    op.create_table(
+        "batches",
+        sa.Column("id", sa.Uuid(), primary_key=True),
+        sa.Column("api_key_id", sa.Uuid(), sa.ForeignKey("api_keys.id"), nullable=False),
+        sa.Column("status", sa.String(16), nullable=False),
+        sa.Column("total", sa.Integer(), nullable=False),
+        sa.Column("callback_url", sa.Text(), nullable=True),
+        sa.Column("meta", json, nullable=True),
+        sa.Column("created_at", timestamp, nullable=False),
+        sa.Column("finished_at", timestamp, nullable=True),
+    )
+    op.create_index("ix_batches_api_key_id", "batches", ["api_key_id"])
     op.create_table(
         "tasks",
         sa.Column("id", sa.Uuid(), primary_key=True),
@@ -41,6 +57,10 @@ def upgrade() -> None:
         sa.Column("run_after", timestamp, nullable=False),
         sa.Column("lease_expires_at", timestamp, nullable=True),
         sa.Column("cancel_requested", sa.Boolean(), nullable=False),
+        sa.Column("callback_url", sa.Text(), nullable=True),
+        sa.Column("batch_id", sa.Uuid(), sa.ForeignKey("batches.id"), nullable=True),
+        sa.Column("batch_line", sa.Integer(), nullable=True),
+        sa.Column("custom_id", sa.String(200), nullable=True),
         sa.Column("upstream_task_id", sa.String(200), nullable=True),
         sa.Column("polls", sa.Integer(), nullable=False),
         sa.Column("worker", sa.String(200), nullable=True),
@@ -53,6 +73,7 @@ def upgrade() -> None:
         sa.Column("finished_at", timestamp, nullable=True),
     )
     op.create_index("ix_tasks_api_key_id", "tasks", ["api_key_id"])
+    op.create_index("ix_tasks_batch_id", "tasks", ["batch_id"])
     op.create_index("ix_tasks_status_created_at", "tasks", ["status", "created_at"])
     op.create_index("ix_tasks_status_run_after", "tasks", ["status", "run_after"])
     op.create_index("ix_tasks_status_lease_expires_at", "tasks", ["status", "lease_expires_at"])
@@ -81,10 +102,61 @@ def upgrade() -> None:
         sa.Column("created_at", timestamp, nullable=False),
     )
     op.create_index("ix_images_task_id", "images", ["task_id"])
+    op.create_table(
+        "idempotency_keys",
+        sa.Column("api_key_id", sa.Uuid(), sa.ForeignKey("api_keys.id"), primary_key=True),
+        sa.Column("key", sa.String(255), primary_key=True),
+        sa.Column("fingerprint", sa.String(64), nullable=False),
+        sa.Column("task_id", sa.Uuid(), nullable=True),
+        sa.Column("batch_id", sa.Uuid(), nullable=True),
+        sa.Column("created_at", timestamp, nullable=False),
+    )
+    op.create_index("ix_idempotency_keys_created_at", "idempotency_keys", ["created_at"])
+    op.create_table(
+        "webhook_events",
+        sa.Column("id", sa.String(40), primary_key=True),
+        sa.Column("api_key_id", sa.Uuid(), sa.ForeignKey("api_keys.id"), nullable=False),
+        sa.Column("type", sa.String(40), nullable=False),
+        sa.Column("task_id", sa.Uuid(), nullable=True),
+        sa.Column("batch_id", sa.Uuid(), nullable=True),
+        sa.Column("url", sa.Text(), nullable=False),
+        sa.Column("status", sa.String(16), nullable=False),
+        sa.Column("attempts", sa.Integer(), nullable=False),
+        sa.Column("next_attempt_at", timestamp, nullable=False),
+        sa.Column("created_at", timestamp, nullable=False),
+    )
+    op.create_index("ix_webhook_events_api_key_id", "webhook_events", ["api_key_id"])
+    op.create_index("ix_webhook_events_task_id", "webhook_events", ["task_id"])
+    op.create_index("ix_webhook_events_batch_id", "webhook_events", ["batch_id"])
+    op.create_index("ix_webhook_events_status_next_attempt_at", "webhook_events", ["status", "next_attempt_at"])
+    op.create_table(
+        "webhook_deliveries",
+        sa.Column("id", sa.Uuid(), primary_key=True),
+        sa.Column("event_id", sa.String(40), sa.ForeignKey("webhook_events.id", ondelete="CASCADE"),
+                  nullable=False),
+        sa.Column("attempt", sa.Integer(), nullable=False),
+        sa.Column("url", sa.Text(), nullable=False),
+        sa.Column("status_code", sa.Integer(), nullable=True),
+        sa.Column("latency_ms", sa.Integer(), nullable=False),
+        sa.Column("error", sa.Text(), nullable=True),
+        sa.Column("created_at", timestamp, nullable=False),
+    )
+    op.create_index("ix_webhook_deliveries_event_id", "webhook_deliveries", ["event_id"])
+    op.create_table(
+        "disabled_callbacks",
+        sa.Column("api_key_id", sa.Uuid(), sa.ForeignKey("api_keys.id"), primary_key=True),
+        sa.Column("url", sa.Text(), primary_key=True),
+        sa.Column("disabled_at", timestamp, nullable=False),
+    )
 
 
 def downgrade() -> None:
+    op.drop_table("disabled_callbacks")
+    op.drop_table("webhook_deliveries")
+    op.drop_table("webhook_events")
+    op.drop_table("idempotency_keys")
     op.drop_table("images")
     op.drop_table("attempts")
     op.drop_table("tasks")
+    op.drop_table("batches")
     op.drop_table("api_keys")

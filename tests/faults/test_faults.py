@@ -227,7 +227,7 @@ def test_schemathesis_finds_no_5xx_and_no_response_off_the_schema(cluster, tmp_p
                      "content_type_conformance",
          "--max-examples", "40", "--request-timeout", "60", "--generation-deterministic",
          "--report-dir", str(tmp_path)],
-        capture_output=True, text=True, timeout=400, env=cluster.env)
+        capture_output=True, text=True, timeout=400, env=cluster.env, cwd=tmp_path)
     print(result.stdout[-3000:])
     cases = next((line.strip() for line in result.stdout.splitlines() if "generated" in line), "")
     Figures("schemathesis against /openapi.json", 0, 0, 0, 0, 0, 0, time.monotonic() - started,
