@@ -32,7 +32,10 @@ def fingerprint(document: Any) -> str:
 def insert_ignoring_conflict(session: Session, model: type, values: dict[str, Any]) -> bool:
     """INSERT ... ON CONFLICT DO NOTHING; True when the row was inserted."""
     dialect = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
-    return session.execute(dialect.insert(model).values(**values).on_conflict_do_nothing()).rowcount == 1
+    # RETURNING, not rowcount: drivers disagree on the rowcount of ON CONFLICT DO NOTHING.
+    key = next(iter(model.__table__.primary_key.columns))
+    statement = dialect.insert(model).values(**values).on_conflict_do_nothing().returning(key)
+    return session.execute(statement).first() is not None
 
 
 def reserve(session: Session, api_key_id: uuid.UUID, key: str, print_: str, *, task_id: uuid.UUID | None = None,

@@ -69,6 +69,7 @@ class Settings(BaseSettings):
     webhook_timeout_s: float = Field(15.0, gt=0)
     # Most requests in one batch, and how long an Idempotency-Key is remembered.
     max_batch: int = Field(10_000, ge=1)
+    max_batch_bytes: int = Field(100 * 1024 * 1024, gt=0)
     idempotency_ttl_s: float = Field(86_400.0, gt=0)
 
     # Largest image downloaded from an upstream URL, and the total time allowed for it.

@@ -192,6 +192,9 @@ def env(database_url, redis_dbs, providers_file, api_port) -> dict[str, str]:
         "IMAGEGATE_MAX_BODY_BYTES": "200000",
         "IMAGEGATE_RETRY_BASE_S": "0.2",
         "IMAGEGATE_RETRY_MAX_S": "10",
+        # Webhook receivers in the tests listen on 127.0.0.1; retries come quickly.
+        "IMAGEGATE_WEBHOOK_ALLOW_PRIVATE": "1",
+        "IMAGEGATE_WEBHOOK_RETRY_SCHEDULE": "1,1,1",
         "FAKE_UPSTREAM_KEY": "sk-upstream-secret-" + secrets.token_hex(8),
     }
 

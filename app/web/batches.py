@@ -28,6 +28,12 @@ log = logging.getLogger(__name__)
 bp = Blueprint("batches", __name__, url_prefix="/v1/images/batches")
 bp.before_request(require_api_key)
 
+
+@bp.before_request
+def _batch_body_limit() -> None:
+    # A batch body is thousands of requests: it has a limit of its own (IMAGEGATE_MAX_BATCH_BYTES).
+    request.max_content_length = services().settings.max_batch_bytes
+
 MAX_REPORTED_ERRORS = 1000
 
 
