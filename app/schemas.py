@@ -141,6 +141,16 @@ class BatchLine(BaseModel):
     url: Literal["/v1/images/generations", "/v1/images/generations/"] | None = None
 
 
+class BatchCreate(BaseModel):
+    """POST /v1/images/batches as JSON (JSONL of BatchLine is accepted too)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    requests: list[BatchLine]
+    callback_url: str | None = Field(None, max_length=2048, pattern=r"^https?://")
+    metadata: dict[str, Any] | None = None
+
+
 class BatchCounts(BaseModel):
     pending: int = 0
     running: int = 0

@@ -38,4 +38,6 @@ def serve(settings: Settings, *, host: str, port: int, workers: int, connections
         "accesslog": "-",
         # gunicorn's control socket is one fixed path per user: several servers on a host would clash.
         "control_socket_disable": True,
+        # gunicorn answers an over-long request line itself, with an HTML page: allow its maximum.
+        "limit_request_line": 8190,
     }).run()

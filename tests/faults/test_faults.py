@@ -5,6 +5,7 @@ for one attempt. `IMAGEGATE_FAULTS_REPORT=FILE` also appends the figures to FILE
 
 from __future__ import annotations
 
+import re
 import signal
 import subprocess
 import sys
@@ -228,9 +229,10 @@ def test_schemathesis_finds_no_5xx_and_no_response_off_the_schema(cluster, tmp_p
          "--max-examples", "40", "--request-timeout", "60", "--generation-deterministic",
          "--report-dir", str(tmp_path)],
         capture_output=True, text=True, timeout=400, env=cluster.env, cwd=tmp_path)
-    print(result.stdout[-3000:])
-    cases = next((line.strip() for line in result.stdout.splitlines() if "generated" in line), "")
+    print(result.stdout[-12000:])
+    cases = next((line.strip() for line in result.stdout.splitlines() if re.search(r"\d+ generated, ", line)), "")
+    operations = next((line.strip() for line in result.stdout.splitlines() if "Operations:" in line), "")
     Figures("schemathesis against /openapi.json", 0, 0, 0, 0, 0, 0, time.monotonic() - started,
-            note=cases).report(checks_passed=result.returncode == 0)
+            note=f"{operations}; {cases}").report(checks_passed=result.returncode == 0)
     assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-2000:]
 
