@@ -282,3 +282,11 @@ def test_an_idempotent_batch_is_the_same_batch(hook_client):
     again = hook_client.post("/v1/images/batches", json=body, headers=headers)
     assert first.status_code == again.status_code == 202
     assert first.json()["id"] == again.json()["id"] and again.headers["Idempotent-Replayed"] == "true"
+
+
+def test_a_line_separator_inside_a_json_string_does_not_split_the_line(hook_client):
+    line = json.dumps({"custom_id": "sep", "body": {"model": "local", "prompt": "a\u2028b\u0085c", "size": "16x16"}},
+                      ensure_ascii=False)
+    response = hook_client.post("/v1/images/batches", content=(line + "\n").encode(),
+                                headers={"Content-Type": "application/jsonl"})
+    assert response.status_code == 202 and response.json()["total"] == 1

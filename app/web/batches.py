@@ -53,7 +53,8 @@ def _documents() -> tuple[list[Any], dict[str, Any]]:
             raise ApiError(400, "'requests' must be a list.", param="requests", code="invalid_value")
         return document["requests"], document
     lines = []  # JSONL: one {"custom_id", "body"} per line, as OpenAI's Batch API input
-    for number, text in enumerate(raw.decode("utf-8", "replace").splitlines(), 1):
+    # Split on "\n" only: str.splitlines() would also cut at U+2028 inside a JSON string.
+    for number, text in enumerate(raw.split(b"\n"), 1):
         if text.strip():
             try:
                 lines.append(json.loads(text))
