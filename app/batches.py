@@ -15,7 +15,7 @@ from app.idempotency import reserve
 from app.models import Batch, Image, Task, utcnow
 from app.schemas import GenerationRequest
 from app.states import TaskStatus
-from app.store import CANCELLED, UNFINISHED, _error_values
+from app.store import CANCELLED, UNFINISHED, error_values
 from app.webhook_events import enqueue_batch_event, enqueue_task_events
 
 
@@ -100,7 +100,7 @@ class BatchStore:
                 return False
             cancelled = list(session.scalars(
                 update(Task).where(Task.batch_id == batch_id, Task.status == TaskStatus.PENDING)
-                .values(status=TaskStatus.FAILED, finished_at=utcnow(), **_error_values(CANCELLED))
+                .values(status=TaskStatus.FAILED, finished_at=utcnow(), **error_values(CANCELLED))
                 .returning(Task.id).execution_options(synchronize_session=False)))
             session.execute(update(Task).where(Task.batch_id == batch_id, Task.status == TaskStatus.RUNNING)
                             .values(cancel_requested=True).execution_options(synchronize_session=False))

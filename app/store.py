@@ -174,7 +174,7 @@ class TaskStore:
         mine = [Task.id == task_id, Task.api_key_id == api_key_id]
         with self._sessions.begin() as session:
             if _update(session, [*mine, Task.status == TaskStatus.PENDING], status=TaskStatus.FAILED,
-                       finished_at=utcnow(), **_error_values(CANCELLED)):
+                       finished_at=utcnow(), **error_values(CANCELLED)):
                 enqueue_task_events(session, [task_id])
                 return CancelResult.CANCELLED
             if _update(session, [*mine, Task.status == TaskStatus.RUNNING], cancel_requested=True):
@@ -232,13 +232,13 @@ class TaskStore:
         return self._end(claim, TaskStatus.SUCCEED, images, outcomes, usage=usage)
 
     def fail(self, claim: Claim, failure: Failure, outcomes: list[CallOutcome]) -> bool:
-        return self._end(claim, TaskStatus.FAILED, [], outcomes, **_error_values(failure))
+        return self._end(claim, TaskStatus.FAILED, [], outcomes, **error_values(failure))
 
     def end_cancelled(self, claim: Claim) -> bool:
         """running -> failed `cancelled`, when the client asked while this attempt ran."""
         with self._sessions.begin() as session:
             ended = _update(session, [*_fence(claim), Task.cancel_requested.is_(True)], status=TaskStatus.FAILED,
-                            worker=None, lease_expires_at=None, finished_at=utcnow(), **_error_values(CANCELLED))
+                            worker=None, lease_expires_at=None, finished_at=utcnow(), **error_values(CANCELLED))
             if ended:
                 enqueue_task_events(session, [claim.task_id])
             return ended
@@ -248,7 +248,7 @@ class TaskStore:
                     route: str | None = None) -> bool:
         """running -> pending, keeping the attempt count and the images of the calls that worked.
         With `route`, the next attempt goes to that fallback model with fresh retries."""
-        values = _error_values(failure) | {"usage": usage, "upstream_task_id": None, "run_after": _after(countdown_s),
+        values = error_values(failure) | {"usage": usage, "upstream_task_id": None, "run_after": _after(countdown_s),
                                            "retries_used": 0 if route else claim.retries_used + 1}
         if route is not None:
             values["route"] = route
@@ -302,7 +302,7 @@ class TaskStore:
         with self._sessions.begin() as session:
             ids = _update_returning(session, [Task.status.in_(UNFINISHED), Task.created_at < _after(-deadline_s)],
                                     status=TaskStatus.FAILED, worker=None, lease_expires_at=None,
-                                    finished_at=utcnow(), **_error_values(failure))
+                                    finished_at=utcnow(), **error_values(failure))
             _close_open_attempts(session, ids, failure)
             enqueue_task_events(session, ids)
         return ids
@@ -322,7 +322,7 @@ class TaskStore:
                                        error_details=None)
             rows = session.execute(
                 update(Task).where(*expired).values(status=TaskStatus.PENDING, worker=None, lease_expires_at=None,
-                                                    run_after=utcnow(), **_error_values(lost))
+                                                    run_after=utcnow(), **error_values(lost))
                 .returning(Task.id, Task.attempts, Task.batch_id).execution_options(synchronize_session=False)
             ).all()
             requeued = [Requeued(row.id, row.attempts + 1, row.batch_id) for row in rows]
@@ -372,5 +372,5 @@ def _close_open_attempts(session: Session, task_ids: list[uuid.UUID], failure: F
                         .execution_options(synchronize_session=False))
 
 
-def _error_values(failure: Failure) -> dict[str, Any]:
+def error_values(failure: Failure) -> dict[str, Any]:
     return {"error_code": failure.code, "error_message": failure.message, "error_details": failure.details or None}
