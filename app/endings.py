@@ -29,9 +29,10 @@ class Endings:
     def make(cls, sessions: sessionmaker[Session], events: TaskEvents, celery: Celery) -> "Endings":
         return cls(events, WebhookStore(sessions), BatchStore(sessions), celery)
 
-    def task_ended(self, task_id: uuid.UUID, batch_id: uuid.UUID | None = None) -> None:
+    def task_ended(self, task_id: uuid.UUID, batch_id: uuid.UUID | None = None, *, has_callback: bool = True) -> None:
         announce_quietly(self.events, task_id)
-        self.send(self.webhooks.new_for(task_id=task_id))
+        if has_callback:  # a task without a callback URL has no event to look for
+            self.send(self.webhooks.new_for(task_id=task_id))
         if batch_id is not None:
             self.batch_touched(batch_id)
 

@@ -40,10 +40,11 @@ class Claim:
     started_at: datetime
     polls: int
     batch_id: uuid.UUID | None = None
+    callback_url: str | None = None
 
 
 CLAIM_COLUMNS = (Task.id, Task.attempts, Task.model, Task.route, Task.retries_used, Task.request, Task.usage,
-                 Task.upstream_task_id, Task.started_at, Task.polls, Task.batch_id)
+                 Task.upstream_task_id, Task.started_at, Task.polls, Task.batch_id, Task.callback_url)
 
 
 @dataclass(frozen=True)
@@ -204,7 +205,7 @@ class TaskStore:
         if row is None:
             return None
         return Claim(row.id, row.attempts, row.model, row.route, row.retries_used, row.request, row.usage,
-                     row.upstream_task_id, row.started_at, row.polls, row.batch_id)
+                     row.upstream_task_id, row.started_at, row.polls, row.batch_id, row.callback_url)
 
     def extend_lease(self, claim: Claim, lease_s: float) -> bool:
         with self._sessions.begin() as session:

@@ -247,7 +247,7 @@ class TaskRunner:
             self._announce(claim)
 
     def _announce(self, claim: Claim) -> None:
-        self.endings.task_ended(claim.task_id, claim.batch_id)
+        self.endings.task_ended(claim.task_id, claim.batch_id, has_callback=claim.callback_url is not None)
 
     @staticmethod
     def _upstream_key(config: ModelConfig) -> str | None:

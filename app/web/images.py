@@ -130,5 +130,5 @@ def cancel_task(task_id: str):
                        code="task_finished")
     record = _owned_record(task_id)  # 404 for MISSING, in the same words as GET
     if result == CancelResult.CANCELLED:  # wake waiters, send its webhook, maybe close its batch
-        svc.endings.task_ended(record.task.id, record.task.batch_id)
+        svc.endings.task_ended(record.task.id, record.task.batch_id, has_callback=record.task.callback_url is not None)
     return _json(task_view(record, svc.settings), 200 if record.task.status == TaskStatus.FAILED else 202)
