@@ -141,7 +141,7 @@ def api(host: str, port: int, workers: int, connections: int) -> None:
 @cli.command()
 @click.option("--pool", "-P", default="gevent", show_default=True,
               type=click.Choice(["gevent", "threads", "prefork", "solo"]))
-@click.option("--concurrency", "-c", default=100, show_default=True, type=int,
+@click.option("--concurrency", "-c", default=1000, show_default=True, type=int,
               help="Tasks in flight per worker process.")
 @click.option("--loglevel", "-l", default="INFO", show_default=True)
 @click.option("--hostname", "-n", default=None, help="Worker name (default: imagegate-PID@HOST).")

@@ -20,7 +20,7 @@ def make_engine(database_url: str, *, pool_size: int = 10) -> Engine:
 
         return engine
     # A short connect timeout: with Postgres down, answer 503 quickly instead of hanging.
-    return create_engine(database_url, pool_size=pool_size, max_overflow=pool_size * 2, pool_pre_ping=True,
+    return create_engine(database_url, pool_size=pool_size, max_overflow=pool_size * 2, pool_pre_ping=False, pool_recycle=1800,
                          connect_args={"connect_timeout": 5})
 
 

@@ -18,10 +18,16 @@ QUEUE = "imagegate"
 # Batch tasks wait in a queue of their own; a worker takes from both queues in turn, so a single
 # request is never stuck behind a 10 000-task batch.
 BATCH_QUEUE = "imagegate.batch"
+REDIS_MAX_CONNECTIONS = 2000
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
-    transport_options: dict[str, Any] = {"visibility_timeout": settings.visibility_timeout_s}
+    transport_options: dict[str, Any] = {
+        "visibility_timeout": settings.visibility_timeout_s,
+        # Redis connections a process may open (lazily) for publishing and acknowledging. kombu's
+        # default of 10 made a worker with hundreds of tasks starting at once fail its acks.
+        "max_connections": REDIS_MAX_CONNECTIONS,
+    }
     if settings.broker_url.startswith("filesystem://"):
         folder = str(settings.data_dir / "broker")  # type: ignore[operator]
         transport_options |= {"data_folder_in": folder, "data_folder_out": folder, "store_processed": False}

@@ -1,9 +1,5 @@
-"""Task state transitions. Each one is a single guarded UPDATE, never read-then-write.
-
-The guard `status = 'pending' AND attempts = attempt - 1` on a claim is what makes a duplicate
-Celery delivery a no-op: only one delivery of attempt N can move the task to running, and every
-later write is fenced on `status = 'running' AND attempts = N` (see `_owned`), so a worker that
-was presumed dead and lost its attempt to another cannot overwrite anything.
+"""Task transitions of intake, cancel and the sweeper, and reading tasks. Each transition is a single
+guarded UPDATE, never read-then-write. The worker's transitions are in app.attempt_store.
 """
 
 from __future__ import annotations
@@ -26,28 +22,6 @@ UNFINISHED = (TaskStatus.PENDING, TaskStatus.RUNNING)
 
 
 @dataclass(frozen=True)
-class Claim:
-    """What a worker needs to make attempt `attempt` of a task it now owns."""
-
-    task_id: uuid.UUID
-    attempt: int
-    model: str
-    route: str
-    retries_used: int
-    request: dict[str, Any]
-    usage: dict[str, Any] | None
-    upstream_task_id: str | None
-    started_at: datetime
-    polls: int
-    batch_id: uuid.UUID | None = None
-    callback_url: str | None = None
-
-
-CLAIM_COLUMNS = (Task.id, Task.attempts, Task.model, Task.route, Task.retries_used, Task.request, Task.usage,
-                 Task.upstream_task_id, Task.started_at, Task.polls, Task.batch_id, Task.callback_url)
-
-
-@dataclass(frozen=True)
 class Failure:
     code: str
     message: str
@@ -56,23 +30,6 @@ class Failure:
 
 
 CANCELLED = Failure(ErrorCode.CANCELLED, "The task was cancelled.")
-
-
-@dataclass(frozen=True)
-class NewImage:
-    data: bytes
-    content_type: str
-    revised_prompt: str | None = None
-    slot: int = 0
-
-
-@dataclass(frozen=True)
-class CallOutcome:
-    """How one upstream call of an attempt ended (failure None: it gave its images)."""
-
-    slot: int
-    upstream_status: int | None = None
-    failure: Failure | None = None
 
 
 @dataclass(frozen=True)
@@ -140,7 +97,9 @@ class TaskStore:
         return task, True
 
     def get(self, task_id: uuid.UUID, *, api_key_id: uuid.UUID | None = None,
-            with_bytes: bool = False) -> TaskRecord | None:
+            as_urls: bool = False) -> TaskRecord | None:
+        """The task, its images and attempts. Image bytes (megabytes each) are read only when they
+        will be sent: a b64_json task shown as it asked, not as URLs (webhooks never carry bytes)."""
         with self._sessions() as session:
             query = select(Task).where(Task.id == task_id)
             if api_key_id is not None:
@@ -150,6 +109,7 @@ class TaskStore:
                 return None
             images: list[StoredImage] = []
             if task.status == TaskStatus.SUCCEED:
+                with_bytes = task.response_format == "b64_json" and not as_urls
                 columns = [Image.id, Image.index, Image.content_type, Image.revised_prompt]
                 if with_bytes:
                     columns.append(Image.data)
@@ -161,15 +121,14 @@ class TaskStore:
                                             .order_by(Attempt.number, Attempt.slot)))
             return TaskRecord(task, images, attempts)
 
+    def status(self, task_id: uuid.UUID) -> TaskStatus:
+        with self._sessions() as session:
+            return TaskStatus(session.scalar(select(Task.status).where(Task.id == task_id)))
+
     def image(self, image_id: uuid.UUID) -> tuple[str, bytes] | None:
         with self._sessions() as session:
             row = session.execute(select(Image.content_type, Image.data).where(Image.id == image_id)).one_or_none()
             return (row.content_type, row.data) if row else None
-
-    def done_slots(self, task_id: uuid.UUID) -> set[int]:
-        """Fan-out slots whose images earlier attempts already stored."""
-        with self._sessions() as session:
-            return set(session.scalars(select(Image.slot).where(Image.task_id == task_id).distinct()))
 
     def cancel(self, task_id: uuid.UUID, api_key_id: uuid.UUID) -> CancelResult:
         mine = [Task.id == task_id, Task.api_key_id == api_key_id]
@@ -182,119 +141,6 @@ class TaskStore:
                 return CancelResult.REQUESTED
             found = session.scalar(select(Task.id).where(*mine))
         return CancelResult.FINISHED if found else CancelResult.MISSING
-
-    # -- worker transitions -----------------------------------------------------------------
-    def claim(self, task_id: uuid.UUID, attempt: int, *, worker: str, lease_s: float) -> Claim | None:
-        """pending -> running for attempt `attempt`; None when another delivery got there first."""
-        return self._claim_where(task_id, [Task.status == TaskStatus.PENDING, Task.attempts == attempt - 1],
-                                 status=TaskStatus.RUNNING, attempts=attempt, worker=worker, started_at=utcnow(),
-                                 lease_expires_at=_after(lease_s), polls=0)
-
-    def claim_poll(self, task_id: uuid.UUID, attempt: int, poll: int, *, lease_s: float) -> Claim | None:
-        """Take poll step `poll` of a running attempt that is waiting on an asynchronous upstream."""
-        return self._claim_where(task_id, [Task.status == TaskStatus.RUNNING, Task.attempts == attempt,
-                                           Task.polls == poll - 1, Task.upstream_task_id.is_not(None)],
-                                 polls=poll, lease_expires_at=_after(lease_s))
-
-    def _claim_where(self, task_id: uuid.UUID, guard: list[ColumnElement[bool]], **values: Any) -> Claim | None:
-        with self._sessions.begin() as session:
-            row = session.execute(
-                update(Task).where(Task.id == task_id, *guard).values(**values).returning(*CLAIM_COLUMNS)
-                .execution_options(synchronize_session=False)
-            ).one_or_none()
-        if row is None:
-            return None
-        return Claim(row.id, row.attempts, row.model, row.route, row.retries_used, row.request, row.usage,
-                     row.upstream_task_id, row.started_at, row.polls, row.batch_id, row.callback_url)
-
-    def extend_lease(self, claim: Claim, lease_s: float) -> bool:
-        with self._sessions.begin() as session:
-            return self._owned(session, claim, lease_expires_at=_after(lease_s))
-
-    def begin_calls(self, claim: Claim, slots: list[int], *, worker: str) -> bool:
-        """Record the calls about to be made, while the attempt is ours and not cancelled."""
-        with self._sessions.begin() as session:
-            if not self._owned(session, claim, go_on=True):
-                return False
-            session.execute(insert(Attempt), [
-                {"task_id": claim.task_id, "number": claim.attempt, "slot": slot, "model": claim.route,
-                 "worker": worker, "started_at": utcnow()} for slot in slots
-            ])
-        return True
-
-    def wait_upstream(self, claim: Claim, upstream_task_id: str, *, lease_s: float) -> bool:
-        """Keep the attempt while the asynchronous upstream works: the lease covers the next poll."""
-        with self._sessions.begin() as session:
-            return self._owned(session, claim, go_on=True, upstream_task_id=upstream_task_id,
-                               lease_expires_at=_after(lease_s))
-
-    def succeed(self, claim: Claim, images: list[NewImage], usage: dict[str, Any] | None,
-                outcomes: list[CallOutcome]) -> bool:
-        return self._end(claim, TaskStatus.SUCCEED, images, outcomes, usage=usage)
-
-    def fail(self, claim: Claim, failure: Failure, outcomes: list[CallOutcome]) -> bool:
-        return self._end(claim, TaskStatus.FAILED, [], outcomes, **error_values(failure))
-
-    def end_cancelled(self, claim: Claim) -> bool:
-        """running -> failed `cancelled`, when the client asked while this attempt ran."""
-        with self._sessions.begin() as session:
-            ended = _update(session, [*_fence(claim), Task.cancel_requested.is_(True)], status=TaskStatus.FAILED,
-                            worker=None, lease_expires_at=None, finished_at=utcnow(), **error_values(CANCELLED))
-            if ended:
-                enqueue_task_events(session, [claim.task_id])
-            return ended
-
-    def retry_later(self, claim: Claim, failure: Failure, outcomes: list[CallOutcome], *, countdown_s: float,
-                    images: list[NewImage] = (), usage: dict[str, Any] | None = None,
-                    route: str | None = None) -> bool:
-        """running -> pending, keeping the attempt count and the images of the calls that worked.
-        With `route`, the next attempt goes to that fallback model with fresh retries."""
-        values = error_values(failure) | {"usage": usage, "upstream_task_id": None, "run_after": _after(countdown_s),
-                                           "retries_used": 0 if route else claim.retries_used + 1}
-        if route is not None:
-            values["route"] = route
-        return self._end(claim, TaskStatus.PENDING, images, outcomes, **values)
-
-    def _end(self, claim: Claim, status: TaskStatus, images: list[NewImage] | tuple, outcomes: list[CallOutcome],
-             **values: Any) -> bool:
-        if status.finished:
-            values["finished_at"] = utcnow()
-        with self._sessions.begin() as session:
-            # A failure may always be written; images and retries only while not cancelled.
-            if not self._owned(session, claim, go_on=status != TaskStatus.FAILED, status=status, worker=None,
-                               lease_expires_at=None, **values):
-                return False
-            now = utcnow()
-            for outcome in outcomes:
-                failure = outcome.failure
-                session.execute(
-                    update(Attempt)
-                    .where(Attempt.task_id == claim.task_id, Attempt.number == claim.attempt,
-                           Attempt.slot == outcome.slot)
-                    .values(ended_at=now, upstream_status=failure.upstream_status if failure else outcome.upstream_status,
-                            error_code=failure.code if failure else None,
-                            error_message=failure.message if failure else None)
-                    .execution_options(synchronize_session=False)
-                )
-            if images:
-                indexes: dict[int, int] = {}
-                rows = []
-                for image in images:
-                    index = indexes[image.slot] = indexes.get(image.slot, -1) + 1
-                    rows.append({"id": uuid.uuid4(), "task_id": claim.task_id, "slot": image.slot, "index": index,
-                                 "content_type": image.content_type, "data": image.data,
-                                 "revised_prompt": image.revised_prompt, "created_at": now})
-                session.execute(insert(Image), rows)
-            if status.finished:  # the webhook event commits with the end it announces
-                enqueue_task_events(session, [claim.task_id])
-        return True
-
-    @staticmethod
-    def _owned(session: Session, claim: Claim, *, go_on: bool = False, **values: Any) -> bool:
-        """The fence: change the task only while attempt `claim.attempt` is still running (and, with
-        go_on, not cancelled). Without values it still locks the row and checks."""
-        guard = _fence(claim) + ([Task.cancel_requested.is_(False)] if go_on else [])
-        return _update(session, guard, **(values or {"attempts": claim.attempt}))
 
     # -- the sweeper -------------------------------------------------------------------------
     def fail_overdue(self, deadline_s: float) -> list[uuid.UUID]:
@@ -350,10 +196,6 @@ class TaskStore:
     def forget_idempotency_keys(self, ttl_s: float) -> int:
         with self._sessions.begin() as session:
             return session.execute(delete(IdempotencyKey).where(IdempotencyKey.created_at < _after(-ttl_s))).rowcount
-
-
-def _fence(claim: Claim) -> list[ColumnElement[bool]]:
-    return [Task.id == claim.task_id, Task.status == TaskStatus.RUNNING, Task.attempts == claim.attempt]
 
 
 def _update(session: Session, guard: list[ColumnElement[bool]], **values: Any) -> bool:

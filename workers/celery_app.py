@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 
@@ -14,20 +15,30 @@ from app.events import make_task_events
 from app.providers import load_models
 from app.queue import DELIVER_WEBHOOK, RUN_TASK, make_celery
 from app.settings import Settings
+from app.attempt_store import AttemptStore
 from app.store import TaskStore
 from workers.adapters import load_adapters
 from workers.http import make_client
+from workers.leases import LeaseKeeper
 from workers.runner import TaskRunner
+from workers.success_writer import SuccessWriter
 from workers.webhook_sender import WebhookSender
 
 
-def make_worker_app(settings: Settings, *, concurrency: int = 100) -> Celery:
+def make_worker_app(settings: Settings, *, concurrency: int = 1000) -> Celery:
     celery = make_celery(settings.check())
+    # Celery's own "received" and "succeeded in" lines, two per task, repeat what the runner logs once.
+    for name in ("celery.app.trace", "celery.worker.strategy"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     adapters = load_adapters()
-    sessions = make_sessionmaker(make_engine(settings.database_url, pool_size=min(20, concurrency)))
+    engine = make_engine(settings.database_url, pool_size=min(20, concurrency))
+    sessions = make_sessionmaker(engine)
+    attempts = AttemptStore(engine)
     runner = TaskRunner(
         settings=settings,
-        store=TaskStore(sessions),
+        store=attempts,
+        leases=LeaseKeeper(attempts, settings.lease_s),
+        successes=SuccessWriter(attempts),
         models=load_models(settings.providers_file, set(adapters)),
         adapters=adapters,
         http=make_client(max_connections=max(20, concurrency * 2)),
@@ -35,9 +46,14 @@ def make_worker_app(settings: Settings, *, concurrency: int = 100) -> Celery:
         celery=celery,
     )
 
-    sender = WebhookSender(settings, runner.endings.webhooks, runner.store, runner.endings.batches, celery)
+    sender = WebhookSender(settings, runner.endings.webhooks, TaskStore(sessions), runner.endings.batches, celery)
 
-    @celery.task(name=RUN_TASK, bind=True, acks_late=True, reject_on_worker_lost=True)
+    # Acknowledged when it starts, not when it ends: from its claim on, the attempt's lease in Postgres
+    # is what recovers it if this process dies (the sweeper takes back an expired lease), and a
+    # message that dies with the process before the claim leaves its task pending, which the sweeper
+    # republishes. So the broker holds no message for the length of an upstream call, and a thousand
+    # calls in flight are not a thousand unacknowledged messages for Redis to track and restore.
+    @celery.task(name=RUN_TASK, bind=True, acks_late=False)
     def run_task(self, task_id: str, attempt: int, poll: int = 0) -> None:
         runner.run(task_id, attempt, poll, worker=self.request.hostname or "worker")
 

@@ -3,6 +3,7 @@ and image downloads that refuse private addresses and oversize bodies."""
 
 from __future__ import annotations
 
+import itertools
 import time
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -21,9 +22,32 @@ MAX_REPLY_BYTES = 64 * 1024 * 1024  # an upstream's JSON reply may carry several
 current_call: ContextVar[str | None] = ContextVar("current_call", default=None)
 
 
+# Connections per pool. httpcore's pool walks all its connections and queued requests on every
+# request and every release, so one pool holding a thousand calls spent most of the worker's CPU
+# there; small pools keep that walk short.
+POOL_SHARD_SIZE = 32
+
+
+class ShardedTransport(httpx.BaseTransport):
+    """Spreads requests round-robin over several small connection pools."""
+
+    def __init__(self, max_connections: int, shard_size: int = POOL_SHARD_SIZE):
+        # Keep every connection alive: a closed one costs a new connect and name lookup next time.
+        limits = httpx.Limits(max_connections=shard_size, max_keepalive_connections=shard_size)
+        self._shards = [httpx.HTTPTransport(limits=limits) for _ in range(max(1, -(-max_connections // shard_size)))]
+        self._turn = itertools.count()
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        return self._shards[next(self._turn) % len(self._shards)].handle_request(request)
+
+    def close(self) -> None:
+        for shard in self._shards:
+            shard.close()
+
+
 def make_client(max_connections: int = 200) -> httpx.Client:
-    limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections // 4)
-    return httpx.Client(limits=limits, follow_redirects=False, headers={"User-Agent": "imagegate"})
+    return httpx.Client(transport=ShardedTransport(max_connections), follow_redirects=False,
+                        headers={"User-Agent": "imagegate"})
 
 
 @dataclass(frozen=True)

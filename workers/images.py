@@ -10,7 +10,7 @@ import httpx
 from app.providers import ModelConfig
 from app.settings import Settings
 from app.states import ErrorCode
-from app.store import NewImage
+from app.attempt_store import NewImage
 from workers import http
 from workers.adapters.base import UpstreamError, UpstreamImage
 

@@ -10,15 +10,15 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
+import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import httpx
 from celery import Celery
 from pydantic import ValidationError
+from sqlalchemy.exc import InterfaceError, OperationalError
 
 from app.endings import Endings
 from app.families import constraints
@@ -28,11 +28,14 @@ from app.queue import publish_run
 from app.schemas import GenerationRequest
 from app.settings import Settings
 from app.states import ErrorCode
-from app.store import CallOutcome, Claim, Failure, NewImage, TaskStore, parse_task_id
+from app.attempt_store import AttemptStore, CallOutcome, Claim, NewImage, Success
+from app.store import Failure, parse_task_id
 from workers.http import current_call
 from workers.adapters.base import Generation, UpstreamError, is_polling
 from workers.fanout import merge_usage, slot_counts
 from workers.images import fetch_images
+from workers.leases import LeaseKeeper
+from workers.success_writer import SuccessWriter
 from workers.retry import backoff_s
 
 log = logging.getLogger(__name__)
@@ -63,7 +66,9 @@ def _failure(exc: UpstreamError) -> Failure:
 @dataclass
 class TaskRunner:
     settings: Settings
-    store: TaskStore
+    store: AttemptStore
+    leases: LeaseKeeper
+    successes: SuccessWriter
     models: dict[str, ModelConfig]
     adapters: dict[str, type]
     http: httpx.Client
@@ -76,22 +81,39 @@ class TaskRunner:
             return
         lease_s = self.settings.lease_s
         claim = self.store.claim_poll(parsed, attempt, poll, lease_s=lease_s) if poll else \
-            self.store.claim(parsed, attempt, worker=worker, lease_s=lease_s)
+            self.store.claim(parsed, attempt, worker=worker, lease_s=lease_s, plan=self._plan_calls)
         if claim is None:
             log.info("task %s attempt %s poll %s: not claimable (duplicate delivery or already ended)",
                      task_id, attempt, poll)
             return
+        with self.leases.held(claim):
+            self._run_claimed(claim)
+
+    def _plan_calls(self, claim: Claim, done: set[int]) -> list[int]:
+        """The fan-out slots this attempt calls: those earlier attempts did not store. None when the
+        model cannot be served (the attempt then fails without a call)."""
+        config = self.models.get(claim.route)
+        adapter = self.adapters.get(config.adapter) if config else None
+        if adapter is None:
+            return []
+        if is_polling(adapter):
+            return [0]
+        n = claim.request.get("n", 1)
+        counts = slot_counts(n if isinstance(n, int) else 1,
+                             constraints(config).get("max_images_per_call") or adapter.max_images_per_call)
+        return [slot for slot in range(len(counts)) if slot not in done]
+
+    def _run_claimed(self, claim: Claim) -> None:
         try:
             config = self.models.get(claim.route)
             if config is None:
                 raise UpstreamError(ErrorCode.MISCONFIGURED, f"model {claim.route!r} is no longer configured", False)
             request = GenerationRequest.model_validate(claim.request)
             adapter = self.adapters[config.adapter](config, self.http, self._upstream_key(config))
-            with self._lease_kept(claim):
-                if is_polling(adapter):
-                    self._run_polling(claim, config, adapter, request, worker)
-                else:
-                    self._run_calls(claim, config, adapter, request, worker)
+            if is_polling(adapter):
+                self._run_polling(claim, config, adapter, request)
+            else:
+                self._run_calls(claim, config, adapter, request)
         except UpstreamError as exc:  # before any call was made: the model cannot be served
             self._end_failed(claim, _failure(exc), [])
         except ValidationError:
@@ -101,14 +123,9 @@ class TaskRunner:
             self._end_failed(claim, Failure(ErrorCode.INTERNAL, "The gateway failed while running this task."), [])
 
     # -- upstreams that answer with images ----------------------------------------------------
-    def _run_calls(self, claim: Claim, config: ModelConfig, adapter, request: GenerationRequest,
-                   worker: str) -> None:
+    def _run_calls(self, claim: Claim, config: ModelConfig, adapter, request: GenerationRequest) -> None:
         counts = slot_counts(request.n, constraints(config).get("max_images_per_call") or adapter.max_images_per_call)
-        done = self.store.done_slots(claim.task_id) if claim.attempt > 1 else set()
-        todo = [slot for slot in range(len(counts)) if slot not in done]
-        if not self.store.begin_calls(claim, todo, worker=worker):
-            self._stop_if_cancelled(claim)
-            return
+        todo = list(claim.slots)
 
         def call(slot: int) -> Call:
             single = request if len(counts) == 1 else request.model_copy(update={"n": counts[slot]})
@@ -139,7 +156,7 @@ class TaskRunner:
             usage = merge_usage(usage, call.usage)
         errors = [call.error for call in calls if call.error]
         if not errors:
-            if self.store.succeed(claim, images, usage, outcomes):
+            if self._durably(claim, self.successes.succeed, Success(claim, images, usage, outcomes)):
                 log.info("task %s attempt %s: succeed via %s", claim.task_id, claim.attempt, claim.route)
                 self._announce(claim)
             else:
@@ -150,11 +167,7 @@ class TaskRunner:
         self._failed(claim, config, request, fatal or errors[0], outcomes, images=images, usage=usage)
 
     # -- upstreams that are themselves asynchronous -------------------------------------------
-    def _run_polling(self, claim: Claim, config: ModelConfig, adapter, request: GenerationRequest,
-                     worker: str) -> None:
-        if claim.polls == 0 and not self.store.begin_calls(claim, [0], worker=worker):
-            self._stop_if_cancelled(claim)
-            return
+    def _run_polling(self, claim: Claim, config: ModelConfig, adapter, request: GenerationRequest) -> None:
         current_call.set(f"imagegate-{claim.task_id}-{claim.attempt}-0-{claim.polls}")
         try:
             if claim.upstream_task_id is None:
@@ -177,31 +190,12 @@ class TaskRunner:
 
     def _wait_upstream(self, claim: Claim, upstream_task_id: str, countdown: float, poll: int) -> None:
         """Schedule poll step `poll`; the lease covers the wait, so a lost poll message is taken back."""
-        if self.store.wait_upstream(claim, upstream_task_id, lease_s=countdown + self.settings.lease_s):
+        if self._durably(claim, self.store.wait_upstream, claim, upstream_task_id,
+                         lease_s=countdown + self.settings.lease_s):
             publish_run(self.celery, claim.task_id, claim.attempt, countdown=countdown, poll=poll,
                         batch_id=claim.batch_id)
         else:
             self._stop_if_cancelled(claim)
-
-    @contextmanager
-    def _lease_kept(self, claim: Claim) -> Iterator[None]:
-        """Renew the attempt's lease while its calls run, so a long upstream call is not taken back."""
-        stop = threading.Event()
-
-        def renew() -> None:
-            while not stop.wait(self.settings.lease_s / 3):
-                try:
-                    if not self.store.extend_lease(claim, self.settings.lease_s):
-                        return  # no longer ours: the fence will refuse whatever this attempt writes
-                except Exception as exc:  # the database is away: keep trying while the calls run
-                    log.warning("task %s: could not renew the lease: %s", claim.task_id, exc)
-
-        renewer = threading.Thread(target=renew, name=f"lease-{claim.task_id}", daemon=True)
-        renewer.start()
-        try:
-            yield
-        finally:
-            stop.set()
 
     # -- endings ------------------------------------------------------------------------------
     def _failed(self, claim: Claim, config: ModelConfig, request: GenerationRequest, exc: UpstreamError,
@@ -221,8 +215,8 @@ class TaskRunner:
 
     def _retry(self, claim: Claim, failure: Failure, outcomes: list[CallOutcome], images: list[NewImage],
                usage: dict | None, *, delay: float, route: str | None, why: str) -> None:
-        if self.store.retry_later(claim, failure, outcomes, countdown_s=delay, images=images, usage=usage,
-                                  route=route):
+        if self._durably(claim, self.store.retry_later, claim, failure, outcomes, countdown_s=delay,
+                         images_=images, usage=usage, route=route):
             log.info("task %s attempt %s: %s; %s", claim.task_id, claim.attempt, failure.message, why)
             publish_run(self.celery, claim.task_id, claim.attempt + 1, countdown=delay, batch_id=claim.batch_id)
         else:
@@ -236,15 +230,33 @@ class TaskRunner:
 
     def _stop_if_cancelled(self, claim: Claim) -> None:
         """A fenced write was refused: if because the client cancelled, end the task so."""
-        if self.store.end_cancelled(claim):
+        if self._durably(claim, self.store.end_cancelled, claim):
             log.info("task %s attempt %s: cancelled", claim.task_id, claim.attempt)
             self._announce(claim)
 
     def _end_failed(self, claim: Claim, failure: Failure, outcomes: list[CallOutcome]) -> None:
-        if self.store.fail(claim, failure, outcomes):
+        if self._durably(claim, self.store.fail, claim, failure, outcomes):
             log.info("task %s attempt %s: failed (%s: %s)", claim.task_id, claim.attempt, failure.code,
                      failure.message)
             self._announce(claim)
+
+    def _durably(self, claim: Claim, write: Callable[..., bool], *args, **kwargs) -> bool:
+        """Make an attempt's write, retrying through a database outage while the lease is still ours:
+        the upstream has answered (and been paid), so its result is kept in memory rather than thrown
+        away and bought again by the attempt that would take over once the lease expired. The write is
+        fenced, so a retry after a commit whose reply was lost is refused, not applied twice."""
+        pause = 0.2
+        while True:
+            try:
+                return write(*args, **kwargs)
+            except (OperationalError, InterfaceError) as exc:
+                left = self.leases.valid_for_s(claim) - pause - 1.0
+                if left <= 0:
+                    raise
+                log.warning("task %s attempt %s: database unavailable (%s); retrying for up to %.0f s",
+                            claim.task_id, claim.attempt, type(exc).__name__, left)
+                time.sleep(pause)
+                pause = min(pause * 2, 2.0)
 
     def _announce(self, claim: Claim) -> None:
         self.endings.task_ended(claim.task_id, claim.batch_id, has_callback=claim.callback_url is not None)

@@ -62,7 +62,7 @@ class WebhookSender:
 
     def _payload(self, event: ClaimedEvent) -> dict:
         if event.task_id is not None:
-            record = self.tasks.get(event.task_id)
+            record = self.tasks.get(event.task_id, as_urls=True)
             data = task_view(record, self.settings, as_urls=True).model_dump(mode="json", exclude_none=True)
         else:
             data = batch_view(*self.batches.get(event.batch_id, event.api_key_id)).model_dump(mode="json")

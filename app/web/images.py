@@ -79,15 +79,14 @@ def create_generation():
 
 
 def _wait_for_end(svc: Services, task_id: uuid.UUID, wakeup) -> TaskRecord:
+    """Re-read only the status at each wake-up; the whole record (images included) once, at the end."""
     deadline = time.monotonic() + svc.settings.sync_timeout_s
-    with_bytes = True
     while True:
         remaining = deadline - time.monotonic()
         if remaining > 0:
             wakeup.wait(remaining)
-        record = svc.store.get(task_id, with_bytes=with_bytes)
-        if record.task.status in (TaskStatus.SUCCEED, TaskStatus.FAILED) or time.monotonic() >= deadline:
-            return record
+        if svc.store.status(task_id).finished or time.monotonic() >= deadline:
+            return svc.store.get(task_id)
 
 
 def _sync_reply(svc: Services, record: TaskRecord):
@@ -107,7 +106,7 @@ def _sync_reply(svc: Services, record: TaskRecord):
 def _owned_record(task_id: str) -> TaskRecord:
     svc = services()
     parsed = parse_task_id(task_id)
-    record = svc.store.get(parsed, api_key_id=g.api_key_id, with_bytes=True) if parsed else None
+    record = svc.store.get(parsed, api_key_id=g.api_key_id) if parsed else None
     if record is None:  # missing, malformed and another key's: one answer, nothing to tell them apart
         raise ApiError(404, f"No task found with id '{task_id}'.", param="task_id", code="task_not_found")
     return record
