@@ -5,6 +5,7 @@ The web process publishes by task name only; the task bodies live in `workers/`.
 
 from __future__ import annotations
 
+import json
 import uuid
 from typing import Any
 
@@ -18,6 +19,16 @@ QUEUE = "imagegate"
 # Batch tasks wait in a queue of their own; a worker takes from both queues in turn, so a single
 # request is never stuck behind a 10 000-task batch.
 BATCH_QUEUE = "imagegate.batch"
+# Webhook deliveries have a queue of their own and a bounded lane in the worker, so no receiver,
+# however slow, holds a slot that image work needs.
+WEBHOOK_QUEUE = "imagegate.webhooks"
+WORKER_QUEUES = (QUEUE, BATCH_QUEUE, WEBHOOK_QUEUE)
+# How kombu's Redis transport names what it holds: one list per priority step ("name", then
+# "name\x06\x163", ...), and one hash of the messages delivered to a worker and not yet acknowledged,
+# each value a JSON [message, exchange, routing_key].
+_PRIORITY_STEPS = (0, 3, 6, 9)
+_PRIORITY_SEPARATOR = "\x06\x16"
+_UNACKED_HASH = "unacked"
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -76,4 +87,25 @@ def publish_runs(celery: Celery, task_ids: list[uuid.UUID], *, batch_id: uuid.UU
 
 
 def publish_webhook(celery: Celery, event_id: str, countdown: float | None = None) -> None:
-    celery.send_task(DELIVER_WEBHOOK, args=[event_id], countdown=countdown, queue=QUEUE)
+    celery.send_task(DELIVER_WEBHOOK, args=[event_id], countdown=countdown, queue=WEBHOOK_QUEUE)
+
+
+def messages_held(broker: Any, queues: list[str], *, with_unacked: bool = True) -> dict[str, int]:
+    """How many messages a Redis broker holds for each queue: waiting in its lists, plus (if
+    with_unacked) delivered to a worker and not yet acknowledged. `broker` is a redis client."""
+    pipe = broker.pipeline(transaction=False)
+    for queue in queues:
+        for step in _PRIORITY_STEPS:
+            pipe.llen(f"{queue}{_PRIORITY_SEPARATOR}{step}" if step else queue)
+    lengths = pipe.execute()
+    held = {queue: sum(lengths[i * len(_PRIORITY_STEPS):(i + 1) * len(_PRIORITY_STEPS)])
+            for i, queue in enumerate(queues)}
+    if with_unacked:
+        for _, value in broker.hscan_iter(_UNACKED_HASH, count=1000):
+            try:
+                routing_key = json.loads(value)[2]
+            except (ValueError, IndexError, TypeError):
+                continue
+            if routing_key in held:
+                held[routing_key] += 1
+    return held

@@ -7,6 +7,16 @@ Each pass, as single guarded UPDATEs (safe with several sweepers on several host
   pending and are republished, or fail `attempts_exhausted` / `cancelled`;
 - pending tasks overdue by IMAGEGATE_REPUBLISH_AFTER_S (committed but never published, or lost from a
   flushed broker) are republished. A duplicate message is harmless: a claim takes one delivery.
+
+With a Redis broker only what the broker really lost is republished: a 3,000-task backlog is
+overdue as a whole while every message is still queued, and republishing it all every period sent
+thousands of useless messages. Per lane (queue), the sweeper counts the overdue pending tasks and
+the messages Redis holds for that lane (its lists and kombu's `unacked` hash) and republishes only
+the difference, oldest first. Every pending task has at least one message unless one was lost, so
+the difference never exceeds what was lost; messages of running, retrying or ended tasks make it
+smaller, never larger, so a lost message may wait until its lane has drained that far (it is never
+dropped: the count catches up as the lane empties, and the task deadline bounds the wait). Other
+brokers keep the plain rule.
 """
 
 from __future__ import annotations
@@ -14,15 +24,28 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
 
 from celery import Celery
 
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
 from app.endings import Endings
-from app.queue import publish_run
+from app.models import Task, utcnow
+from app.queue import BATCH_QUEUE, QUEUE, WEBHOOK_QUEUE, messages_held, publish_run
 from app.settings import Settings
+from app.states import TaskStatus
 from app.store import Requeued, TaskStore
 
 log = logging.getLogger(__name__)
+
+_REPUBLISH_LOCK = 0x1A6E6A7E  # the advisory lock id of "counting and republishing lost messages"
+
+
+def _ago(seconds: float) -> datetime:
+    return utcnow() - timedelta(seconds=seconds)
 
 
 @dataclass(frozen=True)
@@ -43,17 +66,19 @@ class Sweeper:
     store: TaskStore
     celery: Celery
     endings: Endings
+    sessions: sessionmaker[Session] | None = None
+    broker: Any = None  # a redis client when the broker is Redis: republish only what it lost
 
     def sweep_once(self) -> SweepReport:
         overdue = self.store.fail_overdue(self.settings.task_deadline_s)
         requeued, exhausted = self.store.take_back_expired(self.settings.max_attempts)
-        republished = self.store.overdue_pending(self.settings.republish_after_s)
+        republished = self._lost_pending()
         ended = overdue + exhausted
         for task_id, batch_id in (self.store.batch_of(ended) if ended else {}).items():
             self.endings.task_ended(task_id, batch_id)
         errors = sum(not self._publish(item) for item in requeued + republished)
         # Safety nets: webhook events whose message was lost, batches whose closing was missed.
-        self.endings.send(self.endings.webhooks.overdue(self.settings.republish_after_s))
+        self.endings.send(self.endings.webhooks.overdue(self.settings.republish_after_s, limit=self._lost_events()))
         for batch_id in self.endings.batches.open_batches():
             self.endings.batch_touched(batch_id)
         self.store.forget_idempotency_keys(self.settings.idempotency_ttl_s)
@@ -69,6 +94,47 @@ class Sweeper:
             except Exception:  # a database or broker outage: try again next period
                 log.exception("sweep failed; retrying in %.0f s", self.settings.sweep_interval_s)
             stop.wait(self.settings.sweep_interval_s)
+
+    def _lost_pending(self) -> list[Requeued]:
+        if self.broker is None or self.sessions is None:
+            return self.store.overdue_pending(self.settings.republish_after_s)
+        lanes = {QUEUE: Task.batch_id.is_(None), BATCH_QUEUE: Task.batch_id.is_not(None)}
+        with self.sessions.begin() as session:
+            # One sweeper at a time counts and republishes, or two would both make up one deficit.
+            if session.get_bind().dialect.name == "postgresql" and \
+                    not session.scalar(select(func.pg_try_advisory_xact_lock(_REPUBLISH_LOCK))):
+                return []
+            overdue = [Task.status == TaskStatus.PENDING, Task.run_after < _ago(self.settings.republish_after_s)]
+            due = {lane: session.scalar(select(func.count()).select_from(Task).where(*overdue, in_lane))
+                   for lane, in_lane in lanes.items()}
+            lost = self._deficit(due)
+            found: list[Requeued] = []
+            for lane, count in lost.items():
+                oldest = select(Task.id).where(*overdue, lanes[lane]).order_by(Task.run_after).limit(count)
+                rows = session.execute(
+                    update(Task).where(Task.id.in_(oldest.scalar_subquery()), *overdue).values(run_after=utcnow())
+                    .returning(Task.id, Task.attempts, Task.batch_id).execution_options(synchronize_session=False))
+                found += [Requeued(row.id, row.attempts + 1, row.batch_id) for row in rows]
+        return found
+
+    def _lost_events(self) -> int | None:
+        """How many overdue webhook events lost their message (None: no broker to ask, all of them)."""
+        if self.broker is None:
+            return None
+        due = self.endings.webhooks.overdue_count(self.settings.republish_after_s)
+        return self._deficit({WEBHOOK_QUEUE: due}).get(WEBHOOK_QUEUE, 0)
+
+    def _deficit(self, due: dict[str, int]) -> dict[str, int]:
+        """Lanes whose overdue count exceeds the messages Redis holds for them, and by how much.
+        The cheap lists are counted first; the unacked hash only if a lane still looks short."""
+        if not any(due.values()):
+            return {}
+        for with_unacked in (False, True):
+            held = messages_held(self.broker, list(due), with_unacked=with_unacked)
+            short = {lane: due[lane] - held[lane] for lane in due if due[lane] > held[lane]}
+            if not short:
+                return {}
+        return short
 
     def _publish(self, item: Requeued) -> bool:
         try:
@@ -86,5 +152,10 @@ def make_sweeper(settings: Settings) -> Sweeper:
 
     sessions = make_sessionmaker(make_engine(settings.database_url, pool_size=2))
     celery = make_celery(settings)
+    broker = None
+    if settings.uses_redis:
+        import redis
+
+        broker = redis.Redis.from_url(settings.broker_url, socket_timeout=10, socket_connect_timeout=3)
     return Sweeper(settings, TaskStore(sessions), celery,
-                   Endings.make(sessions, make_task_events(settings.broker_url), celery))
+                   Endings.make(sessions, make_task_events(settings.broker_url), celery), sessions, broker)
