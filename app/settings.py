@@ -102,6 +102,12 @@ class Settings(BaseSettings):
             raise SettingsError("IMAGEGATE_RETRY_MAX_S must be below IMAGEGATE_VISIBILITY_TIMEOUT_S")
         if self.lease_s >= self.visibility_timeout_s:
             raise SettingsError("IMAGEGATE_LEASE_S must be below IMAGEGATE_VISIBILITY_TIMEOUT_S")
+        try:
+            from limits import parse
+
+            parse(self.redeliver_rate)
+        except ValueError:
+            raise SettingsError("IMAGEGATE_REDELIVER_RATE must be like '30/minute' or '5 per second'") from None
         if self.broker_url.startswith("filesystem://") and self.data_dir is None:
             raise SettingsError("a filesystem:// broker needs IMAGEGATE_DATA_DIR")
         return self
