@@ -42,6 +42,9 @@ from app.store import Requeued, TaskStore
 log = logging.getLogger(__name__)
 
 _REPUBLISH_LOCK = 0x1A6E6A7E  # the advisory lock id of "counting and republishing lost messages"
+# Webhook events resent per pass at most, oldest first: events a full delivery lane left in the
+# outbox have no message, so without a cap 10,000 of them would be resent every period.
+WEBHOOK_RESEND_PER_PASS = 500
 
 
 def _ago(seconds: float) -> datetime:
@@ -117,12 +120,13 @@ class Sweeper:
                 found += [Requeued(row.id, row.attempts + 1, row.batch_id) for row in rows]
         return found
 
-    def _lost_events(self) -> int | None:
-        """How many overdue webhook events lost their message (None: no broker to ask, all of them)."""
+    def _lost_events(self) -> int:
+        """How many overdue webhook events to send again: those with no message (all of them when
+        there is no broker to ask), at most WEBHOOK_RESEND_PER_PASS."""
         if self.broker is None:
-            return None
+            return WEBHOOK_RESEND_PER_PASS
         due = self.endings.webhooks.overdue_count(self.settings.republish_after_s)
-        return self._deficit({WEBHOOK_QUEUE: due}).get(WEBHOOK_QUEUE, 0)
+        return min(WEBHOOK_RESEND_PER_PASS, self._deficit({WEBHOOK_QUEUE: due}).get(WEBHOOK_QUEUE, 0))
 
     def _deficit(self, due: dict[str, int]) -> dict[str, int]:
         """Lanes whose overdue count exceeds the messages Redis holds for them, and by how much.
@@ -130,7 +134,11 @@ class Sweeper:
         if not any(due.values()):
             return {}
         for with_unacked in (False, True):
-            held = messages_held(self.broker, list(due), with_unacked=with_unacked)
+            try:
+                held = messages_held(self.broker, list(due), with_unacked=with_unacked)
+            except Exception as exc:  # Redis is away: nothing could be published now anyway
+                log.warning("could not count the broker's messages: %s", exc)
+                return {}
             short = {lane: due[lane] - held[lane] for lane in due if due[lane] > held[lane]}
             if not short:
                 return {}

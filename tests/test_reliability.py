@@ -92,9 +92,11 @@ def make_tasks(database_url, api_key, migrated):
     engine = create_engine(database_url)
     with engine.connect() as connection:
         key_id = connection.execute(text("SELECT id FROM api_keys ORDER BY created_at LIMIT 1")).scalar_one()
+    created: list[str] = []
 
     def insert(count: int, **columns) -> list[str]:
         ids = [str(uuid.uuid4()) for _ in range(count)]
+        created.extend(ids)
         values = {"status": "pending", "attempts": 0, "run_after": utcnow(), "lease_expires_at": None,
                   "created_at": utcnow(), "cancel_requested": False} | columns
         with engine.begin() as connection:
@@ -113,7 +115,12 @@ def make_tasks(database_url, api_key, migrated):
                                       {"id": task_id}).one()
 
     insert.status = status
-    return insert
+    yield insert
+    # A later test's sweep must not find this one's tasks overdue (the tests are seconds apart).
+    with engine.begin() as connection:
+        connection.execute(text("UPDATE tasks SET status = 'failed' WHERE id::text = ANY(:ids)"
+                                " AND status IN ('pending', 'running')"), {"ids": created})
+    engine.dispose()
 
 
 def queued_messages(queue) -> list[tuple[str, int]]:
