@@ -5,6 +5,7 @@ The web process publishes by task name only; the task bodies live in `workers/`.
 
 from __future__ import annotations
 
+import base64
 import json
 import uuid
 from typing import Any
@@ -90,22 +91,28 @@ def publish_webhook(celery: Celery, event_id: str, countdown: float | None = Non
     celery.send_task(DELIVER_WEBHOOK, args=[event_id], countdown=countdown, queue=WEBHOOK_QUEUE)
 
 
-def messages_held(broker: Any, queues: list[str], *, with_unacked: bool = True) -> dict[str, int]:
-    """How many messages a Redis broker holds for each queue: waiting in its lists, plus (if
-    with_unacked) delivered to a worker and not yet acknowledged. `broker` is a redis client."""
+def messages_queued(broker: Any, queues: list[str]) -> dict[str, int]:
+    """How many messages wait in a Redis broker's lists for each queue. `broker` is a redis client."""
     pipe = broker.pipeline(transaction=False)
     for queue in queues:
         for step in _PRIORITY_STEPS:
             pipe.llen(f"{queue}{_PRIORITY_SEPARATOR}{step}" if step else queue)
     lengths = pipe.execute()
-    held = {queue: sum(lengths[i * len(_PRIORITY_STEPS):(i + 1) * len(_PRIORITY_STEPS)])
-            for i, queue in enumerate(queues)}
-    if with_unacked:
-        for _, value in broker.hscan_iter(_UNACKED_HASH, count=1000):
-            try:
-                routing_key = json.loads(value)[2]
-            except (ValueError, IndexError, TypeError):
-                continue
-            if routing_key in held:
-                held[routing_key] += 1
-    return held
+    steps = len(_PRIORITY_STEPS)
+    return {queue: sum(lengths[i * steps:(i + 1) * steps]) for i, queue in enumerate(queues)}
+
+
+def messages_unacked(broker: Any, queues: list[str]) -> dict[str, list[str]]:
+    """The first argument (task or event id) of each message a worker took from these queues and
+    has not acknowledged. Kept apart from the lists' counts: an entry can outlive its task (an ack
+    that never reached Redis stays until the visibility timeout), so it is worth something only if
+    its task still waits."""
+    found: dict[str, list[str]] = {queue: [] for queue in queues}
+    for _, value in broker.hscan_iter(_UNACKED_HASH, count=1000):
+        try:
+            message, _, routing_key = json.loads(value)
+            if routing_key in found:
+                found[routing_key].append(str(json.loads(base64.b64decode(message["body"]))[0][0]))
+        except (ValueError, IndexError, KeyError, TypeError):
+            continue
+    return found

@@ -11,8 +11,8 @@ Each pass, as single guarded UPDATEs (safe with several sweepers on several host
 With a Redis broker only what the broker really lost is republished: a 3,000-task backlog is
 overdue as a whole while every message is still queued, and republishing it all every period sent
 thousands of useless messages. Per lane (queue), the sweeper counts the overdue pending tasks and
-the messages Redis holds for that lane (its lists and kombu's `unacked` hash) and republishes only
-the difference, oldest first. Every pending task has at least one message unless one was lost, so
+the messages Redis holds for that lane (its lists, and those of kombu's `unacked` hash whose task
+is among the overdue) and republishes only the difference, oldest first. Every pending task has at least one message unless one was lost, so
 the difference never exceeds what was lost; messages of running, retrying or ended tasks make it
 smaller, never larger, so a lost message may wait until its lane has drained that far (it is never
 dropped: the count catches up as the lane empties, and the task deadline bounds the wait). Other
@@ -25,6 +25,7 @@ import logging
 import threading
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from collections.abc import Callable
 from typing import Any
 
 from celery import Celery
@@ -34,10 +35,10 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.endings import Endings
 from app.models import Task, utcnow
-from app.queue import BATCH_QUEUE, QUEUE, WEBHOOK_QUEUE, messages_held, publish_run
+from app.queue import BATCH_QUEUE, QUEUE, WEBHOOK_QUEUE, messages_queued, messages_unacked, publish_run
 from app.settings import Settings
 from app.states import TaskStatus
-from app.store import Requeued, TaskStore
+from app.store import Requeued, TaskStore, parse_task_id
 
 log = logging.getLogger(__name__)
 
@@ -110,9 +111,14 @@ class Sweeper:
             overdue = [Task.status == TaskStatus.PENDING, Task.run_after < _ago(self.settings.republish_after_s)]
             due = {lane: session.scalar(select(func.count()).select_from(Task).where(*overdue, in_lane))
                    for lane, in_lane in lanes.items()}
-            lost = self._deficit(due)
+
+            def still_due(lane: str, ids: list[str]) -> int:
+                parsed = [task_id for task_id in map(parse_task_id, ids) if task_id is not None]
+                return session.scalar(select(func.count()).select_from(Task).where(
+                    Task.id.in_(parsed), *overdue, lanes[lane])) if parsed else 0
+
             found: list[Requeued] = []
-            for lane, count in lost.items():
+            for lane, count in self._deficit(due, still_due).items():
                 oldest = select(Task.id).where(*overdue, lanes[lane]).order_by(Task.run_after).limit(count)
                 rows = session.execute(
                     update(Task).where(Task.id.in_(oldest.scalar_subquery()), *overdue).values(run_after=utcnow())
@@ -125,24 +131,31 @@ class Sweeper:
         there is no broker to ask), at most WEBHOOK_RESEND_PER_PASS."""
         if self.broker is None:
             return WEBHOOK_RESEND_PER_PASS
-        due = self.endings.webhooks.overdue_count(self.settings.republish_after_s)
-        return min(WEBHOOK_RESEND_PER_PASS, self._deficit({WEBHOOK_QUEUE: due}).get(WEBHOOK_QUEUE, 0))
+        webhooks = self.endings.webhooks
+        due = webhooks.overdue_count(self.settings.republish_after_s)
+        lost = self._deficit({WEBHOOK_QUEUE: due},
+                             lambda _, ids: webhooks.overdue_count(self.settings.republish_after_s, among=ids))
+        return min(WEBHOOK_RESEND_PER_PASS, lost.get(WEBHOOK_QUEUE, 0))
 
-    def _deficit(self, due: dict[str, int]) -> dict[str, int]:
+    def _deficit(self, due: dict[str, int], still_due: Callable[[str, list[str]], int]) -> dict[str, int]:
         """Lanes whose overdue count exceeds the messages Redis holds for them, and by how much.
-        The cheap lists are counted first; the unacked hash only if a lane still looks short."""
+        Held: what waits in the lane's lists, plus the unacknowledged messages whose task is among
+        the overdue (still_due counts those), so neither a running task's message nor a stale entry
+        of an ended one hides a lost message. The lists are counted first; the hash is read only
+        if a lane still looks short."""
         if not any(due.values()):
             return {}
-        for with_unacked in (False, True):
-            try:
-                held = messages_held(self.broker, list(due), with_unacked=with_unacked)
-            except Exception as exc:  # Redis is away: nothing could be published now anyway
-                log.warning("could not count the broker's messages: %s", exc)
-                return {}
+        try:
+            held = messages_queued(self.broker, list(due))
             short = {lane: due[lane] - held[lane] for lane in due if due[lane] > held[lane]}
             if not short:
                 return {}
-        return short
+            unacked = messages_unacked(self.broker, list(short))
+        except Exception as exc:  # Redis is away: nothing could be published now anyway
+            log.warning("could not count the broker's messages: %s", exc)
+            return {}
+        short = {lane: missing - still_due(lane, unacked[lane]) for lane, missing in short.items()}
+        return {lane: missing for lane, missing in short.items() if missing > 0}
 
     def _publish(self, item: Requeued) -> bool:
         try:

@@ -164,10 +164,15 @@ class WebhookStore:
                 .values(status="pending", next_attempt_at=utcnow()).returning(WebhookEvent.id)
                 .execution_options(synchronize_session=False)))
 
-    def overdue_count(self, republish_after_s: float) -> int:
+    def overdue_count(self, republish_after_s: float, among: list[str] | None = None) -> int:
+        """How many events overdue() would take (of those `among`, if given)."""
+        query = select(func.count()).select_from(WebhookEvent).where(self._overdue(republish_after_s))
+        if among is not None:
+            if not among:
+                return 0
+            query = query.where(WebhookEvent.id.in_(among))
         with self._sessions() as session:
-            return session.scalar(select(func.count()).select_from(WebhookEvent)
-                                  .where(self._overdue(republish_after_s)))
+            return session.scalar(query)
 
     @staticmethod
     def _overdue(republish_after_s: float):

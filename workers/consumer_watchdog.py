@@ -51,13 +51,13 @@ class ConsumerWatchdog:
         return waiting > 0 and busy < self.concurrency and now - self.last_received >= self.stall_s
 
     def run(self) -> None:
-        from app.queue import messages_held
+        from app.queue import messages_queued
 
         waiting_since: float | None = None
         while not self.stopping:
             time.sleep(self.check_s)
             try:
-                waiting = sum(messages_held(self.broker, self.queues, with_unacked=False).values())
+                waiting = sum(messages_queued(self.broker, self.queues).values())
             except Exception:  # the broker is away: Celery's own reconnecting is at work
                 waiting_since = None
                 continue
