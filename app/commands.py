@@ -148,13 +148,13 @@ def api(host: str, port: int, workers: int, connections: int) -> None:
 @_providers_guard
 def worker(pool: str, concurrency: int, loglevel: str, hostname: str | None) -> None:
     """Run a Celery worker (an I/O-bound pool keeps many upstream calls in flight)."""
-    from app.queue import BATCH_QUEUE, QUEUE
+    from app.queue import WORKER_QUEUES
     from workers.celery_app import make_worker_app
 
     celery = make_worker_app(load_settings(), concurrency=concurrency)
     celery.worker_main([
         "worker", f"--pool={pool}", f"--concurrency={concurrency}", f"--loglevel={loglevel}",
-        f"--queues={QUEUE},{BATCH_QUEUE}", f"--hostname={hostname or f'imagegate-{os.getpid()}@%h'}",
+        f"--queues={','.join(WORKER_QUEUES)}", f"--hostname={hostname or f'imagegate-{os.getpid()}@%h'}",
         "--without-gossip", "--without-mingle",
     ])
 

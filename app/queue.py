@@ -5,6 +5,8 @@ The web process publishes by task name only; the task bodies live in `workers/`.
 
 from __future__ import annotations
 
+import base64
+import json
 import uuid
 from typing import Any
 
@@ -19,6 +21,16 @@ QUEUE = "imagegate"
 # request is never stuck behind a 10 000-task batch.
 BATCH_QUEUE = "imagegate.batch"
 REDIS_MAX_CONNECTIONS = 2000
+# Webhook deliveries have a queue of their own and a bounded lane in the worker, so no receiver,
+# however slow, holds a slot that image work needs.
+WEBHOOK_QUEUE = "imagegate.webhooks"
+WORKER_QUEUES = (QUEUE, BATCH_QUEUE, WEBHOOK_QUEUE)
+# How kombu's Redis transport names what it holds: one list per priority step ("name", then
+# "name\x06\x163", ...), and one hash of the messages delivered to a worker and not yet acknowledged,
+# each value a JSON [message, exchange, routing_key].
+_PRIORITY_STEPS = (0, 3, 6, 9)
+_PRIORITY_SEPARATOR = "\x06\x16"
+_UNACKED_HASH = "unacked"
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -82,4 +94,31 @@ def publish_runs(celery: Celery, task_ids: list[uuid.UUID], *, batch_id: uuid.UU
 
 
 def publish_webhook(celery: Celery, event_id: str, countdown: float | None = None) -> None:
-    celery.send_task(DELIVER_WEBHOOK, args=[event_id], countdown=countdown, queue=QUEUE)
+    celery.send_task(DELIVER_WEBHOOK, args=[event_id], countdown=countdown, queue=WEBHOOK_QUEUE)
+
+
+def messages_queued(broker: Any, queues: list[str]) -> dict[str, int]:
+    """How many messages wait in a Redis broker's lists for each queue. `broker` is a redis client."""
+    pipe = broker.pipeline(transaction=False)
+    for queue in queues:
+        for step in _PRIORITY_STEPS:
+            pipe.llen(f"{queue}{_PRIORITY_SEPARATOR}{step}" if step else queue)
+    lengths = pipe.execute()
+    steps = len(_PRIORITY_STEPS)
+    return {queue: sum(lengths[i * steps:(i + 1) * steps]) for i, queue in enumerate(queues)}
+
+
+def messages_unacked(broker: Any, queues: list[str]) -> dict[str, list[str]]:
+    """The first argument (task or event id) of each message a worker took from these queues and
+    has not acknowledged. Kept apart from the lists' counts: an entry can outlive its task (an ack
+    that never reached Redis stays until the visibility timeout), so it is worth something only if
+    its task still waits."""
+    found: dict[str, list[str]] = {queue: [] for queue in queues}
+    for _, value in broker.hscan_iter(_UNACKED_HASH, count=1000):
+        try:
+            message, _, routing_key = json.loads(value)
+            if routing_key in found:
+                found[routing_key].append(str(json.loads(base64.b64decode(message["body"]))[0][0]))
+        except (ValueError, IndexError, KeyError, TypeError):
+            continue
+    return found

@@ -61,12 +61,21 @@ class Settings(BaseSettings):
     # On SIGTERM a worker stops taking tasks and lets running ones finish for this long; what is left
     # goes back to the queue (its lease expires and the sweeper republishes it).
     shutdown_grace_s: float = Field(30.0, ge=0)
+    # A worker with free slots that has received nothing for this long while messages wait in its
+    # queues has lost its broker consumer: it exits (status 3) for its supervisor to restart it.
+    consumer_stall_s: float = Field(60.0, gt=0)
 
     # Webhooks: private callback URLs are refused unless this is set (private deployments, tests);
     # the retry schedule in seconds after each failed delivery (comma-separated).
     webhook_allow_private: bool = False
     webhook_retry_schedule: str = "5,300,1800,7200,18000,36000,86400"
     webhook_timeout_s: float = Field(15.0, gt=0)
+    # Deliveries run in a lane of their own in each worker process, beside the Celery slots: this
+    # many at once, at most max_pending_per_key of them for one API key; the rest wait in the outbox.
+    webhook_concurrency: int = Field(32, ge=1)
+    webhook_max_pending_per_key: int = Field(8, ge=1)
+    # POST /v1/webhooks/deliveries/{id}/redeliver per API key (a `limits` rate string).
+    redeliver_rate: str = "30/minute"
     # Most requests in one batch, and how long an Idempotency-Key is remembered.
     max_batch: int = Field(10_000, ge=1)
     max_batch_bytes: int = Field(100 * 1024 * 1024, gt=0)
@@ -93,6 +102,12 @@ class Settings(BaseSettings):
             raise SettingsError("IMAGEGATE_RETRY_MAX_S must be below IMAGEGATE_VISIBILITY_TIMEOUT_S")
         if self.lease_s >= self.visibility_timeout_s:
             raise SettingsError("IMAGEGATE_LEASE_S must be below IMAGEGATE_VISIBILITY_TIMEOUT_S")
+        try:
+            from limits import parse
+
+            parse(self.redeliver_rate)
+        except ValueError:
+            raise SettingsError("IMAGEGATE_REDELIVER_RATE must be like '30/minute' or '5 per second'") from None
         if self.broker_url.startswith("filesystem://") and self.data_dir is None:
             raise SettingsError("a filesystem:// broker needs IMAGEGATE_DATA_DIR")
         return self

@@ -7,6 +7,16 @@ Each pass, as single guarded UPDATEs (safe with several sweepers on several host
   pending and are republished, or fail `attempts_exhausted` / `cancelled`;
 - pending tasks overdue by IMAGEGATE_REPUBLISH_AFTER_S (committed but never published, or lost from a
   flushed broker) are republished. A duplicate message is harmless: a claim takes one delivery.
+
+With a Redis broker only what the broker really lost is republished: a 3,000-task backlog is
+overdue as a whole while every message is still queued, and republishing it all every period sent
+thousands of useless messages. Per lane (queue), the sweeper counts the overdue pending tasks and
+the messages Redis holds for that lane (its lists, and those of kombu's `unacked` hash whose task
+is among the overdue) and republishes only the difference, oldest first. Every pending task has at least one message unless one was lost, so
+the difference never exceeds what was lost; messages of running, retrying or ended tasks make it
+smaller, never larger, so a lost message may wait until its lane has drained that far (it is never
+dropped: the count catches up as the lane empties, and the task deadline bounds the wait). Other
+brokers keep the plain rule.
 """
 
 from __future__ import annotations
@@ -14,15 +24,32 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass
+from datetime import datetime, timedelta
+from collections.abc import Callable
+from typing import Any
 
 from celery import Celery
 
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
 from app.endings import Endings
-from app.queue import publish_run
+from app.models import Task, utcnow
+from app.queue import BATCH_QUEUE, QUEUE, WEBHOOK_QUEUE, messages_queued, messages_unacked, publish_run
 from app.settings import Settings
-from app.store import Requeued, TaskStore
+from app.states import TaskStatus
+from app.store import Requeued, TaskStore, parse_task_id
 
 log = logging.getLogger(__name__)
+
+_REPUBLISH_LOCK = 0x1A6E6A7E  # the advisory lock id of "counting and republishing lost messages"
+# Webhook events resent per pass at most, oldest first: events a full delivery lane left in the
+# outbox have no message, so without a cap 10,000 of them would be resent every period.
+WEBHOOK_RESEND_PER_PASS = 500
+
+
+def _ago(seconds: float) -> datetime:
+    return utcnow() - timedelta(seconds=seconds)
 
 
 @dataclass(frozen=True)
@@ -43,17 +70,19 @@ class Sweeper:
     store: TaskStore
     celery: Celery
     endings: Endings
+    sessions: sessionmaker[Session] | None = None
+    broker: Any = None  # a redis client when the broker is Redis: republish only what it lost
 
     def sweep_once(self) -> SweepReport:
         overdue = self.store.fail_overdue(self.settings.task_deadline_s)
         requeued, exhausted = self.store.take_back_expired(self.settings.max_attempts)
-        republished = self.store.overdue_pending(self.settings.republish_after_s)
+        republished = self._lost_pending()
         ended = overdue + exhausted
         for task_id, batch_id in (self.store.batch_of(ended) if ended else {}).items():
             self.endings.task_ended(task_id, batch_id)
         errors = sum(not self._publish(item) for item in requeued + republished)
         # Safety nets: webhook events whose message was lost, batches whose closing was missed.
-        self.endings.send(self.endings.webhooks.overdue(self.settings.republish_after_s))
+        self.endings.send(self.endings.webhooks.overdue(self.settings.republish_after_s, limit=self._lost_events()))
         for batch_id in self.endings.batches.open_batches():
             self.endings.batch_touched(batch_id)
         self.store.forget_idempotency_keys(self.settings.idempotency_ttl_s)
@@ -69,6 +98,64 @@ class Sweeper:
             except Exception:  # a database or broker outage: try again next period
                 log.exception("sweep failed; retrying in %.0f s", self.settings.sweep_interval_s)
             stop.wait(self.settings.sweep_interval_s)
+
+    def _lost_pending(self) -> list[Requeued]:
+        if self.broker is None or self.sessions is None:
+            return self.store.overdue_pending(self.settings.republish_after_s)
+        lanes = {QUEUE: Task.batch_id.is_(None), BATCH_QUEUE: Task.batch_id.is_not(None)}
+        with self.sessions.begin() as session:
+            # One sweeper at a time counts and republishes, or two would both make up one deficit.
+            if session.get_bind().dialect.name == "postgresql" and \
+                    not session.scalar(select(func.pg_try_advisory_xact_lock(_REPUBLISH_LOCK))):
+                return []
+            overdue = [Task.status == TaskStatus.PENDING, Task.run_after < _ago(self.settings.republish_after_s)]
+            due = {lane: session.scalar(select(func.count()).select_from(Task).where(*overdue, in_lane))
+                   for lane, in_lane in lanes.items()}
+
+            def still_due(lane: str, ids: list[str]) -> int:
+                parsed = [task_id for task_id in map(parse_task_id, ids) if task_id is not None]
+                return session.scalar(select(func.count()).select_from(Task).where(
+                    Task.id.in_(parsed), *overdue, lanes[lane])) if parsed else 0
+
+            found: list[Requeued] = []
+            for lane, count in self._deficit(due, still_due).items():
+                oldest = select(Task.id).where(*overdue, lanes[lane]).order_by(Task.run_after).limit(count)
+                rows = session.execute(
+                    update(Task).where(Task.id.in_(oldest.scalar_subquery()), *overdue).values(run_after=utcnow())
+                    .returning(Task.id, Task.attempts, Task.batch_id).execution_options(synchronize_session=False))
+                found += [Requeued(row.id, row.attempts + 1, row.batch_id) for row in rows]
+        return found
+
+    def _lost_events(self) -> int:
+        """How many overdue webhook events to send again: those with no message (all of them when
+        there is no broker to ask), at most WEBHOOK_RESEND_PER_PASS."""
+        if self.broker is None:
+            return WEBHOOK_RESEND_PER_PASS
+        webhooks = self.endings.webhooks
+        due = webhooks.overdue_count(self.settings.republish_after_s)
+        lost = self._deficit({WEBHOOK_QUEUE: due},
+                             lambda _, ids: webhooks.overdue_count(self.settings.republish_after_s, among=ids))
+        return min(WEBHOOK_RESEND_PER_PASS, lost.get(WEBHOOK_QUEUE, 0))
+
+    def _deficit(self, due: dict[str, int], still_due: Callable[[str, list[str]], int]) -> dict[str, int]:
+        """Lanes whose overdue count exceeds the messages Redis holds for them, and by how much.
+        Held: what waits in the lane's lists, plus the unacknowledged messages whose task is among
+        the overdue (still_due counts those), so neither a running task's message nor a stale entry
+        of an ended one hides a lost message. The lists are counted first; the hash is read only
+        if a lane still looks short."""
+        if not any(due.values()):
+            return {}
+        try:
+            held = messages_queued(self.broker, list(due))
+            short = {lane: due[lane] - held[lane] for lane in due if due[lane] > held[lane]}
+            if not short:
+                return {}
+            unacked = messages_unacked(self.broker, list(short))
+        except Exception as exc:  # Redis is away: nothing could be published now anyway
+            log.warning("could not count the broker's messages: %s", exc)
+            return {}
+        short = {lane: missing - still_due(lane, unacked[lane]) for lane, missing in short.items()}
+        return {lane: missing for lane, missing in short.items() if missing > 0}
 
     def _publish(self, item: Requeued) -> bool:
         try:
@@ -86,5 +173,10 @@ def make_sweeper(settings: Settings) -> Sweeper:
 
     sessions = make_sessionmaker(make_engine(settings.database_url, pool_size=2))
     celery = make_celery(settings)
+    broker = None
+    if settings.uses_redis:
+        import redis
+
+        broker = redis.Redis.from_url(settings.broker_url, socket_timeout=10, socket_connect_timeout=3)
     return Sweeper(settings, TaskStore(sessions), celery,
-                   Endings.make(sessions, make_task_events(settings.broker_url), celery))
+                   Endings.make(sessions, make_task_events(settings.broker_url), celery), sessions, broker)

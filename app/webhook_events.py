@@ -7,7 +7,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import delete, insert, or_, select, update
+from sqlalchemy import delete, func, insert, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.models import ApiKey, Batch, DisabledCallback, Task, WebhookDelivery, WebhookEvent, utcnow
@@ -72,6 +72,12 @@ class WebhookStore:
         with self._sessions() as session:
             return list(session.scalars(select(WebhookEvent.id).where(
                 column == value, WebhookEvent.status == "pending", WebhookEvent.attempts == 0)))
+
+    def pending_key(self, event_id: str) -> uuid.UUID | None:
+        """The API key of a pending event (None if it is not pending): whose share of the lane it takes."""
+        with self._sessions() as session:
+            return session.scalar(select(WebhookEvent.api_key_id).where(WebhookEvent.id == event_id,
+                                                                        WebhookEvent.status == "pending"))
 
     def claim(self, event_id: str, lease_s: float) -> ClaimedEvent | None:
         """pending -> sending, one attempt more; None if another delivery has it or it is done."""
@@ -144,14 +150,33 @@ class WebhookStore:
                             .execution_options(synchronize_session=False))
             return event.id
 
-    def overdue(self, republish_after_s: float) -> list[str]:
-        """Events whose message was lost (due long ago) or whose sender died mid-attempt: send again."""
-        now = utcnow()
+    def overdue(self, republish_after_s: float, limit: int | None = None) -> list[str]:
+        """Events whose message was lost (due long ago), left waiting by a full delivery lane, or whose
+        sender died mid-attempt: send again, oldest first, at most `limit` of them."""
+        if limit is not None and limit <= 0:
+            return []
         with self._sessions.begin() as session:
+            oldest = (select(WebhookEvent.id).where(self._overdue(republish_after_s))
+                      .order_by(WebhookEvent.next_attempt_at).limit(limit))
             return list(session.scalars(
-                update(WebhookEvent).where(or_(
-                    (WebhookEvent.status == "pending")
-                    & (WebhookEvent.next_attempt_at < now - timedelta(seconds=republish_after_s)),
-                    (WebhookEvent.status == "sending") & (WebhookEvent.next_attempt_at < now)))
-                .values(status="pending", next_attempt_at=now).returning(WebhookEvent.id)
+                update(WebhookEvent).where(WebhookEvent.id.in_(oldest.scalar_subquery()),
+                                           self._overdue(republish_after_s))
+                .values(status="pending", next_attempt_at=utcnow()).returning(WebhookEvent.id)
                 .execution_options(synchronize_session=False)))
+
+    def overdue_count(self, republish_after_s: float, among: list[str] | None = None) -> int:
+        """How many events overdue() would take (of those `among`, if given)."""
+        query = select(func.count()).select_from(WebhookEvent).where(self._overdue(republish_after_s))
+        if among is not None:
+            if not among:
+                return 0
+            query = query.where(WebhookEvent.id.in_(among))
+        with self._sessions() as session:
+            return session.scalar(query)
+
+    @staticmethod
+    def _overdue(republish_after_s: float):
+        now = utcnow()
+        return or_((WebhookEvent.status == "pending")
+                   & (WebhookEvent.next_attempt_at < now - timedelta(seconds=republish_after_s)),
+                   (WebhookEvent.status == "sending") & (WebhookEvent.next_attempt_at < now))

@@ -4,25 +4,27 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 
 from celery import Celery
-from celery.signals import worker_shutting_down
+from celery.signals import task_received, worker_ready, worker_shutting_down
 
 from app.db import make_engine, make_sessionmaker
 from app.endings import Endings
 from app.events import make_task_events
 from app.providers import load_models
-from app.queue import DELIVER_WEBHOOK, RUN_TASK, make_celery
+from app.queue import DELIVER_WEBHOOK, RUN_TASK, WEBHOOK_QUEUE, WORKER_QUEUES, make_celery
 from app.settings import Settings
 from app.attempt_store import AttemptStore
 from app.store import TaskStore
 from workers.adapters import load_adapters
+from workers.consumer_watchdog import ConsumerWatchdog, spawn
 from workers.http import make_client
 from workers.leases import LeaseKeeper
 from workers.runner import TaskRunner
 from workers.success_writer import SuccessWriter
 from workers.webhook_sender import WebhookSender
+
+log = logging.getLogger(__name__)
 
 
 def make_worker_app(settings: Settings, *, concurrency: int = 1000) -> Celery:
@@ -57,16 +59,39 @@ def make_worker_app(settings: Settings, *, concurrency: int = 1000) -> Celery:
     def run_task(self, task_id: str, attempt: int, poll: int = 0) -> None:
         runner.run(task_id, attempt, poll, worker=self.request.hostname or "worker")
 
-    @celery.task(name=DELIVER_WEBHOOK, acks_late=True, reject_on_worker_lost=True)
+    # Only a hand-over to the delivery lane: it returns at once (see workers/webhook_sender.py).
+    @celery.task(name=DELIVER_WEBHOOK, acks_late=True, reject_on_worker_lost=True, queue=WEBHOOK_QUEUE)
     def deliver_webhook(event_id: str) -> None:
         sender.run(event_id)
+
+    watchdog: ConsumerWatchdog | None = None
+    if settings.uses_redis:
+        import redis
+        from celery.worker import state
+
+        watchdog = ConsumerWatchdog(
+            redis.Redis.from_url(settings.broker_url, socket_timeout=10, socket_connect_timeout=3),
+            list(WORKER_QUEUES), concurrency, settings.consumer_stall_s, busy=lambda: len(state.active_requests))
+        task_received.connect(watchdog.received, weak=False)
+
+        @worker_ready.connect(weak=False)
+        def _watch_the_consumer(**_) -> None:
+            watchdog.received()  # the consumer just started: count from now
+            spawn(watchdog.run)
 
     @worker_shutting_down.connect(weak=False)
     def _bounded_warm_shutdown(**_) -> None:
         # Celery's warm shutdown waits for running tasks without limit; past the grace period the
-        # process exits, and the sweeper takes back what it held once the leases expire.
-        timer = threading.Timer(settings.shutdown_grace_s, os._exit, args=(1,))
-        timer.daemon = True
-        timer.start()
+        # process exits, and the sweeper takes back what it held once the leases expire. Under the
+        # gevent pool this handler runs in the event loop, where nothing may block: spawn() only
+        # schedules the deadline.
+        if watchdog is not None:
+            watchdog.stopping = True  # a stopping consumer takes nothing on purpose
+
+        def give_up() -> None:
+            log.warning("warm shutdown still busy after %.0f s; exiting", settings.shutdown_grace_s)
+            os._exit(1)
+
+        spawn(give_up, settings.shutdown_grace_s)
 
     return celery

@@ -83,7 +83,7 @@ def openapi_document() -> dict[str, Any]:
             "parameters": [path_id("delivery_id")],
             "responses": {"202": {"description": "Queued", "content": {"application/json": {"schema": {
                 "type": "object", "properties": {"event_id": {"type": "string"}, "status": {"type": "string"}}}}}},
-                **_errors(401, 404, 503)}}},
+                **_errors(401, 404, 429, 503)}}},
     }
     return {
         "openapi": "3.1.0",

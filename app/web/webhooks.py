@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, g, request
+import logging
+import math
+import time
+
+from flask import Blueprint, current_app, g, request
 
 from app.schemas import DeliveryList, DeliveryView
 from app.store import parse_task_id
 from app.web.auth import require_api_key
-from app.web.errors import ApiError
+from app.web.errors import ApiError, error_response
 from app.web.services import services
 
+log = logging.getLogger(__name__)
 bp = Blueprint("webhooks", __name__, url_prefix="/v1/webhooks")
 bp.before_request(require_api_key)
 
@@ -41,9 +46,35 @@ def list_deliveries():
         for delivery, event in rows]).model_dump(mode="json")
 
 
+def _redeliver_limit():
+    """A fixed window per API key, counted in Redis so every API process shares it (in memory with
+    the embedded mode's filesystem broker): redelivering is a way to make us send requests."""
+    found = current_app.extensions.get("imagegate.redeliver_limit")
+    if found is None:
+        from limits import parse, storage, strategies
+
+        settings = services().settings
+        store = storage.storage_from_string(settings.broker_url if settings.uses_redis else "memory://")
+        found = current_app.extensions["imagegate.redeliver_limit"] = (
+            strategies.FixedWindowRateLimiter(store), parse(settings.redeliver_rate))
+    return found
+
+
 @bp.post("/deliveries/<delivery_id>/redeliver")
 def redeliver(delivery_id: str):
     svc = services()
+    limiter, rate = _redeliver_limit()
+    try:
+        allowed = limiter.hit(rate, "redeliver", str(g.api_key_id))
+    except Exception as exc:  # Redis away: the event is in Postgres anyway, and the sweeper sends it
+        log.warning("redeliver rate limit unavailable: %s", exc)
+        allowed = True
+    if not allowed:
+        reset_at, _ = limiter.get_window_stats(rate, "redeliver", str(g.api_key_id))
+        response = error_response(429, f"Too many redeliveries for this API key (at most {rate}); try again later.",
+                                  type="rate_limit_error", code="rate_limit_exceeded")
+        response.headers["Retry-After"] = str(max(1, math.ceil(reset_at - time.time())))
+        return response
     parsed = parse_task_id(delivery_id)
     event_id = svc.endings.webhooks.redeliver(g.api_key_id, parsed) if parsed else None
     if event_id is None:
