@@ -19,12 +19,13 @@ from tests.services import free_port, http_ok, wait_until
 
 BODY_TIMEOUT_S = 1.5
 PER_CLIENT = 3
+NORMAL_PROMPT = "a normal request to the quiet server"
 
 
 @pytest.fixture(scope="module")
-def quiet_api(migrated, env, redis_dbs, run_dir):
+def quiet_api(migrated, env, redis_dbs, run_dir, database_url):
     """An API server publishing where no worker consumes, with a short body timeout and a small
-    per-client limit."""
+    per-client limit. Its tasks stay pending: they are ended afterwards, so no sweeper test finds them."""
     port = free_port()
     quiet = env | {"IMAGEGATE_BROKER_URL": redis_dbs[1], "IMAGEGATE_BODY_TIMEOUT_S": str(BODY_TIMEOUT_S),
                    "IMAGEGATE_MAX_REQUESTS_PER_CLIENT": str(PER_CLIENT)}
@@ -35,6 +36,9 @@ def quiet_api(migrated, env, redis_dbs, run_dir):
         yield base, port
     finally:
         _stop(process)
+        with psycopg.connect(database_url.replace("postgresql+psycopg://", "postgresql://"), autocommit=True) as db:
+            db.execute("UPDATE tasks SET status = 'failed', error_code = 'cancelled', finished_at = now() "
+                       "WHERE status = 'pending' AND request->>'prompt' = %s", (NORMAL_PROMPT,))
 
 
 def test_an_idempotent_replay_of_a_finished_sync_task_answers_at_once(client, prompt):
@@ -130,7 +134,7 @@ def test_a_trickled_body_gets_408_in_openai_shape(quiet_api, api_key):
 def test_one_client_cannot_hold_more_than_its_share_of_requests(quiet_api, api_key):
     base, port = quiet_api
     headers = {"Authorization": f"Bearer {api_key}"}
-    body = {"model": "local", "prompt": "a normal request", "async": True}
+    body = {"model": "local", "prompt": NORMAL_PROMPT, "async": True}
     held = [_trickler(port, api_key) for _ in range(PER_CLIENT)]
     try:
         wait_until(lambda: httpx.post(f"{base}/v1/images/generations", headers=headers, json=body).status_code == 429,
