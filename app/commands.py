@@ -125,8 +125,9 @@ def keys_set_callback(name: str, url: str | None) -> None:
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True, type=int)
 @click.option("--workers", default=2, show_default=True, type=int, help="gunicorn worker processes.")
-@click.option("--connections", default=1000, show_default=True, type=int,
-              help="Concurrent requests per process (greenlets).")
+@click.option("--connections", default=4000, show_default=True, type=int,
+              help="Concurrent connections per process (greenlets); one client address may hold "
+                   "IMAGEGATE_MAX_REQUESTS_PER_CLIENT of them.")
 @_providers_guard
 def api(host: str, port: int, workers: int, connections: int) -> None:
     """Serve the intake API with gunicorn (gevent workers)."""

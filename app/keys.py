@@ -10,6 +10,7 @@ import base64
 import hashlib
 import hmac
 import secrets
+import time
 import uuid
 from dataclasses import dataclass
 from datetime import timedelta
@@ -86,3 +87,30 @@ def authenticate(sessions: sessionmaker[Session], presented: str) -> Caller | No
     if row is None or not hmac.compare_digest(row.key_hash, digest):
         return None
     return Caller(row.id, row.callback_url)
+
+
+class KeyCache:
+    """Authenticated keys remembered in-process for ttl_s, keyed by the key's SHA-256 (the raw key is
+    never kept), so a request costs no database round trip for its key. The price: a revoked key
+    (or a changed default callback URL) takes effect within ttl_s. Refused keys are not cached, so
+    a key created a moment ago works at once. ttl_s = 0 looks every key up."""
+
+    def __init__(self, sessions: sessionmaker[Session], ttl_s: float, max_entries: int = 10_000):
+        self._sessions, self._ttl_s, self._max_entries = sessions, ttl_s, max_entries
+        self._entries: dict[str, tuple[float, Caller]] = {}
+
+    def authenticate(self, presented: str) -> Caller | None:
+        if not presented.startswith(KEY_PREFIX) or len(presented) > 200:
+            return None
+        digest, now = hash_key(presented), time.monotonic()
+        entry = self._entries.get(digest)
+        if entry is not None and entry[0] > now:
+            return entry[1]
+        caller = authenticate(self._sessions, presented)
+        if caller is not None and self._ttl_s > 0:
+            if len(self._entries) >= self._max_entries:
+                self._entries = {k: v for k, v in self._entries.items() if v[0] > now}
+                if len(self._entries) >= self._max_entries:
+                    self._entries.clear()
+            self._entries[digest] = (now + self._ttl_s, caller)
+        return caller

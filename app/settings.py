@@ -36,6 +36,14 @@ class Settings(BaseSettings):
     sync_timeout_s: float = Field(300.0, gt=0)
     # Largest request body accepted (base64 input images make bodies large).
     max_body_bytes: int = Field(25 * 1024 * 1024, gt=0)
+    # An authenticated API key is remembered in each API process this long: no database lookup per
+    # request, so revoking a key takes effect within this time. 0 looks the key up on every request.
+    key_cache_ttl_s: float = Field(15.0, ge=0)
+    # Longest time to receive a request body once its headers arrived: a client trickling its body
+    # gets 408 and the connection is closed, instead of holding a connection slot indefinitely.
+    body_timeout_s: float = Field(30.0, gt=0)
+    # Requests in progress from one client address, per API process; more get 429 at once.
+    max_requests_per_client: int = Field(1000, ge=1)
     # How long a signed image URL stays valid (OpenAI's expire after an hour too).
     image_url_ttl_s: int = Field(3600, gt=0)
 

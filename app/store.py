@@ -10,7 +10,7 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any, NamedTuple
 
-from sqlalchemy import ColumnElement, case, delete, insert, select, update
+from sqlalchemy import ColumnElement, Engine, bindparam, case, delete, insert, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.idempotency import reserve
@@ -19,6 +19,14 @@ from app.states import ErrorCode, TaskStatus
 from app.webhook_events import enqueue_task_events
 
 UNFINISHED = (TaskStatus.PENDING, TaskStatus.RUNNING)
+ENDED = (TaskStatus.SUCCEED, TaskStatus.FAILED)
+TASK_TABLE, ATTEMPT_TABLE = Task.__table__, Attempt.__table__
+# Built once: a prepared Core statement skips the ORM and the per-call compile cache key.
+_INSERT_TASK = insert(TASK_TABLE)
+_TASK = select(TASK_TABLE).where(TASK_TABLE.c.id == bindparam("id"))
+_TASK_OF_KEY = _TASK.where(TASK_TABLE.c.api_key_id == bindparam("api_key_id"))
+_TASK_STATUS = select(TASK_TABLE.c.status).where(TASK_TABLE.c.id == bindparam("id"))
+_TASK_CREATED = select(TASK_TABLE.c.id, TASK_TABLE.c.created_at).where(TASK_TABLE.c.id == bindparam("id"))
 
 
 @dataclass(frozen=True)
@@ -46,6 +54,13 @@ class TaskRecord:
     task: Task
     images: list[StoredImage]
     attempts: list[Attempt] = field(default_factory=list)
+
+
+class NewTask(NamedTuple):
+    """What intake needs of a task it accepted (or replayed)."""
+
+    id: uuid.UUID
+    created_at: datetime
 
 
 class Requeued(NamedTuple):
@@ -77,39 +92,39 @@ def _after(seconds: float) -> datetime:
 class TaskStore:
     def __init__(self, sessions: sessionmaker[Session]):
         self._sessions = sessions
+        self._engine: Engine = sessions.kw["bind"]  # intake and reads use Core connections, no Session
 
     # -- intake and reading ------------------------------------------------------------------
     def create(self, *, api_key_id: uuid.UUID, model: str, request: dict[str, Any], response_format: str,
-               callback_url: str | None = None, idempotency: tuple[str, str] | None = None) -> tuple[Task, bool]:
+               callback_url: str | None = None, idempotency: tuple[str, str] | None = None) -> tuple[NewTask, bool]:
         """The new task, True; or, when the Idempotency-Key (key, fingerprint) was used before with
-        the same request, that earlier task, False."""
-        now = utcnow()
-        task = Task(id=uuid.uuid4(), api_key_id=api_key_id, model=model, request=request,
-                    response_format=response_format, status=TaskStatus.PENDING, attempts=0, route=model,
-                    retries_used=0, polls=0, cancel_requested=False, created_at=now, run_after=now,
-                    callback_url=callback_url)
-        with self._sessions.begin() as session:
+        the same request, that earlier task, False. One transaction, Core statements (no ORM unit of
+        work): this is the hot path of every submit."""
+        now, task_id = utcnow(), uuid.uuid4()
+        with self._engine.begin() as connection:
             if idempotency is not None:
-                earlier = reserve(session, api_key_id, *idempotency, task_id=task.id)
+                earlier = reserve(connection, api_key_id, *idempotency, task_id=task_id)
                 if earlier is not None:
-                    return session.get(Task, earlier.task_id), False
-            session.add(task)
-        return task, True
+                    row = connection.execute(_TASK_CREATED, {"id": earlier.task_id}).one()
+                    return NewTask(row.id, row.created_at), False
+            connection.execute(_INSERT_TASK, {
+                "id": task_id, "api_key_id": api_key_id, "model": model, "request": request,
+                "response_format": response_format, "status": TaskStatus.PENDING, "attempts": 0, "route": model,
+                "retries_used": 0, "polls": 0, "cancel_requested": False, "created_at": now, "run_after": now,
+                "callback_url": callback_url})
+        return NewTask(task_id, now), True
 
-    def get(self, task_id: uuid.UUID, *, api_key_id: uuid.UUID | None = None,
-            as_urls: bool = False) -> TaskRecord | None:
-        """The task, its images and attempts. Image bytes (megabytes each) are read only when they
-        will be sent: a b64_json task shown as it asked, not as URLs (webhooks never carry bytes)."""
-        with self._sessions() as session:
-            query = select(Task).where(Task.id == task_id)
-            if api_key_id is not None:
-                query = query.where(Task.api_key_id == api_key_id)
-            task = session.scalars(query).one_or_none()
+    def get(self, task_id: uuid.UUID, *, api_key_id: uuid.UUID | None = None, with_bytes: bool = False,
+            with_attempts: bool = True) -> TaskRecord | None:
+        """The task (a Core row with the Task's attribute names: no ORM identity map on the read path),
+        its images, and its attempt log unless with_attempts=False (a synchronous reply needs none)."""
+        with self._engine.connect() as session:
+            query = _TASK if api_key_id is None else _TASK_OF_KEY
+            task = session.execute(query, {"id": task_id, "api_key_id": api_key_id}).one_or_none()
             if task is None:
                 return None
             images: list[StoredImage] = []
             if task.status == TaskStatus.SUCCEED:
-                with_bytes = task.response_format == "b64_json" and not as_urls
                 columns = [Image.id, Image.index, Image.content_type, Image.revised_prompt]
                 if with_bytes:
                     columns.append(Image.data)
@@ -117,13 +132,15 @@ class TaskStore:
                                        .order_by(Image.slot, Image.index))
                 images = [StoredImage(row.id, row.index, row.content_type, row.revised_prompt,
                                       row.data if with_bytes else None) for row in rows]
-            attempts = list(session.scalars(select(Attempt).where(Attempt.task_id == task_id)
-                                            .order_by(Attempt.number, Attempt.slot)))
-            return TaskRecord(task, images, attempts)
+            attempts = list(session.execute(select(ATTEMPT_TABLE).where(ATTEMPT_TABLE.c.task_id == task_id)
+                                            .order_by(ATTEMPT_TABLE.c.number, ATTEMPT_TABLE.c.slot))
+                            ) if with_attempts else []
+            return TaskRecord(task, images, attempts)  # type: ignore[arg-type]
 
-    def status(self, task_id: uuid.UUID) -> TaskStatus:
-        with self._sessions() as session:
-            return TaskStatus(session.scalar(select(Task.status).where(Task.id == task_id)))
+    def status(self, task_id: uuid.UUID) -> str | None:
+        """The task's status alone: the cheap re-read of a waiting synchronous request."""
+        with self._engine.connect() as session:
+            return session.execute(_TASK_STATUS, {"id": task_id}).scalar_one_or_none()
 
     def image(self, image_id: uuid.UUID) -> tuple[str, bytes] | None:
         with self._sessions() as session:

@@ -33,7 +33,9 @@ def make_worker_app(settings: Settings, *, concurrency: int = 1000) -> Celery:
     for name in ("celery.app.trace", "celery.worker.strategy"):
         logging.getLogger(name).setLevel(logging.WARNING)
     adapters = load_adapters()
-    engine = make_engine(settings.database_url, pool_size=min(20, concurrency))
+    # No ping before each checkout: a connection broken by a Postgres restart fails one statement, the
+    # pool then drops them all, and what that statement was doing is retried or recovered (see runner).
+    engine = make_engine(settings.database_url, pool_size=min(20, concurrency), pre_ping=False)
     sessions = make_sessionmaker(engine)
     attempts = AttemptStore(engine)
     runner = TaskRunner(

@@ -143,7 +143,7 @@ class WebhookSender:
 
     def _payload(self, event: ClaimedEvent) -> dict:
         if event.task_id is not None:
-            record = self.tasks.get(event.task_id, as_urls=True)
+            record = self.tasks.get(event.task_id)
             data = task_view(record, self.settings, as_urls=True).model_dump(mode="json", exclude_none=True)
         else:
             data = batch_view(*self.batches.get(event.batch_id, event.api_key_id)).model_dump(mode="json")

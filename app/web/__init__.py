@@ -8,12 +8,14 @@ from sqlalchemy import text
 from app.db import make_engine, make_sessionmaker
 from app.endings import Endings
 from app.events import make_task_events
+from app.keys import KeyCache
 from app.providers import load_models
-from app.queue import make_celery
+from app.queue import make_celery, reuse_publish_client
 from app.settings import Settings
 from app.store import TaskStore
 from app.web import batches, files, images, openapi, webhooks
 from app.web.errors import error_response, register_error_handlers
+from app.web.limits import ClientLimit
 from app.web.services import Services, services
 
 
@@ -23,18 +25,21 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.json.sort_keys = False
 
-    sessions = make_sessionmaker(make_engine(settings.database_url))
+    sessions = make_sessionmaker(make_engine(settings.database_url, pre_ping=False))
     celery, events = make_celery(settings), make_task_events(settings.broker_url)
+    reuse_publish_client(celery)
     app.extensions["imagegate"] = Services(
         settings=settings,
         models=load_models(settings.providers_file),
         sessions=sessions,
+        keys=KeyCache(sessions, settings.key_cache_ttl_s),
         store=TaskStore(sessions),
         celery=celery,
         events=events,
         endings=Endings.make(sessions, events, celery),
     )
 
+    app.wsgi_app = ClientLimit(app.wsgi_app, settings.max_requests_per_client)  # type: ignore[method-assign]
     register_error_handlers(app)
     app.register_blueprint(batches.bp)  # before images: /v1/images/batches is not a task id
     app.register_blueprint(images.bp)

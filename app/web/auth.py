@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from flask import g, request
 
-from app.keys import authenticate
 from app.web.errors import ApiError
 from app.web.services import services
 
@@ -15,7 +14,7 @@ def require_api_key() -> None:
     if not header:
         raise ApiError(401, "You didn't provide an API key. Send it as 'Authorization: Bearer KEY'.",
                        code="missing_api_key")
-    caller = authenticate(services().sessions, presented.strip()) if scheme.lower() == "bearer" else None
+    caller = services().keys.authenticate(presented.strip()) if scheme.lower() == "bearer" else None
     if caller is None:
         raise ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
     g.caller = caller

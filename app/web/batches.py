@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 import uuid
 from typing import Any
 
@@ -20,6 +21,7 @@ from app.views import batch_view
 from app.signing import signed_image_url
 from app.web.auth import require_api_key
 from app.web.errors import ApiError, from_validation_error
+from app.web.limits import read_body
 from app.web.intake import checked_callback, checked_model, default_callback, idempotency
 from app.web.services import Services, services
 
@@ -37,9 +39,9 @@ def _batch_body_limit() -> None:
 MAX_REPORTED_ERRORS = 1000
 
 
-def _documents() -> tuple[list[Any], dict[str, Any]]:
+def _documents(svc: Services) -> tuple[list[Any], dict[str, Any]]:
     """The lines, and the batch options (callback_url, metadata) of a JSON body."""
-    raw = request.get_data(cache=False)
+    raw = read_body(svc.settings.body_timeout_s)
     try:
         document = json.loads(raw)
     except ValueError:
@@ -103,11 +105,12 @@ def _checked_lines(svc: Services, documents: list[Any]) -> list[NewLine]:
 
 
 def _publish_in_background(svc: Services, task_ids: list[uuid.UUID], batch_id: uuid.UUID) -> None:
-    """Answer at once; a batch's thousands of messages go out after. Whatever this misses (a crash
-    half-way), the sweeper republishes: the tasks are committed pending."""
+    """Answer at once; a batch's thousands of messages go out after, in pipelined chunks, yielding to
+    other requests between chunks (under gevent this thread is a greenlet). Whatever this misses (a
+    crash half-way), the sweeper republishes: the tasks are committed pending."""
     def publish() -> None:
         try:
-            publish_runs(svc.celery, task_ids, batch_id=batch_id)
+            publish_runs(svc.celery, task_ids, batch_id=batch_id, between_chunks=lambda: time.sleep(0))
         except Exception:
             log.exception("could not publish batch %s; the sweeper will", batch_id)
 
@@ -118,7 +121,7 @@ def _publish_in_background(svc: Services, task_ids: list[uuid.UUID], batch_id: u
 @bp.post("/")
 def create_batch():
     svc = services()
-    documents, options = _documents()
+    documents, options = _documents(svc)
     metadata = options.get("metadata")
     if metadata is not None and not isinstance(metadata, dict):
         raise ApiError(400, "'metadata' must be an object.", param="metadata", code="invalid_value")

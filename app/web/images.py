@@ -6,17 +6,18 @@ import logging
 import time
 import uuid
 
-from flask import Blueprint, g, request
+from flask import Blueprint, g
 from pydantic import ValidationError
 
 from app.queue import publish_run
 from app.schemas import GenerationRequest, ImagesResponse, TaskAccepted
 from app.states import TaskStatus, http_status_of_failure
-from app.store import CancelResult, TaskRecord, parse_task_id
+from app.store import ENDED, CancelResult, TaskRecord, parse_task_id
 from app.views import image_items, task_view, timestamp
 from app.web.auth import require_api_key
 from app.idempotency import IdempotencyMismatch
 from app.web.errors import ApiError, error_response, from_validation_error
+from app.web.limits import read_body
 from app.web.intake import checked_callback, checked_model, default_callback, idempotency
 from app.web.services import Services, services
 
@@ -30,8 +31,8 @@ def _json(model, status: int = 200):
     return model.model_dump(mode="json", exclude_none=True), status
 
 
-def _parse_generation() -> GenerationRequest:
-    raw = request.get_data(cache=False)  # raises 413 past IMAGEGATE_MAX_BODY_BYTES
+def _parse_generation(svc: Services) -> GenerationRequest:
+    raw = read_body(svc.settings.body_timeout_s)  # raises 413 past IMAGEGATE_MAX_BODY_BYTES
     if not raw.strip():
         raise ApiError(400, "The request body is empty; send a JSON object.", code="invalid_json")
     try:
@@ -51,7 +52,7 @@ def _publish(svc: Services, task_id: uuid.UUID) -> None:
 @bp.post("/generations/")
 def create_generation():
     svc = services()
-    body = _parse_generation()
+    body = _parse_generation(svc)
     model_name, _ = checked_model(svc, body)
     callback_url = checked_callback(svc, body.callback_url) or default_callback()
     try:
@@ -73,20 +74,43 @@ def create_generation():
     with svc.events.subscription(str(task.id)) as wakeup:
         if new:
             _publish(svc, task.id)
-        record = _wait_for_end(svc, task.id, wakeup)
+        record = _wait_for_end(svc, task.id, wakeup, ended_maybe=not new)
     response = _sync_reply(svc, record)
     return (*response, replayed) if isinstance(response, tuple) else (response, replayed)
 
 
-def _wait_for_end(svc: Services, task_id: uuid.UUID, wakeup) -> TaskRecord:
-    """Re-read only the status at each wake-up; the whole record (images included) once, at the end."""
+# Besides the pub/sub wake-up, a waiting request re-reads its task's status after this long, then
+# 1.5 times longer each time: a lost announcement (Redis dropped it, the worker could not send it)
+# delays a reply by seconds, never until the sync timeout.
+FALLBACK_FIRST_S, FALLBACK_MAX_S = 2.0, 10.0
+
+
+def _wait_for_end(svc: Services, task_id: uuid.UUID, wakeup, *, ended_maybe: bool) -> TaskRecord:
+    """The task once ended (or as it is at IMAGEGATE_SYNC_TIMEOUT_S). A replayed task may have
+    ended long ago: read it first. After a wake-up read it whole at once (one session, no attempt
+    log); a fallback re-read reads the status alone."""
     deadline = time.monotonic() + svc.settings.sync_timeout_s
+    if ended_maybe and svc.store.status(task_id) in ENDED:
+        return _ended_record(svc, task_id)
+    fallback = FALLBACK_FIRST_S
     while True:
         remaining = deadline - time.monotonic()
-        if remaining > 0:
-            wakeup.wait(remaining)
-        if svc.store.status(task_id).finished or time.monotonic() >= deadline:
-            return svc.store.get(task_id)
+        if remaining <= 0:
+            return _ended_record(svc, task_id)
+        if wakeup.wait(min(remaining, fallback)):
+            record = _ended_record(svc, task_id)
+            if record.task.status in ENDED:
+                return record
+        elif svc.store.status(task_id) in ENDED:
+            return _ended_record(svc, task_id)
+        else:
+            fallback = min(fallback * 1.5, FALLBACK_MAX_S)
+
+
+def _ended_record(svc: Services, task_id: uuid.UUID) -> TaskRecord:
+    record = svc.store.get(task_id, with_bytes=True, with_attempts=False)
+    assert record is not None  # tasks are never deleted while a request waits on them
+    return record
 
 
 def _sync_reply(svc: Services, record: TaskRecord):
@@ -106,7 +130,7 @@ def _sync_reply(svc: Services, record: TaskRecord):
 def _owned_record(task_id: str) -> TaskRecord:
     svc = services()
     parsed = parse_task_id(task_id)
-    record = svc.store.get(parsed, api_key_id=g.api_key_id) if parsed else None
+    record = svc.store.get(parsed, api_key_id=g.api_key_id, with_bytes=True) if parsed else None
     if record is None:  # missing, malformed and another key's: one answer, nothing to tell them apart
         raise ApiError(404, f"No task found with id '{task_id}'.", param="task_id", code="task_not_found")
     return record

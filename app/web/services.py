@@ -10,6 +10,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.endings import Endings
 from app.events import TaskEvents
+from app.keys import KeyCache
 from app.providers import ModelConfig
 from app.settings import Settings
 from app.store import TaskStore
@@ -20,6 +21,7 @@ class Services:
     settings: Settings
     models: dict[str, ModelConfig]
     sessions: sessionmaker[Session]
+    keys: KeyCache
     store: TaskStore
     celery: Celery
     events: TaskEvents
