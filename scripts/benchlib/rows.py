@@ -40,10 +40,12 @@ def _enqueue_batches(env: Environment, count: int) -> None:
     wait_until(lambda: env.queue_length("imagegate.batch") >= before + count, 300, "the batch messages")
 
 
-def _drain(worker: Proc, pg, database: str, count: int, done_count, timeout_s: float, upstream) -> dict:
+def _drain(worker: Proc, env: Environment, database: str, count: int, done_count, timeout_s: float) -> dict:
     """Measure a worker started on a backlog of `count` tasks until `done_count(conn)` reaches it."""
+    pg, redis = env.pg, env.redis.proc
+    launched_at = worker.ps.create_time()
     ready_at = wait_ready(worker)
-    cpu_worker0, cpu_pg0 = worker.cpu_s(), pg.cpu_s()
+    cpu_worker0, cpu_pg0, cpu_redis0 = worker.cpu_s(), pg.cpu_s(), redis.cpu_s()
     polls = 0
     peak_rss = worker.rss()
     with psycopg.connect(pg.url(database, "postgresql"), autocommit=True) as conn:
@@ -61,22 +63,23 @@ def _drain(worker: Proc, pg, database: str, count: int, done_count, timeout_s: f
                 break
             time.sleep(0.2)
         end_at = time.time()
-        cpu_worker1, cpu_pg1 = worker.cpu_s(), pg.cpu_s()
+        cpu_worker1, cpu_pg1, cpu_redis1 = worker.cpu_s(), pg.cpu_s(), redis.cpu_s()
         run_log = worker.log_text()
         worker.stop()  # its backends exit and flush their statistics
         time.sleep(1.0)
         commits1 = conn.execute("SELECT xact_commit FROM pg_stat_database WHERE datname = %s",
                                 (database,)).fetchone()[0]
-    stats = upstream()
+    stats = env.upstream_control("_stats")
     started_at = stats["first_call_at"] or ready_at
     errors = log_errors(run_log)
     errors["error lines at stop (SIGTERM)"] = log_errors(worker.log_text()[len(run_log):])["error lines"]
     return {
         "tasks/s": finished / max(end_at - started_at, 1e-9),
-        "succeeded": finished, "unfinished": count - ended, "upstream calls": stats["calls"],
+        "succeeded": finished, "unfinished": count - ended, "s from launch to first call": started_at - launched_at, "upstream calls": stats["calls"],
         "peak in flight": stats["peak_in_flight"],
         "worker CPU ms/task": (cpu_worker1 - cpu_worker0) * 1000 / max(finished, 1),
         "Postgres CPU ms/task": (cpu_pg1 - cpu_pg0) * 1000 / max(finished, 1),
+        "Redis CPU ms/task": (cpu_redis1 - cpu_redis0) * 1000 / max(finished, 1),
         "commits/task": (commits1 - commits0 - polls - 1) / max(finished, 1),
         "peak RSS MB": peak_rss / MB,
         **errors,
@@ -105,8 +108,7 @@ def _imagegate_worker_run(env: Environment, tasks: int, args: tuple[str, ...], t
         return succeeded, succeeded + counts.get("failed", 0) - base.get("failed", 0)
 
     worker = env.start_worker(*args)
-    figures = _drain(worker, env.pg, "imagegate", tasks, done_count, timeout_s,
-                     lambda: env.upstream_control("_stats"))
+    figures = _drain(worker, env, "imagegate", tasks, done_count, timeout_s)
     env.stop_worker()
     figures["idle RSS MB"] = idle_rss / MB
     figures["RSS MB per call in flight"] = ((figures["peak RSS MB"] * MB - idle_rss) / MB
@@ -132,7 +134,7 @@ def naive_worker_run(env: Environment, tasks: int, timeout_s: float) -> dict:
         return stored, stored
 
     worker = env.start_naive_worker()
-    figures = _drain(worker, env.pg, "naive", tasks, done_count, timeout_s, lambda: env.upstream_control("_stats"))
+    figures = _drain(worker, env, "naive", tasks, done_count, timeout_s)
     env.stack.stop(worker)
     return figures
 
