@@ -31,8 +31,8 @@ def median_row(runs: list[dict]) -> dict:
 
 def _median(values: list):
     numbers = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
-    if numbers and len(numbers) == len(values):
-        return statistics.median(numbers)
+    if numbers and all(isinstance(v, (int, float)) or v is None for v in values):
+        return statistics.median(numbers)  # a run that could not measure (None) does not count
     return values[-1]
 
 
@@ -76,3 +76,18 @@ def print_table(results: dict, titles: dict, context: str, console: Console | No
 
 def save_json(path: Path, results: dict, context: dict) -> None:
     path.write_text(json.dumps({"context": context, "rows": results}, indent=2, default=str))
+
+
+def markdown_table(results: dict, titles: dict) -> str:
+    """The same table in Markdown, for docs/performance.md."""
+    lines = ["| row | imagegate | baseline(s), same run | load 1m |", "| --- | --- | --- | --- |"]
+    for row, figures in results.items():
+        if "error" in figures:
+            lines.append(f"| {titles[row]} | failed: {figures['error']} | | |")
+            continue
+        ours = "<br>".join(f"{name}: {_format(value)}" for name, value in figures.get("imagegate", {}).items())
+        baselines = "<br>".join(
+            f"**{side}**<br>" + "<br>".join(f"{name}: {_format(value)}" for name, value in values.items())
+            for side, values in figures.items() if isinstance(values, dict) and side != "imagegate")
+        lines.append(f"| {titles[row]} | {ours} | {baselines} | {_format(figures.get('load 1m'))} |")
+    return "\n".join(lines) + "\n"
