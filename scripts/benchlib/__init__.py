@@ -1,0 +1,1 @@
+"""Helpers of scripts/bench: services it starts, the fake upstream, the naive baselines, the load."""
