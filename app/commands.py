@@ -152,6 +152,10 @@ def worker(pool: str, concurrency: int, loglevel: str, hostname: str | None) -> 
     from app.queue import WORKER_QUEUES
     from workers.celery_app import make_worker_app
 
+    from app.os_limits import allow_open_files
+
+    # A socket per call in flight (and per download), plus the database and broker pools.
+    allow_open_files(2 * concurrency + 256)
     celery = make_worker_app(load_settings(), concurrency=concurrency)
     celery.worker_main([
         "worker", f"--pool={pool}", f"--concurrency={concurrency}", f"--loglevel={loglevel}",

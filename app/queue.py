@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import json
+import time
 import uuid
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -33,6 +34,7 @@ WORKER_QUEUES = (QUEUE, BATCH_QUEUE, WEBHOOK_QUEUE)
 _PRIORITY_STEPS = (0, 3, 6, 9)
 _PRIORITY_SEPARATOR = "\x06\x16"
 _UNACKED_HASH = "unacked"
+_UNACKED_INDEX = "unacked_index"  # delivery tag -> when it was delivered
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -117,19 +119,22 @@ def messages_queued(broker: Any, queues: list[str]) -> dict[str, int]:
     return {queue: sum(lengths[i * steps:(i + 1) * steps]) for i, queue in enumerate(queues)}
 
 
-def messages_unacked(broker: Any, queues: list[str]) -> dict[str, list[str]]:
-    """The first argument (task or event id) of each message a worker took from these queues and
-    has not acknowledged. Kept apart from the lists' counts: an entry can outlive its task (an ack
-    that never reached Redis stays until the visibility timeout), so it is worth something only if
-    its task still waits."""
+def messages_unacked(broker: Any, queues: list[str], *, delivered_within_s: float) -> dict[str, list[str]]:
+    """The first argument (task or event id) of each message a worker took from these queues in the
+    last `delivered_within_s` seconds and has not acknowledged. Kept apart from the lists' counts: an
+    entry can outlive its task (an ack that never reached Redis), or its worker (a worker killed with
+    messages reserved leaves them here until the visibility timeout, an hour), so it is worth
+    something only while recent and while its task still waits."""
     found: dict[str, list[str]] = {queue: [] for queue in queues}
-    for _, value in broker.hscan_iter(_UNACKED_HASH, count=1000):
-        try:
-            message, _, routing_key = json.loads(value)
-            if routing_key in found:
-                found[routing_key].append(str(json.loads(base64.b64decode(message["body"]))[0][0]))
-        except (ValueError, IndexError, KeyError, TypeError):
-            continue
+    tags = broker.zrangebyscore(_UNACKED_INDEX, time.time() - delivered_within_s, "+inf")
+    for start in range(0, len(tags), 1000):
+        for value in broker.hmget(_UNACKED_HASH, tags[start:start + 1000]):
+            try:
+                message, _, routing_key = json.loads(value)
+                if routing_key in found:
+                    found[routing_key].append(str(json.loads(base64.b64decode(message["body"]))[0][0]))
+            except (ValueError, IndexError, KeyError, TypeError):
+                continue
     return found
 
 

@@ -11,8 +11,8 @@ Each pass, as single guarded UPDATEs (safe with several sweepers on several host
 With a Redis broker only what the broker really lost is republished: a 3,000-task backlog is
 overdue as a whole while every message is still queued, and republishing it all every period sent
 thousands of useless messages. Per lane (queue), the sweeper counts the overdue pending tasks and
-the messages Redis holds for that lane (its lists, and those of kombu's `unacked` hash whose task
-is among the overdue) and republishes only the difference, oldest first. Every pending task has at least one message unless one was lost, so
+the messages Redis holds for that lane (its lists, and those of kombu's `unacked` hash delivered
+within IMAGEGATE_REPUBLISH_AFTER_S whose task is among the overdue) and republishes only the difference, oldest first. Every pending task has at least one message unless one was lost, so
 the difference never exceeds what was lost; messages of running, retrying or ended tasks make it
 smaller, never larger, so a lost message may wait until its lane has drained that far (it is never
 dropped: the count catches up as the lane empties, and the task deadline bounds the wait). Other
@@ -150,7 +150,8 @@ class Sweeper:
             short = {lane: due[lane] - held[lane] for lane in due if due[lane] > held[lane]}
             if not short:
                 return {}
-            unacked = messages_unacked(self.broker, list(short))
+            unacked = messages_unacked(self.broker, list(short),
+                                       delivered_within_s=self.settings.republish_after_s)
         except Exception as exc:  # Redis is away: nothing could be published now anyway
             log.warning("could not count the broker's messages: %s", exc)
             return {}

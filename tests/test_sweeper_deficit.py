@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from datetime import timedelta
 
@@ -82,16 +83,40 @@ def test_unacknowledged_messages_count_only_while_their_task_waits(settings, own
     celery = make_celery(settings)
     ids = pending_tasks(own_database, 20, overdue_s=120)
     publish_runs(celery, ids)
-    # What kombu does when a worker takes a message: out of the list, into the `unacked` hash.
+    # What kombu does when a worker takes a message: out of the list, into the `unacked` hash, and
+    # its delivery time into the `unacked_index` sorted set.
+    def take(tag: str, message: bytes, delivered_at: float) -> None:
+        take_message(broker, tag, message, delivered_at)
+
     for index in range(5):
-        broker.hset("unacked", f"taken-{index}", json.dumps([json.loads(broker.rpop(QUEUE)), "", QUEUE]))
+        take(f"taken-{index}", broker.rpop(QUEUE), time.time())
     sweeper = make_sweeper(settings)
     assert sweeper.sweep_once().republished == 0
 
     # Entries an ack never removed, of tasks long ended (seen after a Redis restart), hide nothing.
     publish_runs(celery, [uuid.uuid4() for _ in range(3)])
     for index in range(3):
-        broker.hset("unacked", f"stale-{index}", json.dumps([json.loads(broker.lpop(QUEUE)), "", QUEUE]))
+        take(f"stale-{index}", broker.lpop(QUEUE), time.time())
     broker.rpop(QUEUE, 3)  # and three messages of waiting tasks are lost
     assert broker.llen(QUEUE) == 12 and broker.hlen("unacked") == 8
     assert sweeper.sweep_once().republished == 3
+
+
+def take_message(broker, tag: str, message: bytes, delivered_at: float) -> None:
+    """What kombu does when a worker reserves a message: it leaves the list for the `unacked` hash,
+    and its delivery time goes into the `unacked_index` sorted set."""
+    broker.hset("unacked", tag, json.dumps([json.loads(message), "", QUEUE]))
+    broker.zadd("unacked_index", {tag: delivered_at})
+
+
+def test_messages_a_killed_worker_had_reserved_count_no_longer_than_republish_after(settings, own_database,
+                                                                                    own_redis):
+    """They stay in the hash until the visibility timeout (an hour); their tasks must not wait that long."""
+    settings = settings.model_copy(update={"database_url": own_database, "broker_url": f"{own_redis.url}/0",
+                                           "republish_after_s": 30.0})
+    broker = redis.Redis.from_url(settings.broker_url)
+    publish_runs(make_celery(settings), pending_tasks(own_database, 10, overdue_s=120))
+    for index in range(10):
+        take_message(broker, f"reserved-{index}", broker.rpop(QUEUE), time.time() - 60)
+    assert broker.llen(QUEUE) == 0
+    assert make_sweeper(settings).sweep_once().republished == 10

@@ -90,7 +90,7 @@ class TaskRunner:
             self._run_claimed(claim)
 
     def _plan_calls(self, claim: Claim, done: set[int]) -> list[int]:
-        """The fan-out slots this attempt calls: those earlier attempts did not store. None when the
+        """The fan-out slots this attempt calls: those earlier attempts did not store; none when the
         model cannot be served (the attempt then fails without a call)."""
         config = self.models.get(claim.route)
         adapter = self.adapters.get(config.adapter) if config else None
@@ -119,7 +119,7 @@ class TaskRunner:
         except ValidationError:
             self._end_failed(claim, Failure(ErrorCode.INTERNAL, "stored request no longer validates"), [])
         except Exception:
-            log.exception("task %s attempt %s: unexpected error", task_id, attempt)
+            log.exception("task %s attempt %s: unexpected error", claim.task_id, claim.attempt)
             self._end_failed(claim, Failure(ErrorCode.INTERNAL, "The gateway failed while running this task."), [])
 
     # -- upstreams that answer with images ----------------------------------------------------

@@ -3,11 +3,11 @@ not an OS thread, so hundreds can wait at once."""
 
 from __future__ import annotations
 
-import resource
 from typing import Any
 
 from gunicorn.app.base import BaseApplication
 
+from app.os_limits import allow_open_files
 from app.settings import Settings
 
 
@@ -27,16 +27,8 @@ class ApiServer(BaseApplication):
         return create_app(self._settings)
 
 
-def _allow_open_files(needed: int) -> None:
-    """Raise the soft limit on open files towards the hard one: each connection is a descriptor."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    wanted = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
-    if soft != resource.RLIM_INFINITY and soft < wanted:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
-
-
 def serve(settings: Settings, *, host: str, port: int, workers: int, connections: int) -> None:
-    _allow_open_files(connections + 256)  # + the database and Redis pools, logs, the listener
+    allow_open_files(connections + 256)  # + the database and Redis pools, logs, the listener
     ApiServer(settings, {
         "bind": f"{host}:{port}",
         "workers": workers,

@@ -58,6 +58,47 @@ def test_kill_9_mid_call_with_200_in_flight(cluster, upstream):
     assert figures.succeed == 200
 
 
+def test_messages_are_acknowledged_at_the_claim_and_a_kill_9_still_loses_nothing(cluster, redis_server, upstream):
+    """A worker acknowledges a message when it starts it: with 80 calls in flight the broker holds no
+    unacknowledged message, and a kill -9 then is recovered from the leases in Postgres alone."""
+    cluster.start_api()
+    cluster.start("sweeper")
+    victim = cluster.start_worker(concurrency=100)
+    tasks = cluster.submit(80, "early-ack", steps=(Step(delay_s=4),))
+    wait_until(lambda: calls_for(upstream, tasks) >= 80, 30, "80 calls in flight")
+    broker = redis.Redis.from_url(f"{redis_server.url}/0")
+    assert broker.hlen("unacked") == 0 and broker.llen("imagegate") == 0
+    victim.send_signal(signal.SIGKILL)
+    cluster.start_worker(concurrency=100)
+    cluster.wait_all_ended(tasks, 90)
+    figures = cluster.figures("kill -9 after early acknowledgement, 80 in flight", tasks)
+    assert figures.succeed == 80
+
+
+def test_a_postgres_outage_at_the_final_write_buys_no_image_twice(tmp_path, throwaway_postgres, redis_server,
+                                                                  upstream):
+    """The upstream answers while Postgres is down: the worker keeps the images and retries its final
+    write while its lease holds, instead of letting the attempt expire and paying for it again."""
+    database = fresh_database(throwaway_postgres.url)
+    cluster = Cluster(tmp_path, database, redis_server.url, upstream, lease_s="30")
+    try:
+        cluster.start_api()
+        cluster.start("sweeper")
+        cluster.start_worker(concurrency=100)
+        tasks = cluster.submit(60, "pg-blip", steps=(Step(delay_s=2),))
+        wait_until(lambda: calls_for(upstream, tasks) >= 60, 30, "60 calls in flight")
+        throwaway_postgres.pause()
+        time.sleep(6)  # every call answers meanwhile; their final writes find no database
+        throwaway_postgres.resume()
+        cluster.wait_all_ended(tasks, 90)
+        figures = cluster.figures("Postgres stopped 6 s at the final writes, 60 in flight", tasks)
+        assert figures.succeed == 60
+        assert figures.upstream_calls == 60, "an image was generated twice"
+    finally:
+        cluster.close()
+        drop_database(database)
+
+
 @pytest.mark.parametrize("fault", ["flushall", "restart"])
 def test_redis_loses_200_queued_tasks(cluster, redis_server, fault):
     cluster.start_api()
