@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import (Connection, ColumnElement, Engine, Integer, Uuid, bindparam, column, insert, select,
-                        tuple_, update, values)
+from sqlalchemy import (Connection, ColumnElement, Engine, Integer, Uuid, bindparam, column, insert,
+                        select, tuple_, update, values)
 
 from app.models import Attempt, Image, Task, utcnow
 from app.states import TaskStatus

@@ -21,7 +21,7 @@ from workers.consumer_watchdog import ConsumerWatchdog, spawn
 from workers.http import make_client
 from workers.leases import LeaseKeeper
 from workers.runner import TaskRunner
-from workers.success_writer import SuccessWriter
+from workers.grouped import Grouped
 from workers.webhook_sender import WebhookSender
 
 log = logging.getLogger(__name__)
@@ -38,12 +38,13 @@ def make_worker_app(settings: Settings, *, concurrency: int = 1000) -> Celery:
     engine = make_engine(settings.database_url, pool_size=min(20, concurrency), pre_ping=False)
     sessions = make_sessionmaker(engine)
     attempts = AttemptStore(engine)
+    models = load_models(settings.providers_file, set(adapters))
     runner = TaskRunner(
         settings=settings,
         store=attempts,
         leases=LeaseKeeper(attempts, settings.lease_s),
-        successes=SuccessWriter(attempts),
-        models=load_models(settings.providers_file, set(adapters)),
+        successes=Grouped(attempts.succeed_many, name="successes"),
+        models=models,
         adapters=adapters,
         http=make_client(max_connections=max(20, concurrency * 2)),
         endings=Endings.make(sessions, make_task_events(settings.broker_url), celery),

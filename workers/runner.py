@@ -8,6 +8,7 @@ with a countdown, never a sleep in the worker.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import time
@@ -35,7 +36,7 @@ from workers.adapters.base import Generation, UpstreamError, is_polling
 from workers.fanout import merge_usage, slot_counts
 from workers.images import fetch_images
 from workers.leases import LeaseKeeper
-from workers.success_writer import SuccessWriter
+from workers.grouped import Grouped
 from workers.retry import backoff_s
 
 log = logging.getLogger(__name__)
@@ -63,12 +64,28 @@ def _failure(exc: UpstreamError) -> Failure:
     return Failure(exc.code, exc.message, exc.details, exc.upstream_status)
 
 
+def plan_calls(models: dict[str, ModelConfig], adapters: dict[str, type], claim: Claim, done: set[int]) -> list[int]:
+    """The fan-out slots an attempt calls: those earlier attempts did not store; none when the model
+    cannot be served (the attempt then fails without a call)."""
+    config = models.get(claim.route)
+    adapter = adapters.get(config.adapter) if config else None
+    if adapter is None:
+        return []
+    if is_polling(adapter):
+        return [0]
+    n = claim.request.get("n", 1)
+    counts = slot_counts(n if isinstance(n, int) else 1,
+                         constraints(config).get("max_images_per_call") or adapter.max_images_per_call)
+    return [slot for slot in range(len(counts)) if slot not in done]
+
+
 @dataclass
 class TaskRunner:
     settings: Settings
     store: AttemptStore
     leases: LeaseKeeper
-    successes: SuccessWriter
+    # Successes are written grouped across the tasks in flight (see workers.grouped).
+    successes: Grouped[Success, bool]
     models: dict[str, ModelConfig]
     adapters: dict[str, type]
     http: httpx.Client
@@ -81,27 +98,14 @@ class TaskRunner:
             return
         lease_s = self.settings.lease_s
         claim = self.store.claim_poll(parsed, attempt, poll, lease_s=lease_s) if poll else \
-            self.store.claim(parsed, attempt, worker=worker, lease_s=lease_s, plan=self._plan_calls)
+            self.store.claim(parsed, attempt, worker=worker, lease_s=lease_s,
+                             plan=functools.partial(plan_calls, self.models, self.adapters))
         if claim is None:
             log.info("task %s attempt %s poll %s: not claimable (duplicate delivery or already ended)",
                      task_id, attempt, poll)
             return
         with self.leases.held(claim):
             self._run_claimed(claim)
-
-    def _plan_calls(self, claim: Claim, done: set[int]) -> list[int]:
-        """The fan-out slots this attempt calls: those earlier attempts did not store; none when the
-        model cannot be served (the attempt then fails without a call)."""
-        config = self.models.get(claim.route)
-        adapter = self.adapters.get(config.adapter) if config else None
-        if adapter is None:
-            return []
-        if is_polling(adapter):
-            return [0]
-        n = claim.request.get("n", 1)
-        counts = slot_counts(n if isinstance(n, int) else 1,
-                             constraints(config).get("max_images_per_call") or adapter.max_images_per_call)
-        return [slot for slot in range(len(counts)) if slot not in done]
 
     def _run_claimed(self, claim: Claim) -> None:
         try:
@@ -156,7 +160,7 @@ class TaskRunner:
             usage = merge_usage(usage, call.usage)
         errors = [call.error for call in calls if call.error]
         if not errors:
-            if self._durably(claim, self.successes.succeed, Success(claim, images, usage, outcomes)):
+            if self._durably(claim, self.successes, Success(claim, images, usage, outcomes)):
                 log.info("task %s attempt %s: succeed via %s", claim.task_id, claim.attempt, claim.route)
                 self._announce(claim)
             else:
