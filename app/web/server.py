@@ -37,6 +37,10 @@ def serve(settings: Settings, *, host: str, port: int, workers: int, connections
         # A synchronous request may wait IMAGEGATE_SYNC_TIMEOUT_S; never kill it before that.
         "timeout": int(settings.sync_timeout_s) + 60,
         "graceful_timeout": 30,
+        # Idle keep-alive connections stay open longer than clients keep them (httpx, so the openai SDK:
+        # 5 s): with gunicorn's 2 s a client reusing a connection the server was closing got
+        # "Server disconnected without sending a response".
+        "keepalive": 75,
         "accesslog": "-",
         # gunicorn's control socket is one fixed path per user: several servers on a host would clash.
         "control_socket_disable": True,
