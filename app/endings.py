@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import logging
 import uuid
-from dataclasses import dataclass
 
 from celery import Celery
-from sqlalchemy.orm import Session, sessionmaker
 
 from app.batches import BatchStore
 from app.events import TaskEvents, announce_quietly
@@ -18,31 +16,24 @@ from app.webhook_events import WebhookStore
 log = logging.getLogger(__name__)
 
 
-@dataclass
 class Endings:
-    events: TaskEvents
-    webhooks: WebhookStore
-    batches: BatchStore
-    celery: Celery
-
-    @classmethod
-    def make(cls, sessions: sessionmaker[Session], events: TaskEvents, celery: Celery) -> "Endings":
-        return cls(events, WebhookStore(sessions), BatchStore(sessions), celery)
+    def __init__(self, events: TaskEvents, webhooks: WebhookStore, batches: BatchStore, celery: Celery):
+        self._events, self._webhooks, self._batches, self._celery = events, webhooks, batches, celery
 
     def task_ended(self, task_id: uuid.UUID, batch_id: uuid.UUID | None = None, *, has_callback: bool = True) -> None:
-        announce_quietly(self.events, task_id)
+        announce_quietly(self._events, task_id)
         if has_callback:  # a task without a callback URL has no event to look for
-            self.send(self.webhooks.new_for(task_id=task_id))
+            self.send(self._webhooks.new_for(task_id=task_id))
         if batch_id is not None:
             self.batch_touched(batch_id)
 
     def batch_touched(self, batch_id: uuid.UUID) -> None:
-        if self.batches.complete(batch_id):
-            self.send(self.webhooks.new_for(batch_id=batch_id))
+        if self._batches.complete(batch_id):
+            self.send(self._webhooks.new_for(batch_id=batch_id))
 
     def send(self, event_ids: list[str]) -> None:
         for event_id in event_ids:
             try:
-                publish_webhook(self.celery, event_id)
+                publish_webhook(self._celery, event_id)
             except Exception as exc:  # the event is in Postgres; the sweeper sends it later
                 log.warning("could not publish webhook event %s: %s", event_id, exc)

@@ -12,7 +12,8 @@ With a Redis broker only what the broker really lost is republished: a 3,000-tas
 overdue as a whole while every message is still queued, and republishing it all every period sent
 thousands of useless messages. Per lane (queue), the sweeper counts the overdue pending tasks and
 the messages Redis holds for that lane (its lists, and those of kombu's `unacked` hash delivered
-within IMAGEGATE_REPUBLISH_AFTER_S whose task is among the overdue) and republishes only the difference, oldest first. Every pending task has at least one message unless one was lost, so
+within IMAGEGATE_REPUBLISH_AFTER_S whose task is among the overdue) and republishes only the
+difference, oldest first. Every pending task has at least one message unless one was lost, so
 the difference never exceeds what was lost; messages of running, retrying or ended tasks make it
 smaller, never larger, so a lost message may wait until its lane has drained that far (it is never
 dropped: the count catches up as the lane empties, and the task deadline bounds the wait). Other
@@ -28,17 +29,15 @@ from datetime import datetime, timedelta
 from collections.abc import Callable
 from typing import Any
 
-from celery import Celery
 
 from sqlalchemy import func, select, update
-from sqlalchemy.orm import Session, sessionmaker
 
-from app.endings import Endings
 from app.models import Task, utcnow
 from app.queue import BATCH_QUEUE, QUEUE, WEBHOOK_QUEUE, messages_queued, messages_unacked, publish_run
+from app.runtime import Runtime, build_runtime
 from app.settings import Settings
 from app.states import TaskStatus
-from app.store import Requeued, TaskStore, parse_task_id
+from app.store import Requeued, parse_task_id
 
 log = logging.getLogger(__name__)
 
@@ -66,26 +65,27 @@ class SweepReport:
 
 @dataclass
 class Sweeper:
-    settings: Settings
-    store: TaskStore
-    celery: Celery
-    endings: Endings
-    sessions: sessionmaker[Session] | None = None
+    runtime: Runtime
     broker: Any = None  # a redis client when the broker is Redis: republish only what it lost
 
+    @property
+    def settings(self) -> Settings:
+        return self.runtime.settings
+
     def sweep_once(self) -> SweepReport:
-        overdue = self.store.fail_overdue(self.settings.task_deadline_s)
-        requeued, exhausted = self.store.take_back_expired(self.settings.max_attempts)
+        overdue = self.runtime.tasks.fail_overdue(self.settings.task_deadline_s)
+        requeued, exhausted = self.runtime.tasks.take_back_expired(self.settings.max_attempts)
         republished = self._lost_pending()
         ended = overdue + exhausted
-        for task_id, batch_id in (self.store.batch_of(ended) if ended else {}).items():
-            self.endings.task_ended(task_id, batch_id)
+        for task_id, batch_id in (self.runtime.tasks.batch_of(ended) if ended else {}).items():
+            self.runtime.after_end.task_ended(task_id, batch_id)
         errors = sum(not self._publish(item) for item in requeued + republished)
         # Safety nets: webhook events whose message was lost, batches whose closing was missed.
-        self.endings.send(self.endings.webhooks.overdue(self.settings.republish_after_s, limit=self._lost_events()))
-        for batch_id in self.endings.batches.open_batches():
-            self.endings.batch_touched(batch_id)
-        self.store.forget_idempotency_keys(self.settings.idempotency_ttl_s)
+        lost_events = self.runtime.webhooks.overdue(self.settings.republish_after_s, limit=self._lost_events())
+        self.runtime.after_end.send(lost_events)
+        for batch_id in self.runtime.batches.open_batches():
+            self.runtime.after_end.batch_touched(batch_id)
+        self.runtime.tasks.forget_idempotency_keys(self.settings.idempotency_ttl_s)
         report = SweepReport(len(overdue), len(requeued), len(exhausted), len(republished), errors)
         if report:
             log.info("sweep: %s", report)
@@ -100,10 +100,10 @@ class Sweeper:
             stop.wait(self.settings.sweep_interval_s)
 
     def _lost_pending(self) -> list[Requeued]:
-        if self.broker is None or self.sessions is None:
-            return self.store.overdue_pending(self.settings.republish_after_s)
+        if self.broker is None:
+            return self.runtime.tasks.overdue_pending(self.settings.republish_after_s)
         lanes = {QUEUE: Task.batch_id.is_(None), BATCH_QUEUE: Task.batch_id.is_not(None)}
-        with self.sessions.begin() as session:
+        with self.runtime.sessions.begin() as session:
             # One sweeper at a time counts and republishes, or two would both make up one deficit.
             if session.get_bind().dialect.name == "postgresql" and \
                     not session.scalar(select(func.pg_try_advisory_xact_lock(_REPUBLISH_LOCK))):
@@ -131,7 +131,7 @@ class Sweeper:
         there is no broker to ask), at most WEBHOOK_RESEND_PER_PASS."""
         if self.broker is None:
             return WEBHOOK_RESEND_PER_PASS
-        webhooks = self.endings.webhooks
+        webhooks = self.runtime.webhooks
         due = webhooks.overdue_count(self.settings.republish_after_s)
         lost = self._deficit({WEBHOOK_QUEUE: due},
                              lambda _, ids: webhooks.overdue_count(self.settings.republish_after_s, among=ids))
@@ -160,7 +160,7 @@ class Sweeper:
 
     def _publish(self, item: Requeued) -> bool:
         try:
-            publish_run(self.celery, item.task_id, item.attempt, batch_id=item.batch_id)
+            publish_run(self.runtime.celery, item.task_id, item.attempt, batch_id=item.batch_id)
             return True
         except Exception as exc:  # still pending in Postgres: the next pass republishes it
             log.warning("could not publish task %s: %s", item.task_id, exc)
@@ -168,16 +168,9 @@ class Sweeper:
 
 
 def make_sweeper(settings: Settings) -> Sweeper:
-    from app.db import make_engine, make_sessionmaker
-    from app.events import make_task_events
-    from app.queue import make_celery
-
-    sessions = make_sessionmaker(make_engine(settings.database_url, pool_size=2))
-    celery = make_celery(settings)
     broker = None
     if settings.uses_redis:
         import redis
 
         broker = redis.Redis.from_url(settings.broker_url, socket_timeout=10, socket_connect_timeout=3)
-    return Sweeper(settings, TaskStore(sessions), celery,
-                   Endings.make(sessions, make_task_events(settings.broker_url), celery), sessions, broker)
+    return Sweeper(build_runtime(settings, pool_size=2), broker)

@@ -8,14 +8,11 @@ import os
 from celery import Celery
 from celery.signals import task_received, worker_ready, worker_shutting_down
 
-from app.db import make_engine, make_sessionmaker
-from app.endings import Endings
-from app.events import make_task_events
-from app.providers import load_models
-from app.queue import DELIVER_WEBHOOK, RUN_TASK, WEBHOOK_QUEUE, WORKER_QUEUES, make_celery
-from app.settings import Settings
 from app.attempt_store import AttemptStore
-from app.store import TaskStore
+from app.providers import load_models
+from app.queue import DELIVER_WEBHOOK, RUN_TASK, WEBHOOK_QUEUE, WORKER_QUEUES
+from app.runtime import build_runtime
+from app.settings import Settings
 from workers.adapters import load_adapters
 from workers.consumer_watchdog import ConsumerWatchdog, spawn
 from workers.http import make_client
@@ -28,16 +25,14 @@ log = logging.getLogger(__name__)
 
 
 def make_worker_app(settings: Settings, *, concurrency: int = 1000) -> Celery:
-    celery = make_celery(settings.check())
+    # A pool of 20 is enough: the hot writes are grouped (workers/grouped.py) and leases renewed in one.
+    runtime = build_runtime(settings.check(), pool_size=min(20, concurrency))
+    celery = runtime.celery
     # Celery's own "received" and "succeeded in" lines, two per task, repeat what the runner logs once.
     for name in ("celery.app.trace", "celery.worker.strategy"):
         logging.getLogger(name).setLevel(logging.WARNING)
     adapters = load_adapters()
-    # No ping before each checkout: a connection broken by a Postgres restart fails one statement, the
-    # pool then drops them all, and what that statement was doing is retried or recovered (see runner).
-    engine = make_engine(settings.database_url, pool_size=min(20, concurrency), pre_ping=False)
-    sessions = make_sessionmaker(engine)
-    attempts = AttemptStore(engine)
+    attempts = AttemptStore(runtime.engine)
     models = load_models(settings.providers_file, set(adapters))
     runner = TaskRunner(
         settings=settings,
@@ -47,11 +42,10 @@ def make_worker_app(settings: Settings, *, concurrency: int = 1000) -> Celery:
         models=models,
         adapters=adapters,
         http=make_client(max_connections=max(20, concurrency * 2)),
-        endings=Endings.make(sessions, make_task_events(settings.broker_url), celery),
+        endings=runtime.after_end,
         celery=celery,
     )
-
-    sender = WebhookSender(settings, runner.endings.webhooks, TaskStore(sessions), runner.endings.batches, celery)
+    sender = WebhookSender(settings, runtime.webhooks, runtime.tasks, runtime.batches, celery)
 
     # Acknowledged when it starts, not when it ends: from its claim on, the attempt's lease in Postgres
     # is what recovers it if this process dies (the sweeper takes back an expired lease), and a

@@ -5,14 +5,11 @@ from __future__ import annotations
 from flask import Flask
 from sqlalchemy import text
 
-from app.db import make_engine, make_sessionmaker
-from app.endings import Endings
-from app.events import make_task_events
 from app.keys import KeyCache
 from app.providers import load_models
-from app.queue import make_celery, reuse_publish_client
+from app.queue import reuse_publish_client
+from app.runtime import build_runtime
 from app.settings import Settings
-from app.store import TaskStore
 from app.web import batches, files, images, openapi, webhooks
 from app.web.errors import error_response, register_error_handlers
 from app.web.limits import ClientLimit
@@ -25,19 +22,10 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.json.sort_keys = False
 
-    sessions = make_sessionmaker(make_engine(settings.database_url, pre_ping=False))
-    celery, events = make_celery(settings), make_task_events(settings.broker_url)
-    reuse_publish_client(celery)
-    app.extensions["imagegate"] = Services(
-        settings=settings,
-        models=load_models(settings.providers_file),
-        sessions=sessions,
-        keys=KeyCache(sessions, settings.key_cache_ttl_s),
-        store=TaskStore(sessions),
-        celery=celery,
-        events=events,
-        endings=Endings.make(sessions, events, celery),
-    )
+    runtime = build_runtime(settings)
+    reuse_publish_client(runtime.celery)
+    app.extensions["imagegate"] = Services.of(runtime, models=load_models(settings.providers_file),
+                                              keys=KeyCache(runtime.sessions, settings.key_cache_ttl_s))
 
     app.wsgi_app = ClientLimit(app.wsgi_app, settings.max_requests_per_client)  # type: ignore[method-assign]
     register_error_handlers(app)

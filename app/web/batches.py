@@ -132,21 +132,21 @@ def create_batch():
     fingerprinted = {"requests": [{"custom_id": line.custom_id, "body": line.body.stored()} for line in lines],
                      "callback_url": options.get("callback_url"), "metadata": metadata}
     try:
-        batch, task_ids = svc.endings.batches.create(api_key_id=g.api_key_id, lines=lines, callback_url=callback_url,
+        batch, task_ids = svc.batches.create(api_key_id=g.api_key_id, lines=lines, callback_url=callback_url,
                                                      metadata=metadata, idempotency=idempotency(fingerprinted))
     except IdempotencyMismatch:
         raise ApiError(422, "This Idempotency-Key was already used with a different request body.",
                        param="Idempotency-Key", code="idempotency_key_reused") from None
     if task_ids:
         _publish_in_background(svc, task_ids, batch.id)
-    counts = {"pending": len(task_ids)} if task_ids else svc.endings.batches.get(batch.id, g.api_key_id)[1]
+    counts = {"pending": len(task_ids)} if task_ids else svc.batches.get(batch.id, g.api_key_id)[1]
     headers = {} if task_ids else {"Idempotent-Replayed": "true"}
     return batch_view(batch, counts).model_dump(mode="json"), 202, headers
 
 
 def _owned(batch_id: str):
     parsed = parse_task_id(batch_id)
-    found = services().endings.batches.get(parsed, g.api_key_id) if parsed else None
+    found = services().batches.get(parsed, g.api_key_id) if parsed else None
     if found is None:
         raise ApiError(404, f"No batch found with id '{batch_id}'.", param="batch_id", code="batch_not_found")
     return found
@@ -161,8 +161,8 @@ def get_batch(batch_id: str):
 def cancel_batch(batch_id: str):
     svc = services()
     batch, _ = _owned(batch_id)
-    svc.endings.batches.cancel(batch.id, g.api_key_id)
-    svc.endings.batch_touched(batch.id)  # closes it now if nothing was running
+    svc.batches.cancel(batch.id, g.api_key_id)
+    svc.after_end.batch_touched(batch.id)  # closes it now if nothing was running
     return batch_view(*_owned(batch_id)).model_dump(mode="json")
 
 
@@ -174,7 +174,7 @@ def batch_results(batch_id: str):
     settings = svc.settings
 
     def lines():
-        for row in svc.endings.batches.results(batch.id):
+        for row in svc.batches.results(batch.id):
             line: dict[str, Any] = {"custom_id": row.custom_id, "task_id": str(row.task.id),
                                     "task_status": row.task.status}
             if row.task.status == "succeed":

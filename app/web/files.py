@@ -18,7 +18,7 @@ def image(image_file: str):
     image_id = parse_task_id(image_file.rsplit(".", 1)[0])
     valid = image_id is not None and verify(svc.settings.secret_key, image_id, request.args.get("expires", ""),
                                             request.args.get("signature", ""))
-    found = svc.store.image(image_id) if valid else None
+    found = svc.tasks.image(image_id) if valid else None
     if found is None:
         raise ApiError(404, "This image URL is invalid or has expired; fetch the task again for a fresh one.",
                        code="image_not_found")

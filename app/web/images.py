@@ -56,7 +56,7 @@ def create_generation():
     model_name, _ = checked_model(svc, body)
     callback_url = checked_callback(svc, body.callback_url) or default_callback()
     try:
-        task, new = svc.store.create(api_key_id=g.api_key_id, model=model_name, request=body.stored(),
+        task, new = svc.tasks.create(api_key_id=g.api_key_id, model=model_name, request=body.stored(),
                                      response_format=body.response_format, callback_url=callback_url,
                                      idempotency=idempotency(body.stored()))
     except IdempotencyMismatch:
@@ -71,7 +71,7 @@ def create_generation():
         return *_json(accepted, 202), replayed
 
     # Subscribe before publishing, so the end of even a very fast task is not missed.
-    with svc.events.subscription(str(task.id)) as wakeup:
+    with svc.wakeups.subscription(str(task.id)) as wakeup:
         if new:
             _publish(svc, task.id)
         record = _wait_for_end(svc, task.id, wakeup, ended_maybe=not new)
@@ -90,7 +90,7 @@ def _wait_for_end(svc: Services, task_id: uuid.UUID, wakeup, *, ended_maybe: boo
     ended long ago: read it first. After a wake-up read it whole at once (one session, no attempt
     log); a fallback re-read reads the status alone."""
     deadline = time.monotonic() + svc.settings.sync_timeout_s
-    if ended_maybe and svc.store.status(task_id) in ENDED:
+    if ended_maybe and svc.tasks.status(task_id) in ENDED:
         return _ended_record(svc, task_id)
     fallback = FALLBACK_FIRST_S
     while True:
@@ -101,14 +101,14 @@ def _wait_for_end(svc: Services, task_id: uuid.UUID, wakeup, *, ended_maybe: boo
             record = _ended_record(svc, task_id)
             if record.task.status in ENDED:
                 return record
-        elif svc.store.status(task_id) in ENDED:
+        elif svc.tasks.status(task_id) in ENDED:
             return _ended_record(svc, task_id)
         else:
             fallback = min(fallback * 1.5, FALLBACK_MAX_S)
 
 
 def _ended_record(svc: Services, task_id: uuid.UUID) -> TaskRecord:
-    record = svc.store.get(task_id, with_bytes=True, with_attempts=False)
+    record = svc.tasks.get(task_id, with_bytes=True, with_attempts=False)
     assert record is not None  # tasks are never deleted while a request waits on them
     return record
 
@@ -130,7 +130,7 @@ def _sync_reply(svc: Services, record: TaskRecord):
 def _owned_record(task_id: str) -> TaskRecord:
     svc = services()
     parsed = parse_task_id(task_id)
-    record = svc.store.get(parsed, api_key_id=g.api_key_id, with_bytes=True) if parsed else None
+    record = svc.tasks.get(parsed, api_key_id=g.api_key_id, with_bytes=True) if parsed else None
     if record is None:  # missing, malformed and another key's: one answer, nothing to tell them apart
         raise ApiError(404, f"No task found with id '{task_id}'.", param="task_id", code="task_not_found")
     return record
@@ -147,11 +147,11 @@ def cancel_task(task_id: str):
     and before storing anything; a finished one answers 409."""
     svc = services()
     parsed = parse_task_id(task_id)
-    result = svc.store.cancel(parsed, g.api_key_id) if parsed else CancelResult.MISSING
+    result = svc.tasks.cancel(parsed, g.api_key_id) if parsed else CancelResult.MISSING
     if result == CancelResult.FINISHED:
         raise ApiError(409, "The task has already ended; there is nothing to cancel.", param="task_id",
                        code="task_finished")
     record = _owned_record(task_id)  # 404 for MISSING, in the same words as GET
     if result == CancelResult.CANCELLED:  # wake waiters, send its webhook, maybe close its batch
-        svc.endings.task_ended(record.task.id, record.task.batch_id, has_callback=record.task.callback_url is not None)
+        svc.after_end.task_ended(record.task.id, record.task.batch_id, has_callback=record.task.callback_url is not None)
     return _json(task_view(record, svc.settings), 200 if record.task.status == TaskStatus.FAILED else 202)

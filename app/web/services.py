@@ -1,31 +1,24 @@
-"""What the web process is wired to, built once per app by create_app."""
+"""What the web process is wired to: the runtime every process has, plus what only the API needs."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
-from celery import Celery
 from flask import current_app
-from sqlalchemy.orm import Session, sessionmaker
 
-from app.endings import Endings
-from app.events import TaskEvents
 from app.keys import KeyCache
 from app.providers import ModelConfig
-from app.settings import Settings
-from app.store import TaskStore
+from app.runtime import Runtime
 
 
-@dataclass(frozen=True)
-class Services:
-    settings: Settings
+@dataclass(frozen=True, kw_only=True)
+class Services(Runtime):
     models: dict[str, ModelConfig]
-    sessions: sessionmaker[Session]
     keys: KeyCache
-    store: TaskStore
-    celery: Celery
-    events: TaskEvents
-    endings: Endings
+
+    @classmethod
+    def of(cls, runtime: Runtime, *, models: dict[str, ModelConfig], keys: KeyCache) -> "Services":
+        return cls(**{field.name: getattr(runtime, field.name) for field in fields(Runtime)}, models=models, keys=keys)
 
     @property
     def default_model(self) -> str:

@@ -35,7 +35,7 @@ def list_deliveries():
     limit = request.args.get("limit", "100")
     if not limit.isdigit() or not 1 <= int(limit) <= 1000:
         raise ApiError(400, "'limit' must be 1 to 1000.", param="limit", code="invalid_value")
-    rows = services().endings.webhooks.deliveries(g.api_key_id, task_id=_id_arg("task_id"),
+    rows = services().webhooks.deliveries(g.api_key_id, task_id=_id_arg("task_id"),
                                                   batch_id=_id_arg("batch_id"), limit=int(limit))
     return DeliveryList(data=[
         DeliveryView(id=str(delivery.id), event_id=event.id, type=event.type,
@@ -76,11 +76,11 @@ def redeliver(delivery_id: str):
         response.headers["Retry-After"] = str(max(1, math.ceil(reset_at - time.time())))
         return response
     parsed = parse_task_id(delivery_id)
-    event_id = svc.endings.webhooks.redeliver(g.api_key_id, parsed) if parsed else None
+    event_id = svc.webhooks.redeliver(g.api_key_id, parsed) if parsed else None
     if event_id is None:
         raise ApiError(404, f"No delivery found with id '{delivery_id}'.", param="delivery_id",
                        code="delivery_not_found")
-    svc.endings.send([event_id])
+    svc.after_end.send([event_id])
     return {"event_id": event_id, "status": "pending"}, 202
 
 

@@ -1,0 +1,47 @@
+"""The composition root: the one place a process's runtime is built from its Settings.
+
+The API, the worker and the sweeper each call `build_runtime` and add only what is theirs: the API
+its key cache, the worker its adapters and runner, the sweeper its broker counter.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from celery import Celery
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.batches import BatchStore
+from app.db import make_engine, make_sessionmaker
+from app.endings import Endings
+from app.events import TaskEvents, make_task_events
+from app.queue import make_celery
+from app.settings import Settings
+from app.store import TaskStore
+from app.webhook_events import WebhookStore
+
+
+@dataclass(frozen=True)
+class Runtime:
+    settings: Settings
+    engine: Engine
+    sessions: sessionmaker[Session]
+    celery: Celery
+    wakeups: TaskEvents
+    tasks: TaskStore
+    batches: BatchStore
+    webhooks: WebhookStore
+    after_end: Endings
+
+
+def build_runtime(settings: Settings, *, pool_size: int = 10) -> Runtime:
+    """No ping before each checkout: a connection broken by a Postgres restart fails one statement,
+    the pool then drops them all, and the caller retries or the sweeper recovers what it was doing."""
+    engine = make_engine(settings.database_url, pool_size=pool_size, pre_ping=False)
+    sessions = make_sessionmaker(engine)
+    celery, wakeups = make_celery(settings), make_task_events(settings.broker_url)
+    batches, webhooks = BatchStore(sessions), WebhookStore(sessions)
+    return Runtime(settings=settings, engine=engine, sessions=sessions, celery=celery, wakeups=wakeups,
+                   tasks=TaskStore(sessions), batches=batches, webhooks=webhooks,
+                   after_end=Endings(wakeups, webhooks, batches, celery))
