@@ -17,6 +17,14 @@ from pydantic import ValidationError
 from app.settings import Settings, SettingsError
 
 
+def imagegate_command() -> list[str]:
+    """How to start another `imagegate` process: the console script installed beside this Python.
+    Never `python -m ...`, which puts the working directory first on the path, so that a directory
+    holding a package of the same name (any project's `app/`) would be imported instead of ours."""
+    script = Path(sys.executable).with_name("imagegate")
+    return [str(script)] if script.exists() else [sys.executable, "-c", "from app.cli import main; main()"]
+
+
 def load_settings(**overrides) -> Settings:
     try:
         return Settings(**overrides).check()
@@ -219,8 +227,8 @@ def up(host: str, port: int, data_dir: Path) -> None:
     upgrade(settings.database_url)
     key = create_key(make_sessionmaker(make_engine(settings.database_url)), "embedded").key
 
-    helpers = [subprocess.Popen([sys.executable, "-m", "app.cli", "worker", "--concurrency", "8"]),
-               subprocess.Popen([sys.executable, "-m", "app.cli", "sweeper"])]
+    helpers = [subprocess.Popen(imagegate_command() + ["worker", "--concurrency", "8"]),
+               subprocess.Popen(imagegate_command() + ["sweeper"])]
     model = next(iter(models))
     body = '{"model": "%s", "prompt": "a lighthouse at dusk", "response_format": "b64_json"}' % model
     click.echo(f"\nimagegate is up at {settings.public_url} (data in {data_dir})")

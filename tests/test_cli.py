@@ -25,6 +25,10 @@ def clean_env() -> dict[str, str]:
 
 def test_up_serves_the_local_model_with_no_servers(tmp_path):
     port = free_port()
+    # A directory holding packages named like ours (any Flask project's app/) must not be imported.
+    for name in ("app", "workers", "client", "migrations"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "__init__.py").write_text("raise ImportError('the wrong package was imported')\n")
     log = tmp_path / "up.log"
     process = subprocess.Popen(IMAGEGATE + ["up", "--port", str(port)], cwd=tmp_path, env=clean_env(),
                                stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)

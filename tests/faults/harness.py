@@ -30,7 +30,7 @@ from app.migrate import upgrade
 from tests.fake_upstream import FakeUpstream
 from tests.services import free_port, http_ok, wait_until
 
-IMAGEGATE = [sys.executable, "-m", "app.cli"]
+IMAGEGATE = [str(Path(sys.executable).with_name("imagegate"))]  # the console script, as users run it
 REPORT_ENV = "IMAGEGATE_FAULTS_REPORT"  # a JSON-lines file the figures are appended to, if set
 
 
