@@ -13,7 +13,7 @@ import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import cast
 
 import httpx
@@ -84,8 +84,8 @@ class TaskRunner:
     endings: Endings
     celery: Celery
     # Each model bound to its adapter and upstream key, once; and the keys' redactor.
-    upstreams: dict[str, Upstream] = field(init=False)
-    redact: Redactor = field(init=False)
+    upstreams: dict[str, Upstream] = dataclasses.field(init=False)
+    redact: Redactor = dataclasses.field(init=False)
 
     def __post_init__(self) -> None:
         self.upstreams = resolve_upstreams(self.models, self.adapters)
