@@ -28,7 +28,8 @@ class ModelConfig(BaseModel):
     name: str
     adapter: str
     base_url: str | None = None
-    # Name of the environment variable holding the upstream key, never the key itself.
+    # Name of the environment variable holding the upstream key, never the key itself; a worker
+    # reads it once, at start (workers.adapters.resolve_upstreams).
     api_key_env: str | None = None
     upstream_model: str | None = None
     # Total time allowed for one upstream call.

@@ -25,6 +25,8 @@ ENDED = ("completed", "cancelled")
 EXTENSIONS = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp"}
 ALL_EXTENSIONS = (*EXTENSIONS.values(), "bin")
 POLL_S = 1.0
+# Far above any n the server accepts: only keeps a wild n from costing time before the server refuses it.
+MAX_NAMED_IMAGES = 100
 DOWNLOAD_ATTEMPTS = 3  # per image, each with a freshly signed URL
 
 
@@ -41,6 +43,21 @@ class Line:
 
 def safe_name(custom_id: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", custom_id)
+
+
+def file_stem(custom_id: str, index: int, count: int) -> str:
+    """The file name, less its extension, of image `index` (from 1) of `count` a line got."""
+    return safe_name(custom_id) if count == 1 else f"{safe_name(custom_id)}-{index}"
+
+
+def file_stems(custom_id: str, body: dict) -> list[str]:
+    """Every name a line's images may be saved under: its n images, or one should the server give one."""
+    n = body.get("n", 1)
+    n = min(n, MAX_NAMED_IMAGES) if isinstance(n, int) and not isinstance(n, bool) and n > 1 else 1
+    stems = [file_stem(custom_id, 1, 1)]
+    if n > 1:
+        stems += [file_stem(custom_id, index, n) for index in range(1, n + 1)]
+    return stems
 
 
 # --- reading the file -------------------------------------------------------------------------
@@ -64,7 +81,7 @@ def read_requests(path: Path) -> tuple[str, list[Line], list[str]]:
     lines: list[Line] = []
     problems: list[str] = []
     ids: dict[str, int] = {}
-    names: dict[str, Line] = {}
+    names: dict[str, Line] = {}  # file stem -> the line whose images may be saved under it
     for number, raw in enumerate(data.split(b"\n"), start=1):
         if not raw.strip():
             continue
@@ -74,18 +91,21 @@ def read_requests(path: Path) -> tuple[str, list[Line], list[str]]:
             problems.append(f"line {number}: not JSON ({exc})")
             continue
         problem = _check(item)
+        stems = file_stems(item["custom_id"], item["body"]) if problem is None else []
         if problem is None and item["custom_id"] in ids:
             problem = f"custom_id {item['custom_id']!r} is already used on line {ids[item['custom_id']]}"
-        elif problem is None and safe_name(item["custom_id"]) in names:
-            # Two ids that sanitise alike would write the same image file.
-            other = names[safe_name(item["custom_id"])]
-            problem = f"custom_id {item['custom_id']!r} gives the same file name as line {other.number}'s"
+        elif clash := next((stem for stem in stems if stem in names), None):
+            # One image would overwrite the other, or be taken for it and skipped: refused before
+            # anything is sent. Ids that sanitise alike clash so, as do "a" with n=2 (a-1, a-2) and "a-1".
+            other = names[clash]
+            problem = (f"custom_id {item['custom_id']!r} and custom_id {other.custom_id!r} (line {other.number}) "
+                       f"would both save images as {clash}.*")
         if problem:
             problems.append(f"line {number}: {problem}")
             continue
         line = Line(number, item["custom_id"], item["body"])
         ids[line.custom_id] = number
-        names[safe_name(line.custom_id)] = line
+        names |= dict.fromkeys(stems, line)
         lines.append(line)
     if not lines and not problems:
         problems.append("no requests in the file")
@@ -238,7 +258,7 @@ class Saver:
     def save(self, custom_id: str, images: list[dict]) -> bool:
         complete = True
         for index, image in enumerate(images, start=1):
-            stem = safe_name(custom_id) if len(images) == 1 else f"{safe_name(custom_id)}-{index}"
+            stem = file_stem(custom_id, index, len(images))
             if any((self.out / f"{stem}.{ext}").exists() for ext in ALL_EXTENSIONS):
                 continue  # done by an earlier run
             try:

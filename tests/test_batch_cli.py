@@ -219,3 +219,40 @@ def test_lines_the_server_refuses_are_reported_by_their_line_in_the_file(tmp_pat
     assert "invalid_batch" in result.stderr and "Traceback" not in result.stderr
     assert re.findall(r"^line (\d+): ", result.stderr, re.MULTILINE) == ["4"]
     assert not (out / STATE_FILE).exists()
+
+
+def write_lines(path: Path, lines: list[tuple[str, int]]) -> Path:
+    path.write_text("".join(json.dumps({"custom_id": custom_id, "body": {"model": "local", "prompt": custom_id,
+                                                                          "size": "64x64", "n": n}}) + "\n"
+                            for custom_id, n in lines))
+    return path
+
+
+def test_custom_ids_whose_suffixed_file_names_clash_are_refused_before_anything_is_sent(tmp_path, env):
+    # "dup" with n=2 saves dup-1 and dup-2: "dup-1" would save over (or be skipped as) the first.
+    file = write_lines(tmp_path / "clash.jsonl", [("dup", 2), ("other", 1), ("dup-1", 1)])
+    out = tmp_path / "out"
+    with socket.socket() as server:  # notices any connection: there must be none
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        server.setblocking(False)
+        result = batch_cli(submit_args(file, out, f"http://127.0.0.1:{server.getsockname()[1]}", "ig_unused"), env)
+        with pytest.raises(BlockingIOError):
+            server.accept()
+    assert result.returncode == 2, result.stdout + result.stderr
+    (problem,) = [line for line in result.stderr.splitlines() if re.search(r"line \d+: ", line)]
+    assert "line 3: " in problem and "'dup-1'" in problem and "'dup'" in problem and "line 1" in problem
+    assert "dup-1" in problem and "Traceback" not in result.stderr
+    assert not out.exists()
+
+
+@pytest.mark.e2e
+def test_several_images_of_a_line_are_saved_with_suffixes_beside_other_lines(tmp_path, api_url, api_key,
+                                                                            worker, env):
+    file = write_lines(tmp_path / "many.jsonl", [("dup", 2), ("dup-3", 1), ("one", 1)])
+    out = tmp_path / "out"
+
+    result = batch_cli(submit_args(file, out, api_url, api_key), env)
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert files_in(out) == {"dup-1.png", "dup-2.png", "dup-3.png", "one.png", STATE_FILE}

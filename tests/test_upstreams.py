@@ -166,3 +166,18 @@ def test_chat_model_edit_fans_out_and_retries_a_reply_without_an_image(client, c
     parts = calls[0].body["messages"][-1]["content"]
     assert {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}} in parts
     assert [entry.get("error_code") for entry in body["attempt_log"]].count("no_image_in_reply") == 1
+
+
+@pytest.mark.parametrize("status, code", [(400, "upstream_rejected"), (500, "upstream_error")])
+def test_an_upstream_echoing_the_authorization_header_leaks_no_key(client, upstream, prompt, env, status, code):
+    key = env["FAKE_UPSTREAM_KEY"]
+    echo = f"Authorization: Bearer {key}"  # what the worker sends, echoed back in the error body
+    upstream.script(prompt, Step(status=status, message=f"bad request; headers were {{{echo!r}}} (key {key})",
+                                 error_code=f"invalid_key_{key}"))
+    body = wait_for_end(client, submit_async(client, model="fake-dalle", prompt=prompt))
+    (call,) = upstream.calls_for(prompt)
+    assert call.authorization == f"Bearer {key}"  # so the body above is a faithful echo
+    assert body["task_status"] == "failed" and body["error"]["code"] == code
+    assert "bad request; headers were" in body["error"]["message"]  # the rest of the text is kept
+    stored = client.get(f"/v1/images/{body['task_id']}").text
+    assert key not in stored and key[:12] not in stored and "[redacted]" in stored

@@ -10,11 +10,11 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import os
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import cast
 
 import httpx
 from celery import Celery
@@ -22,7 +22,6 @@ from pydantic import ValidationError
 from sqlalchemy.exc import InterfaceError, OperationalError
 
 from app.endings import Endings
-from app.families import constraints
 from app.models import utcnow
 from app.providers import ModelConfig
 from app.queue import publish_run
@@ -32,16 +31,20 @@ from app.states import ErrorCode
 from app.attempt_store import AttemptStore, CallOutcome, Claim, NewImage, Success
 from app.store import Failure, parse_task_id
 from workers.http import current_call
-from workers.adapters.base import Generation, UpstreamError, is_polling
+from workers.adapters import Upstream, resolve_upstreams
+from workers.adapters.base import Adapter, Generation, ImageAdapter, PollingAdapter, UpstreamError
 from workers.fanout import merge_usage, slot_counts
 from workers.images import fetch_images
 from workers.leases import LeaseKeeper
 from workers.grouped import Grouped
+from workers.redaction import Redactor
 from workers.retry import backoff_s
 
 log = logging.getLogger(__name__)
 
 MAX_POLL_INTERVAL_S = 30.0
+# A stored error message is cut to this, after redaction: a secret cut in two would no longer match.
+MAX_MESSAGE_CHARS = 1000
 
 
 @dataclass(frozen=True)
@@ -54,28 +57,17 @@ class Call:
     upstream_status: int | None = None
     error: UpstreamError | None = None
 
-    @property
-    def outcome(self) -> CallOutcome:
-        failure = _failure(self.error) if self.error else None
-        return CallOutcome(self.slot, self.upstream_status, failure)
 
-
-def _failure(exc: UpstreamError) -> Failure:
-    return Failure(exc.code, exc.message, exc.details, exc.upstream_status)
-
-
-def plan_calls(models: dict[str, ModelConfig], adapters: dict[str, type], claim: Claim, done: set[int]) -> list[int]:
+def plan_calls(upstreams: dict[str, Upstream], claim: Claim, done: set[int]) -> list[int]:
     """The fan-out slots an attempt calls: those earlier attempts did not store; none when the model
     cannot be served (the attempt then fails without a call)."""
-    config = models.get(claim.route)
-    adapter = adapters.get(config.adapter) if config else None
-    if adapter is None:
+    upstream = upstreams.get(claim.route)
+    if upstream is None or upstream.unavailable:
         return []
-    if is_polling(adapter):
+    if upstream.polling:
         return [0]
     n = claim.request.get("n", 1)
-    counts = slot_counts(n if isinstance(n, int) else 1,
-                         constraints(config).get("max_images_per_call") or adapter.max_images_per_call)
+    counts = slot_counts(n if isinstance(n, int) else 1, upstream.max_images_per_call)
     return [slot for slot in range(len(counts)) if slot not in done]
 
 
@@ -87,10 +79,20 @@ class TaskRunner:
     # Successes are written grouped across the tasks in flight (see workers.grouped).
     successes: Grouped[Success, bool]
     models: dict[str, ModelConfig]
-    adapters: dict[str, type]
+    adapters: dict[str, type[Adapter]]
     http: httpx.Client
     endings: Endings
     celery: Celery
+    # Each model bound to its adapter and upstream key, once; and the keys' redactor.
+    upstreams: dict[str, Upstream] = dataclasses.field(init=False)
+    redact: Redactor = dataclasses.field(init=False)
+
+    def __post_init__(self) -> None:
+        self.upstreams = resolve_upstreams(self.models, self.adapters)
+        self.redact = Redactor(upstream.api_key for upstream in self.upstreams.values())
+        for name, upstream in self.upstreams.items():
+            if upstream.unavailable:
+                log.warning("model %r cannot be served: %s", name, upstream.unavailable)
 
     def run(self, task_id: str, attempt: int, poll: int = 0, *, worker: str) -> None:
         parsed = parse_task_id(task_id)
@@ -99,7 +101,7 @@ class TaskRunner:
         lease_s = self.settings.lease_s
         claim = self.store.claim_poll(parsed, attempt, poll, lease_s=lease_s) if poll else \
             self.store.claim(parsed, attempt, worker=worker, lease_s=lease_s,
-                             plan=functools.partial(plan_calls, self.models, self.adapters))
+                             plan=functools.partial(plan_calls, self.upstreams))
         if claim is None:
             log.info("task %s attempt %s poll %s: not claimable (duplicate delivery or already ended)",
                      task_id, attempt, poll)
@@ -109,17 +111,19 @@ class TaskRunner:
 
     def _run_claimed(self, claim: Claim) -> None:
         try:
-            config = self.models.get(claim.route)
-            if config is None:
+            upstream = self.upstreams.get(claim.route)
+            if upstream is None:
                 raise UpstreamError(ErrorCode.MISCONFIGURED, f"model {claim.route!r} is no longer configured", False)
+            if upstream.unavailable:
+                raise UpstreamError(ErrorCode.MISCONFIGURED, upstream.unavailable, False)
             request = GenerationRequest.model_validate(claim.request)
-            adapter = self.adapters[config.adapter](config, self.http, self._upstream_key(config))
-            if is_polling(adapter):
-                self._run_polling(claim, config, adapter, request)
+            adapter = upstream.connect(self.http)
+            if upstream.polling:  # declared by the adapter, checked when the adapters were loaded
+                self._run_polling(claim, upstream.config, cast(PollingAdapter, adapter), request)
             else:
-                self._run_calls(claim, config, adapter, request)
+                self._run_calls(claim, upstream, cast(ImageAdapter, adapter), request)
         except UpstreamError as exc:  # before any call was made: the model cannot be served
-            self._end_failed(claim, _failure(exc), [])
+            self._end_failed(claim, self._failure(exc), [])
         except ValidationError:
             self._end_failed(claim, Failure(ErrorCode.INTERNAL, "stored request no longer validates"), [])
         except Exception:
@@ -127,8 +131,9 @@ class TaskRunner:
             self._end_failed(claim, Failure(ErrorCode.INTERNAL, "The gateway failed while running this task."), [])
 
     # -- upstreams that answer with images ----------------------------------------------------
-    def _run_calls(self, claim: Claim, config: ModelConfig, adapter, request: GenerationRequest) -> None:
-        counts = slot_counts(request.n, constraints(config).get("max_images_per_call") or adapter.max_images_per_call)
+    def _run_calls(self, claim: Claim, upstream: Upstream, adapter: ImageAdapter, request: GenerationRequest) -> None:
+        config = upstream.config
+        counts = slot_counts(request.n, upstream.max_images_per_call)
         todo = list(claim.slots)
 
         def call(slot: int) -> Call:
@@ -153,7 +158,8 @@ class TaskRunner:
                     generation.upstream_status)
 
     def _finish(self, claim: Claim, config: ModelConfig, request: GenerationRequest, calls: list[Call]) -> None:
-        outcomes = [call.outcome for call in calls]
+        outcomes = [CallOutcome(call.slot, call.upstream_status, self._failure(call.error) if call.error else None)
+                    for call in calls]
         images = [image for call in calls for image in call.images]
         usage = claim.usage
         for call in calls:
@@ -171,7 +177,8 @@ class TaskRunner:
         self._failed(claim, config, request, fatal or errors[0], outcomes, images=images, usage=usage)
 
     # -- upstreams that are themselves asynchronous -------------------------------------------
-    def _run_polling(self, claim: Claim, config: ModelConfig, adapter, request: GenerationRequest) -> None:
+    def _run_polling(self, claim: Claim, config: ModelConfig, adapter: PollingAdapter,
+                     request: GenerationRequest) -> None:
         current_call.set(f"imagegate-{claim.task_id}-{claim.attempt}-0-{claim.polls}")
         try:
             if claim.upstream_task_id is None:
@@ -204,7 +211,7 @@ class TaskRunner:
     # -- endings ------------------------------------------------------------------------------
     def _failed(self, claim: Claim, config: ModelConfig, request: GenerationRequest, exc: UpstreamError,
                 outcomes: list[CallOutcome], *, images: list[NewImage], usage: dict | None) -> None:
-        failure = _failure(exc)
+        failure = self._failure(exc)
         if exc.retryable and claim.retries_used < min(request.retries, config.max_retries):
             delay = backoff_s(claim.retries_used + 1, base_s=self.settings.retry_base_s,
                               max_s=self.settings.retry_max_s, retry_after_s=exc.retry_after_s)
@@ -265,14 +272,8 @@ class TaskRunner:
     def _announce(self, claim: Claim) -> None:
         self.endings.task_ended(claim.task_id, claim.batch_id, has_callback=claim.callback_url is not None)
 
-    @staticmethod
-    def _upstream_key(config: ModelConfig) -> str | None:
-        if not config.api_key_env:
-            return None
-        key = os.environ.get(config.api_key_env)
-        if not key:
-            raise UpstreamError(ErrorCode.MISCONFIGURED,
-                                f"the environment variable {config.api_key_env} holding the upstream key is not set",
-                                retryable=False)
-        return key
-
+    def _failure(self, exc: UpstreamError) -> Failure:
+        """What is stored (and served, sent in webhooks, logged) of an upstream error: every one
+        passes here, so upstream text is redacted here."""
+        return Failure(exc.code, self.redact.text(exc.message)[:MAX_MESSAGE_CHARS], self.redact.value(exc.details),
+                       exc.upstream_status)

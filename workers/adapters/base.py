@@ -1,7 +1,9 @@
-"""The adapter port: one small class per upstream protocol, with one method.
+"""The adapter port: one small class per upstream protocol, with one method (two when polling).
 
 An adapter turns a validated request into images. It raises UpstreamError (retryable or not)
-and never touches the database or Celery; the runner does that.
+and never touches the database or Celery; the runner does that. What it can do is declared as
+data (`capabilities`), which the runner reads; the upstream key comes in resolved, from the
+model's `api_key_env` (see workers.adapters.resolve_upstreams).
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ class Generation:
 
 @dataclass
 class UpstreamError(Exception):
-    code: str
+    code: ErrorCode
+    # May carry upstream text: the runner redacts it before it is stored or logged.
     message: str
     retryable: bool
     upstream_status: int | None = None
@@ -64,6 +67,50 @@ def error_for_status(status: int, message: str, *, retry_after_s: float | None =
                          details=details or {})
 
 
+@dataclass(frozen=True)
+class Capabilities:
+    """What an adapter can do, declared on its class for the runner to read."""
+
+    # The upstream is itself asynchronous: the adapter is a PollingAdapter (submit, then poll).
+    polling: bool = False
+    # How many images one upstream call can return; None: any n. A model's own
+    # `max_images_per_call` (or its family's) wins over this.
+    max_images_per_call: int | None = None
+
+
+class Adapter(Protocol):
+    """What every adapter class declares, and how the runner builds one: once per attempt, with the
+    model's settings, the worker's shared HTTP client and the model's upstream key (None if none)."""
+
+    name: ClassVar[str]
+    capabilities: ClassVar[Capabilities]
+
+    def __init__(self, config: ModelConfig, http: httpx.Client, api_key: str | None) -> None: ...
+
+
+class ImageAdapter(Adapter, Protocol):
+    """An upstream that answers a call with its images."""
+
+    def generate(self, request: GenerationRequest) -> Generation: ...
+
+
+class PollingAdapter(Adapter, Protocol):
+    """An upstream that is itself asynchronous (`capabilities.polling`): submit once, then poll its
+    task id. The runner polls by rescheduling the Celery task, never by holding a worker slot."""
+
+    def submit(self, request: GenerationRequest) -> str:
+        """The upstream's task id."""
+        ...
+
+    def poll(self, upstream_task_id: str) -> Generation | None:
+        """The images once the upstream task succeeded; None while it is still going."""
+        ...
+
+
+# The methods each kind of adapter must have, checked once when the adapters are loaded.
+REQUIRED_METHODS = {False: ("generate",), True: ("submit", "poll")}
+
+
 class HttpAdapter:
     """The constructor every adapter that calls an HTTP upstream shares."""
 
@@ -71,34 +118,3 @@ class HttpAdapter:
         self.config = config
         self.http = http
         self.api_key = api_key
-
-
-class Adapter(Protocol):
-    name: ClassVar[str]
-    # Capabilities, as data: how many images one upstream call can return (None: any n).
-    max_images_per_call: ClassVar[int | None]
-
-    def __init__(self, config: ModelConfig, http: httpx.Client, api_key: str | None) -> None: ...
-
-    def generate(self, request: GenerationRequest) -> Generation: ...
-
-
-class PollingAdapter(Protocol):
-    """An upstream that is itself asynchronous: submit once, then poll its task id.
-
-    The runner polls by rescheduling the Celery task, never by holding a worker slot."""
-
-    name: ClassVar[str]
-    max_images_per_call: ClassVar[int | None]
-
-    def __init__(self, config: ModelConfig, http: httpx.Client, api_key: str | None) -> None: ...
-
-    def submit(self, request: GenerationRequest) -> str: ...
-
-    def poll(self, upstream_task_id: str) -> Generation | None:
-        """The images once the upstream task succeeded; None while it is still going."""
-        ...
-
-
-def is_polling(adapter: object) -> bool:
-    return callable(getattr(adapter, "submit", None)) and callable(getattr(adapter, "poll", None))

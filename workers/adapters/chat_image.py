@@ -17,11 +17,10 @@ from __future__ import annotations
 import re
 from typing import Any, ClassVar
 
-
 from app.providers import ModelConfig
 from app.schemas import GenerationRequest
 from app.states import ErrorCode
-from workers.adapters.base import HttpAdapter, Generation, UpstreamError, UpstreamImage
+from workers.adapters.base import Capabilities, Generation, HttpAdapter, UpstreamError, UpstreamImage
 from workers.adapters.openai import call
 
 NO_IMAGE = ErrorCode.NO_IMAGE
@@ -34,7 +33,7 @@ DATA_URI = re.compile(r"data:image/[\w.+-]+;base64,[A-Za-z0-9+/=]+")
 class ChatImageAdapter(HttpAdapter):
     name: ClassVar[str] = "chat_image"
     # A chat reply carries one image; the runner fans out concurrent calls for n > 1.
-    max_images_per_call: ClassVar[int | None] = 1
+    capabilities: ClassVar[Capabilities] = Capabilities(max_images_per_call=1)
 
     def generate(self, request: GenerationRequest) -> Generation:
         reply, document = call(self.http, self.config, self.api_key, "POST", "/chat/completions",

@@ -8,10 +8,9 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-
 from app.schemas import GenerationRequest
 from app.states import ErrorCode
-from workers.adapters.base import HttpAdapter, Generation, UpstreamError
+from workers.adapters.base import Capabilities, Generation, HttpAdapter, UpstreamError
 from workers.adapters.openai import call, images_body, images_of
 
 REFUSAL_WORDS = ("policy", "sensitive", "moderation", "safety")
@@ -19,7 +18,7 @@ REFUSAL_WORDS = ("policy", "sensitive", "moderation", "safety")
 
 class GeekAIAsyncAdapter(HttpAdapter):
     name: ClassVar[str] = "geekai_async"
-    max_images_per_call: ClassVar[int | None] = None
+    capabilities: ClassVar[Capabilities] = Capabilities(polling=True)
 
     def submit(self, request: GenerationRequest) -> str:
         body = images_body(request, self.config) | {"async": True}
@@ -41,6 +40,6 @@ class GeekAIAsyncAdapter(HttpAdapter):
         code = str(error.get("code") or "")
         refused = any(word in code.lower() for word in REFUSAL_WORDS)
         raise UpstreamError(ErrorCode.CONTENT_POLICY if refused else ErrorCode.UPSTREAM_ERROR,
-                            str(error.get("message") or f"upstream task {status or 'unknown'}")[:1000],
+                            str(error.get("message") or f"upstream task {status or 'unknown'}"),
                             retryable=not refused and status == "failed", upstream_status=reply.status,
                             details={"upstream_task_id": upstream_task_id, "upstream_code": code})

@@ -12,7 +12,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 from app.providers import ModelConfig
 from app.schemas import GenerationRequest
-from workers.adapters.base import Generation, UpstreamError, UpstreamImage
+from app.states import ErrorCode
+from workers.adapters.base import Capabilities, Generation, UpstreamError, UpstreamImage
 
 MAX_SIDE = 4096
 NAMED_SIZES = {"auto": (1024, 1024), "1k": (1024, 1024), "2k": (2048, 2048), "4k": (4096, 4096)}
@@ -44,7 +45,7 @@ def render(prompt: str, index: int, width: int, height: int, image_format: str) 
 
 class LocalAdapter:
     name: ClassVar[str] = "local"
-    max_images_per_call: ClassVar[int | None] = None
+    capabilities: ClassVar[Capabilities] = Capabilities()
 
     def __init__(self, config: ModelConfig, http: httpx.Client, api_key: str | None) -> None:
         self.config = config
@@ -52,7 +53,8 @@ class LocalAdapter:
     def generate(self, request: GenerationRequest) -> Generation:
         width, height = parse_size(request.size)
         if not (1 <= width <= MAX_SIDE and 1 <= height <= MAX_SIDE):
-            raise UpstreamError("upstream_rejected", f"size must be at most {MAX_SIDE}x{MAX_SIDE}", retryable=False)
+            raise UpstreamError(ErrorCode.UPSTREAM_REJECTED, f"size must be at most {MAX_SIDE}x{MAX_SIDE}",
+                                retryable=False)
         images = [UpstreamImage(data=render(request.prompt, index, width, height, request.image_format))
                   for index in range(request.n)]
         return Generation(images=images, usage={"generated_images": len(images)})

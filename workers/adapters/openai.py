@@ -14,14 +14,14 @@ from app.providers import ModelConfig
 from app.schemas import GenerationRequest
 from app.states import ErrorCode
 from workers import http
-from workers.adapters.base import HttpAdapter, Generation, UpstreamError, UpstreamImage, error_for_status
+from workers.adapters.base import Capabilities, Generation, HttpAdapter, UpstreamError, UpstreamImage, error_for_status
 
 CONTENT_POLICY_CODES = {"content_policy_violation", "moderation_blocked", "content_filter"}
 
 
 class OpenAIAdapter(HttpAdapter):
     name: ClassVar[str] = "openai"
-    max_images_per_call: ClassVar[int | None] = None
+    capabilities: ClassVar[Capabilities] = Capabilities()
 
     def generate(self, request: GenerationRequest) -> Generation:
         reply, document = call(self.http, self.config, self.api_key, "POST", "/images/generations",
@@ -79,7 +79,8 @@ def _json_object(body: bytes) -> dict[str, Any] | None:
 def _error(reply: http.Reply, document: dict[str, Any] | None) -> UpstreamError:
     error = (document or {}).get("error")
     error = error if isinstance(error, dict) else {}
-    message = str(error.get("message") or f"upstream answered HTTP {reply.status}")[:1000]
+    # Uncut and unredacted: the runner redacts, then cuts (see TaskRunner._failure).
+    message = str(error.get("message") or f"upstream answered HTTP {reply.status}")
     details = {"upstream_status": reply.status}
     if error.get("code"):
         details["upstream_code"] = str(error["code"])
