@@ -35,6 +35,7 @@ from workers.http import current_call
 from workers.adapters.base import Generation, UpstreamError, is_polling
 from workers.fanout import merge_usage, slot_counts
 from workers.images import fetch_images
+from workers.outbound import CheckedClients
 from workers.leases import LeaseKeeper
 from workers.grouped import Grouped
 from workers.retry import backoff_s
@@ -91,6 +92,8 @@ class TaskRunner:
     http: httpx.Client
     endings: Endings
     celery: Celery
+    # For image URLs off the model's own origin (see workers.images).
+    checked: CheckedClients = dataclasses.field(default_factory=CheckedClients)
 
     def run(self, task_id: str, attempt: int, poll: int = 0, *, worker: str) -> None:
         parsed = parse_task_id(task_id)
@@ -148,7 +151,8 @@ class TaskRunner:
         self._finish(claim, config, request, calls)
 
     def _stored(self, slot: int, generation: Generation, config: ModelConfig) -> Call:
-        images = fetch_images(generation.images, client=self.http, config=config, settings=self.settings)
+        images = fetch_images(generation.images, client=self.http, checked=self.checked, config=config,
+                              settings=self.settings)
         return Call(slot, [dataclasses.replace(image, slot=slot) for image in images], generation.usage,
                     generation.upstream_status)
 
