@@ -9,6 +9,7 @@ connection to the one public address used is refused before it leaves the machin
 from __future__ import annotations
 
 import socket
+import subprocess
 import threading
 import time
 import uuid
@@ -243,9 +244,7 @@ base_url = "http://localhost:{upstream.port}/v1"
         redis_server.stop()
 
 
-def _start_worker(env: dict[str, str], log):
-    import subprocess
-
+def _start_worker(env: dict[str, str], log) -> subprocess.Popen:
     process = subprocess.Popen(IMAGEGATE + ["worker", "--concurrency", "10"], env=env, stdout=log.open("w"),
                                stderr=subprocess.STDOUT, start_new_session=True)
     wait_until(lambda: process.poll() is not None or "ready" in log.read_text(), 60, "the strict worker")

@@ -12,6 +12,7 @@ the fast client of workers.http, unchecked.
 
 from __future__ import annotations
 
+import ssl
 import typing
 
 import httpcore
@@ -42,7 +43,7 @@ class CheckedBackend(httpcore.SyncBackend):
 class CheckedTransport(httpx.HTTPTransport):
     """httpx's own transport, its connections opened by CheckedBackend."""
 
-    def __init__(self, *, allow_private: bool, verify: typing.Any = True, max_connections: int = 200):
+    def __init__(self, *, allow_private: bool, verify: ssl.SSLContext | bool = True, max_connections: int = 200):
         limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=32)
         # No proxy from the environment: a proxy would make the connection, defeating the check.
         ssl_context = httpx.create_ssl_context(verify=verify, trust_env=False)
@@ -55,7 +56,8 @@ class CheckedTransport(httpx.HTTPTransport):
             network_backend=CheckedBackend(allow_private=allow_private))
 
 
-def make_client(*, allow_private: bool, verify: typing.Any = True, max_connections: int = 200) -> httpx.Client:
+def make_client(*, allow_private: bool, verify: ssl.SSLContext | bool = True,
+                max_connections: int = 200) -> httpx.Client:
     """A client that connects only to checked addresses (any address when allow_private) and never
     follows redirects. A request it refuses raises app.ssrf.UnsafeUrl."""
     transport = CheckedTransport(allow_private=allow_private, verify=verify, max_connections=max_connections)
