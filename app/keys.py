@@ -6,7 +6,6 @@ hash cannot be reversed and a lookup by hash is an index hit.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import hmac
 import secrets
@@ -19,6 +18,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.models import ApiKey, utcnow
+from app.webhook_signing import new_secret
 
 KEY_PREFIX = "ig_"
 
@@ -41,15 +41,10 @@ class Caller:
     callback_url: str | None
 
 
-def new_webhook_secret() -> str:
-    """A Standard Webhooks secret: whsec_ and 24 random bytes in base64."""
-    return "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
-
-
 def create_key(sessions: sessionmaker[Session], name: str, callback_url: str | None = None) -> NewKey:
     """Store a new key and return it; this is the only time the key itself exists."""
     key = KEY_PREFIX + secrets.token_urlsafe(32)
-    secret = new_webhook_secret()
+    secret = new_secret()
     with sessions.begin() as session:
         session.add(ApiKey(id=uuid.uuid4(), name=name, prefix=key[:10], key_hash=hash_key(key),
                            callback_url=callback_url, webhook_secret=secret))
@@ -58,7 +53,7 @@ def create_key(sessions: sessionmaker[Session], name: str, callback_url: str | N
 
 def rotate_webhook_secret(sessions: sessionmaker[Session], name: str, overlap_s: float) -> str | None:
     """A new signing secret for the key named `name`; the old one still signs for overlap_s."""
-    secret = new_webhook_secret()
+    secret = new_secret()
     with sessions.begin() as session:
         rows = session.execute(
             update(ApiKey).where(ApiKey.name == name, ApiKey.revoked_at.is_(None))

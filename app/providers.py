@@ -36,7 +36,7 @@ class ModelConfig(BaseModel):
     timeout_s: float = Field(120.0, gt=0)
     # Ceiling for a request's `retries`.
     max_retries: int = Field(2, ge=0, le=10)
-    # Tests serve images from 127.0.0.1; real deployments must not fetch private addresses.
+    # Image URLs elsewhere than base_url's own origin may point at private addresses (a test's 127.0.0.1).
     allow_private_downloads: bool = False
 
     # What a request may ask of this model, checked at intake (app/families.py). A family sets

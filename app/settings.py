@@ -6,9 +6,10 @@ passed around as an object; nothing reads the environment at import time.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # A placeholder, never a usable secret: start-up refuses it outside the embedded mode.
@@ -17,6 +18,21 @@ DEFAULT_SECRET_KEY = "change-me"
 
 class SettingsError(ValueError):
     """A setting that makes the process refuse to start."""
+
+
+def parse_retry_schedule(text: str) -> list[float]:
+    """Seconds before each webhook retry, from comma-separated numbers such as "5,300,1800"."""
+    delays = []
+    for item in text.split(","):
+        try:
+            delay = float(item)
+        except ValueError:
+            delay = math.nan
+        if not math.isfinite(delay) or delay < 0:
+            raise ValueError(f"invalid webhook retry schedule {text!r}: expected comma-separated "
+                             f"non-negative numbers of seconds such as '5,300,1800', got {item.strip()!r}")
+        delays.append(delay)
+    return delays
 
 
 class Settings(BaseSettings):
@@ -96,6 +112,16 @@ class Settings(BaseSettings):
     # The embedded mode (`imagegate up`): SQLite file + filesystem broker under data_dir.
     embedded: bool = False
     data_dir: Path | None = None
+
+    @field_validator("webhook_retry_schedule")
+    @classmethod
+    def _retry_schedule_parses(cls, text: str) -> str:
+        parse_retry_schedule(text)  # a bad schedule stops start-up, not the first failed delivery
+        return text
+
+    @property
+    def webhook_retry_delays_s(self) -> list[float]:
+        return parse_retry_schedule(self.webhook_retry_schedule)
 
     def check(self) -> "Settings":
         """Refuse settings a server must not run with. Returns self for chaining."""

@@ -91,12 +91,18 @@ def resolve_public(url: str, *, allow_private: bool = False) -> tuple[str, list[
     except UnicodeError:
         raise UnsafeUrl(f"{host!r} is not a valid host name") from None
 
+    return host, resolve_host(host, port or (443 if scheme == "https" else 80), allow_private=allow_private)
+
+
+def resolve_host(host: str, port: int, *, allow_private: bool = False) -> list[str]:
+    """The addresses an ASCII host name (or address literal) resolves to, every one checked unless
+    allow_private: the only ones the caller may connect to. Raises UnsafeUrl as resolve_public."""
     literal = _literal_address(host)
     if literal is not None:
         addresses = [str(literal)]
     else:
         try:
-            infos = socket.getaddrinfo(host, port or (443 if scheme == "https" else 80), type=socket.SOCK_STREAM)
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         except (OSError, UnicodeError):
             raise UnsafeUrl(f"{host} does not resolve") from None
         addresses = list(dict.fromkeys(info[4][0] for info in infos))  # unique, resolver order kept
@@ -105,4 +111,4 @@ def resolve_public(url: str, *, allow_private: bool = False) -> tuple[str, list[
     if not allow_private:
         for address in addresses:
             check_address(address)
-    return host, addresses
+    return addresses

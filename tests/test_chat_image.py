@@ -17,6 +17,7 @@ from workers import http
 from workers.adapters.base import UpstreamError
 from workers.adapters.chat_image import ChatImageAdapter
 from workers.images import fetch_images
+from workers.outbound import CheckedClients
 
 SYSTEM_PROMPT = "你是一个AI画图机器人"
 
@@ -51,7 +52,8 @@ def chat_prompt() -> str:
 
 
 def stored(generation, http_client, config):
-    return fetch_images(generation.images, client=http_client, config=config, settings=Settings(secret_key="x"))
+    return fetch_images(generation.images, client=http_client, checked=CheckedClients(), config=config,
+                        settings=Settings(secret_key="x"))
 
 
 @pytest.mark.parametrize("style", ["geekai", "openrouter", "markdown_data"])

@@ -1,5 +1,6 @@
-"""HTTP for the workers: one httpx client per process, calls bounded by a total deadline,
-and image downloads that refuse private addresses and oversize bodies."""
+"""HTTP for the workers: one httpx client per process for the upstreams, calls bounded by a total
+deadline, and image downloads that refuse oversize bodies (and, through a client of
+workers.outbound, addresses its policy refuses)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from email.utils import parsedate_to_datetime
 
 import httpx
 
-from app.ssrf import UnsafeUrl, resolve_public
+from app.ssrf import UnsafeUrl
 from app.states import ErrorCode
 from workers.adapters.base import UpstreamError
 
@@ -97,13 +98,14 @@ def retry_after_s(headers: httpx.Headers) -> float | None:
             return None
 
 
-def download(client: httpx.Client, url: str, *, max_bytes: int, deadline_s: float, allow_private: bool) -> bytes:
-    if not allow_private:
-        try:
-            resolve_public(url)
-        except UnsafeUrl as exc:
-            raise UpstreamError(ErrorCode.UPSTREAM_BAD_RESPONSE, f"image URL refused: {exc}", retryable=False) from None
-    reply = request(client, "GET", url, deadline_s=deadline_s, max_bytes=max_bytes)
+def download(client: httpx.Client, url: str, *, max_bytes: int, deadline_s: float) -> bytes:
+    """GET an image; the client decides which addresses may be reached (see workers.outbound)."""
+    try:
+        if httpx.URL(url).scheme not in ("http", "https"):
+            raise UnsafeUrl(f"only http and https URLs are allowed: {url[:100]!r}")
+        reply = request(client, "GET", url, deadline_s=deadline_s, max_bytes=max_bytes)
+    except (UnsafeUrl, httpx.InvalidURL) as exc:
+        raise UpstreamError(ErrorCode.UPSTREAM_BAD_RESPONSE, f"image URL refused: {exc}", retryable=False) from None
     if reply.status != 200:
         raise UpstreamError(ErrorCode.UPSTREAM_ERROR if reply.status >= 500 else ErrorCode.UPSTREAM_BAD_RESPONSE,
                             f"image download answered {reply.status}", retryable=reply.status >= 500,

@@ -12,6 +12,7 @@ from app.settings import Settings
 from app.states import ErrorCode
 from app.attempt_store import NewImage
 from workers import http
+from workers.outbound import CheckedClients, same_origin
 from workers.adapters.base import UpstreamError, UpstreamImage
 
 
@@ -36,8 +37,9 @@ def _decode_b64(text: str) -> bytes:
         raise UpstreamError(ErrorCode.UPSTREAM_BAD_RESPONSE, "upstream b64_json is not base64", retryable=True) from None
 
 
-def fetch_images(images: list[UpstreamImage], *, client: httpx.Client, config: ModelConfig,
-                 settings: Settings) -> list[NewImage]:
+def fetch_images(images: list[UpstreamImage], *, client: httpx.Client, checked: CheckedClients,
+                 config: ModelConfig, settings: Settings) -> list[NewImage]:
+    """client: the upstreams' client, for images on the model's own origin; checked: for the rest."""
     stored = []
     for image in images:
         if image.data is not None:
@@ -47,12 +49,20 @@ def fetch_images(images: list[UpstreamImage], *, client: httpx.Client, config: M
         elif image.url and image.url.startswith("data:"):  # chat models inline their image so
             data = _decode_b64(image.url)
         else:
-            data = http.download(client, image.url or "", max_bytes=settings.max_download_bytes,
-                                 deadline_s=settings.download_timeout_s,
-                                 allow_private=config.allow_private_downloads)
+            url = image.url or ""
+            data = http.download(_client_for(url, client, checked, config), url,
+                                 max_bytes=settings.max_download_bytes, deadline_s=settings.download_timeout_s)
         content_type = sniff_content_type(data)
         if content_type is None:
             raise UpstreamError(ErrorCode.UPSTREAM_BAD_RESPONSE, "upstream returned something that is not an image",
                                 retryable=True)
         stored.append(NewImage(data=data, content_type=content_type, revised_prompt=image.revised_prompt))
     return stored
+
+
+def _client_for(url: str, upstream: httpx.Client, checked: CheckedClients, config: ModelConfig) -> httpx.Client:
+    # The model's own origin is the operator's choice, trusted like the calls to it: a self-hosted
+    # upstream on a private address serves its images from itself. Anywhere else is checked.
+    if same_origin(url, config.base_url):
+        return upstream
+    return checked.client(allow_private=config.allow_private_downloads)

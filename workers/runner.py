@@ -35,6 +35,7 @@ from workers.adapters import Upstream, resolve_upstreams
 from workers.adapters.base import Adapter, Generation, ImageAdapter, PollingAdapter, UpstreamError
 from workers.fanout import merge_usage, slot_counts
 from workers.images import fetch_images
+from workers.outbound import CheckedClients
 from workers.leases import LeaseKeeper
 from workers.grouped import Grouped
 from workers.redaction import Redactor
@@ -83,6 +84,8 @@ class TaskRunner:
     http: httpx.Client
     endings: Endings
     celery: Celery
+    # For image URLs off the model's own origin (see workers.images).
+    checked: CheckedClients = dataclasses.field(default_factory=CheckedClients)
     # Each model bound to its adapter and upstream key, once; and the keys' redactor.
     upstreams: dict[str, Upstream] = dataclasses.field(init=False)
     redact: Redactor = dataclasses.field(init=False)
@@ -153,7 +156,8 @@ class TaskRunner:
         self._finish(claim, config, request, calls)
 
     def _stored(self, slot: int, generation: Generation, config: ModelConfig) -> Call:
-        images = fetch_images(generation.images, client=self.http, config=config, settings=self.settings)
+        images = fetch_images(generation.images, client=self.http, checked=self.checked, config=config,
+                              settings=self.settings)
         return Call(slot, [dataclasses.replace(image, slot=slot) for image in images], generation.usage,
                     generation.upstream_status)
 

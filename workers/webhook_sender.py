@@ -25,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 
+import httpx
 from celery import Celery
 
 from app.batches import BatchStore
@@ -33,7 +34,8 @@ from app.settings import Settings
 from app.store import TaskStore
 from app.views import batch_view, task_view
 from app.webhook_events import ClaimedEvent, WebhookStore
-from workers.webhooks import deliver, retry_schedule
+from workers import outbound
+from workers.webhooks import deliver
 
 log = logging.getLogger(__name__)
 
@@ -89,10 +91,15 @@ class WebhookSender:
     batches: BatchStore
     celery: Celery
     lane: DeliveryLane | None = field(default=None)
+    # One client for every delivery: a new one per delivery would load the CA certificates each time.
+    client: httpx.Client | None = field(default=None)
 
     def __post_init__(self) -> None:
         if self.lane is None:
             self.lane = DeliveryLane(self.settings.webhook_concurrency, self.settings.webhook_max_pending_per_key)
+        if self.client is None:
+            self.client = outbound.make_client(allow_private=self.settings.webhook_allow_private,
+                                               max_connections=self.settings.webhook_concurrency)
 
     def run(self, event_id: str) -> None:
         """The Celery task's body: hand the event to the lane, or leave it in the outbox if the lane
@@ -120,10 +127,9 @@ class WebhookSender:
                                  error="the callback URL answered 410 Gone earlier; redeliver to send again")
             return
         body = json.dumps(self._payload(event), separators=(",", ":")).encode()
-        result = deliver(event.url, body, {}, secrets=self.webhooks.secrets(event.api_key_id), msg_id=event.id,
-                         timestamp=int(time.time()), allow_private=self.settings.webhook_allow_private,
-                         deadline_s=self.settings.webhook_timeout_s)
-        schedule = retry_schedule(self.settings.webhook_retry_schedule)
+        result = deliver(self.client, event.url, body, {}, secrets=self.webhooks.secrets(event.api_key_id),
+                         msg_id=event.id, timestamp=int(time.time()), deadline_s=self.settings.webhook_timeout_s)
+        schedule = self.settings.webhook_retry_delays_s
         delay = schedule[event.attempt - 1] if event.attempt <= len(schedule) else None
         if result.ok:
             outcome = "delivered"

@@ -1,20 +1,11 @@
-"""Signed webhook delivery (Standard Webhooks, https://www.standardwebhooks.com/): signing, secrets,
-one delivery attempt to a client-chosen URL, and the retry schedule.
-
-A delivery resolves the URL once, checks every address (app.ssrf) and connects to the checked
-address itself, so a DNS answer that changes between check and connect (DNS rebinding) cannot
-steer the request into our network.
+"""One signed webhook delivery attempt (Standard Webhooks, https://www.standardwebhooks.com/) to a
+client-chosen URL, through a client of workers.outbound: it connects only to addresses it checked.
+Signing and secrets are in app.webhook_signing, the retry schedule in app.settings.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import contextlib
-import hashlib
-import hmac
-import math
-import secrets as _secrets
 import socket
 import threading
 import time
@@ -22,57 +13,10 @@ from dataclasses import dataclass
 
 import httpx
 
-from app.ssrf import UnsafeUrl, resolve_public
+from app.ssrf import UnsafeUrl
+from app.webhook_signing import signature_header
 
-SECRET_PREFIX = "whsec_"
 USER_AGENT = "imagegate-webhooks"
-DEFAULT_RETRY_SCHEDULE = [5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 86400.0]
-
-
-def new_secret() -> str:
-    return SECRET_PREFIX + base64.b64encode(_secrets.token_bytes(24)).decode("ascii")
-
-
-def _key(secret: str) -> bytes:
-    encoded = secret.removeprefix(SECRET_PREFIX)
-    try:
-        key = base64.b64decode(encoded, validate=True)
-    except (binascii.Error, ValueError):
-        raise ValueError("a webhook secret is 'whsec_' followed by base64") from None
-    if not key:
-        raise ValueError("a webhook secret may not be empty")
-    return key
-
-
-def sign(secret: str, msg_id: str, timestamp: int, body: bytes) -> str:
-    """One `v1,<base64 HMAC-SHA256>` signature of `{msg_id}.{timestamp}.{body}`."""
-    digest = hmac.new(_key(secret), f"{msg_id}.{timestamp}.".encode() + body, hashlib.sha256).digest()
-    return "v1," + base64.b64encode(digest).decode("ascii")
-
-
-def signature_header(secrets: list[str], msg_id: str, timestamp: int, body: bytes) -> str:
-    """The webhook-signature value: one signature per secret, so that while a secret is rotated
-    receivers holding either the old or the new one can verify."""
-    if not secrets:
-        raise ValueError("at least one webhook secret is needed to sign")
-    return " ".join(sign(secret, msg_id, timestamp, body) for secret in secrets)
-
-
-def retry_schedule(text: str | None) -> list[float]:
-    """Delays in seconds before each retry, from "5,300,1800"; None or blank gives the default."""
-    if text is None or not text.strip():
-        return list(DEFAULT_RETRY_SCHEDULE)
-    delays = []
-    for item in text.split(","):
-        try:
-            delay = float(item)
-        except ValueError:
-            delay = math.nan
-        if not math.isfinite(delay) or delay < 0:
-            raise ValueError(f"invalid webhook retry schedule {text!r}: expected comma-separated "
-                             f"non-negative numbers of seconds such as '5,300,1800', got {item.strip()!r}")
-        delays.append(delay)
-    return delays
 
 
 @dataclass(frozen=True)
@@ -131,19 +75,14 @@ class _Watchdog:
             self._sock = None
 
 
-def _host_header(hostname: str, port: int | None) -> str:
-    host = f"[{hostname}]" if ":" in hostname else hostname
-    return host if port is None else f"{host}:{port}"
-
-
-def deliver(url: str, body: bytes, headers: dict, *, secrets: list[str], msg_id: str, timestamp: int,
-            allow_private: bool, deadline_s: float = 15.0, max_reply_bytes: int = 64 * 1024,
-            client: httpx.Client | None = None) -> DeliveryResult:
-    """POST one signed webhook; never raises for anything the receiver or the network does.
+def deliver(client: httpx.Client, url: str, body: bytes, headers: dict, *, secrets: list[str], msg_id: str,
+            timestamp: int, deadline_s: float = 15.0, max_reply_bytes: int = 64 * 1024) -> DeliveryResult:
+    """POST one signed webhook with a client of workers.outbound (its policy says which addresses
+    may be reached); never raises for anything the receiver or the network does.
 
     Success is a 2xx, decided on the status line: redirects are not followed (a 3xx is a failure),
     and the reply body is read only up to max_reply_bytes and until the deadline, then dropped.
-    The whole attempt (connect, TLS, sending, headers, body) ends within about deadline_s.
+    The whole attempt (name lookup, connect, TLS, sending, headers, body) ends within about deadline_s.
     """
     started = time.monotonic()
     deadline = started + deadline_s
@@ -151,80 +90,51 @@ def deliver(url: str, body: bytes, headers: dict, *, secrets: list[str], msg_id:
     def elapsed_ms() -> int:
         return int((time.monotonic() - started) * 1000)
 
-    try:
-        hostname, addresses = resolve_public(url, allow_private=allow_private)
-        target = httpx.URL(url)
-    except UnsafeUrl as exc:
-        return DeliveryResult(None, 0, f"refused: {exc}", False)
-    except httpx.InvalidURL as exc:
-        return DeliveryResult(None, 0, f"refused: not a valid URL: {exc}", False)
-
     sent_headers = httpx.Headers(headers)
     sent_headers.update({
-        "host": _host_header(hostname, target.port),
         "content-type": "application/json",
         "user-agent": USER_AGENT,
         "accept-encoding": "identity",  # the reply is kept raw: no decompression (bombs) to cap
         "webhook-id": msg_id,
         "webhook-timestamp": str(timestamp),
         "webhook-signature": signature_header(secrets, msg_id, timestamp, body),
-        # Every delivery gets its own connection: the pool is keyed by IP, so a kept-alive
-        # connection could carry another host's request past its TLS check, and a fresh
-        # connection is what arms the watchdog.
+        # A fresh connection for every delivery: opening one is what arms the watchdog.
         "connection": "close",
     })
-
-    owned = client is None
-    if owned:
-        # trust_env=False: an environment proxy would make the connection, defeating the IP pinning.
-        client = httpx.Client(follow_redirects=False, trust_env=False)
-    error = "no address to connect to"
+    watchdog = _Watchdog(deadline_s)
     try:
-        # Addresses were all checked; try them in the resolver's order until one accepts a connection.
-        for address in addresses:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                error = f"no reply within {deadline_s:g} s"
-                break
-            watchdog = _Watchdog(remaining)
-            extensions = {"trace": watchdog.trace}
-            if target.scheme == "https":
-                extensions["sni_hostname"] = hostname  # and the certificate is checked against it
-            request = client.build_request("POST", target.copy_with(host=address), content=body,
-                                           headers=sent_headers, timeout=httpx.Timeout(remaining),
-                                           extensions=extensions)
-            try:
-                response = client.send(request, stream=True, follow_redirects=False)
-            except httpx.ConnectError as exc:
-                error = f"connection failed: {exc or type(exc).__name__}"
-                watchdog.stop()
-                continue
-            except (httpx.TransportError, OSError) as exc:
-                watchdog.stop()
-                if watchdog.fired or isinstance(exc, httpx.TimeoutException):
-                    error = f"no reply within {deadline_s:g} s"
-                else:
-                    error = f"connection failed: {exc or type(exc).__name__}"
-                break
-            try:
-                reply = _read_capped(response, max_reply_bytes, deadline)
-            finally:
-                response.close()
-                watchdog.stop()
-            status = response.status_code
-            if 200 <= status < 300:
-                return DeliveryResult(status, elapsed_ms(), None, False, reply)
-            if 300 <= status < 400:
-                problem = f"answered {status} (redirects are not followed)"
-            elif status == 410:
-                problem = "answered 410 Gone: the endpoint asks to stop deliveries"
-            else:
-                problem = f"answered {status}"
-            return DeliveryResult(status, elapsed_ms(), problem, status == 410, reply)
+        request = client.build_request("POST", url, content=body, headers=sent_headers,
+                                       timeout=httpx.Timeout(deadline_s), extensions={"trace": watchdog.trace})
+        response = client.send(request, stream=True, follow_redirects=False)
+    except (UnsafeUrl, httpx.InvalidURL, httpx.TransportError, OSError) as exc:
+        watchdog.stop()
+        return DeliveryResult(None, elapsed_ms(), _not_sent(exc, watchdog.fired, deadline_s), False)
+    try:
+        reply = _read_capped(response, max_reply_bytes, deadline)
     finally:
-        if owned:
-            client.close()
-    return DeliveryResult(None, elapsed_ms(), error, False)
+        response.close()
+        watchdog.stop()
+    status = response.status_code
+    if 200 <= status < 300:
+        return DeliveryResult(status, elapsed_ms(), None, False, reply)
+    if 300 <= status < 400:
+        problem = f"answered {status} (redirects are not followed)"
+    elif status == 410:
+        problem = "answered 410 Gone: the endpoint asks to stop deliveries"
+    else:
+        problem = f"answered {status}"
+    return DeliveryResult(status, elapsed_ms(), problem, status == 410, reply)
+
+
+def _not_sent(exc: Exception, timed_out: bool, deadline_s: float) -> str:
+    """Why no answer came, for the delivery log."""
+    if isinstance(exc, UnsafeUrl):
+        return f"refused: {exc}"
+    if isinstance(exc, (httpx.InvalidURL, httpx.UnsupportedProtocol)):
+        return f"refused: not a valid URL: {exc}"
+    if timed_out or isinstance(exc, httpx.TimeoutException):
+        return f"no reply within {deadline_s:g} s"
+    return f"connection failed: {exc or type(exc).__name__}"
 
 
 def _read_capped(response: httpx.Response, max_bytes: int, deadline: float) -> bytes:
