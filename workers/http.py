@@ -12,7 +12,7 @@ from email.utils import parsedate_to_datetime
 import httpx
 
 from app.ssrf import UnsafeUrl, resolve_public
-from app.states import ErrorCode
+from app.failures import ErrorCode
 from workers.adapters.base import UpstreamError
 
 MAX_REPLY_BYTES = 64 * 1024 * 1024  # an upstream's JSON reply may carry several base64 images

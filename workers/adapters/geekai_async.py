@@ -10,7 +10,7 @@ from typing import ClassVar
 
 
 from app.schemas import GenerationRequest
-from app.states import ErrorCode
+from app.failures import ErrorCode
 from workers.adapters.base import HttpAdapter, Generation, UpstreamError
 from workers.adapters.openai import call, images_body, images_of
 
