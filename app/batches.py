@@ -61,7 +61,8 @@ class BatchStore:
                                               callback_url=line.callback_url, now=now, batch_id=batch_id,
                                               batch_line=index, custom_id=line.custom_id)
                     for index, line in enumerate(lines)]
-            task_transitions.accept(connection, rows)  # one multi-row INSERT per page, not a round trip a line
+            if rows:  # one multi-row INSERT per page, not a round trip a line
+                task_transitions.accept(connection, rows)
         return batch, [row["id"] for row in rows]
 
     def get(self, batch_id: uuid.UUID, api_key_id: uuid.UUID) -> tuple[Batch, dict[str, int]] | None:
