@@ -129,8 +129,9 @@ class AttemptStore:
         than one commit each would keep up with. Each keeps its own fence; True where it was written."""
         now = utcnow()
         with self.engine.begin() as connection:
-            outcome = transitions.succeed_each(connection, [(end.claim.task_id, end.claim.attempt) for end in ends], now)
-            written = [outcome[end.claim.task_id, end.claim.attempt] for end in ends]
+            held = [(end.claim.task_id, end.claim.attempt) for end in ends]
+            by_attempt = transitions.succeed_each(connection, held, now)
+            written = [by_attempt[pair] for pair in held]
             mine = [end for end, ok in zip(ends, written) if ok]
             usages = [{"tid": end.claim.task_id, "usage_": end.usage} for end in mine if end.usage is not None]
             if usages:
@@ -165,7 +166,7 @@ class AttemptStore:
         """running -> pending, keeping the attempt count and the images of the calls that worked.
         With `route`, the next attempt goes to that fallback model with fresh retries."""
         return self._end(claim, transitions.retry_later, images_, outcomes, ended=False, failure=failure,
-                         run_after=_after(countdown_s), retries_used=0 if route else claim.retries_used + 1,
+                         countdown_s=countdown_s, retries_used=0 if route else claim.retries_used + 1,
                          usage=usage, route=route)
 
     def _end(self, claim: Claim, transition: Callable[..., Outcome], new_images: list[NewImage] | tuple,

@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, ColumnElement, Integer, Row, Uuid, bindparam, column, select, tuple_, update, values
+from sqlalchemy import (Connection, ColumnElement, Integer, Row, Uuid, bindparam, column, select, tuple_, update,
+                        values)
 
 from app.failures import CANCELLED, Failure
 from app.models import Task
@@ -53,7 +54,8 @@ def claim(connection: Connection, task_id: uuid.UUID, attempt: int, *, worker: s
           lease_until: datetime) -> Row | Refused:
     """pending -> running for attempt `attempt`; the claim's columns (CLAIM_COLUMNS)."""
     row = connection.execute(
-        update(tasks).where(tasks.c.id == task_id, tasks.c.status == TaskStatus.PENDING, tasks.c.attempts == attempt - 1)
+        update(tasks)
+        .where(tasks.c.id == task_id, tasks.c.status == TaskStatus.PENDING, tasks.c.attempts == attempt - 1)
         .values(status=TaskStatus.RUNNING, attempts=attempt, worker=worker, started_at=now,
                 lease_expires_at=lease_until, polls=0)
         .returning(*CLAIM_COLUMNS)).one_or_none()
@@ -64,7 +66,8 @@ def claim_poll(connection: Connection, task_id: uuid.UUID, attempt: int, poll: i
                lease_until: datetime) -> Row | Refused:
     """running -> running: take poll step `poll` of an attempt waiting on an asynchronous upstream."""
     row = connection.execute(
-        update(tasks).where(*_fence(task_id, attempt), tasks.c.polls == poll - 1, tasks.c.upstream_task_id.is_not(None))
+        update(tasks)
+        .where(*_fence(task_id, attempt), tasks.c.polls == poll - 1, tasks.c.upstream_task_id.is_not(None))
         .values(polls=poll, lease_expires_at=lease_until)
         .returning(*CLAIM_COLUMNS)).one_or_none()
     return row if row is not None else why_refused(connection, task_id, attempt, poll=poll)
@@ -101,13 +104,14 @@ def end_cancelled(connection: Connection, task_id: uuid.UUID, attempt: int, *, n
 
 
 def retry_later(connection: Connection, task_id: uuid.UUID, attempt: int, *, now: datetime, failure: Failure,
-                run_after: datetime, retries_used: int, usage: dict[str, Any] | None,
+                countdown_s: float, retries_used: int, usage: dict[str, Any] | None,
                 route: str | None = None) -> Outcome:
-    """running -> pending for the next attempt, unless cancelled. With `route`, on that fallback model."""
+    """running -> pending for the next attempt, due in `countdown_s`, unless cancelled. With `route`,
+    on that fallback model."""
     changes = {"route": route} if route is not None else {}
     return _written(connection, _fence(task_id, attempt, go_on=True), task_id, attempt, status=TaskStatus.PENDING,
-                    **_RELEASED, **failure.columns(), usage=usage, upstream_task_id=None, run_after=run_after,
-                    retries_used=retries_used, **changes)
+                    **_RELEASED, **failure.columns(), usage=usage, upstream_task_id=None,
+                    run_after=now + timedelta(seconds=countdown_s), retries_used=retries_used, **changes)
 
 
 def succeed_each(connection: Connection, held: Sequence[tuple[uuid.UUID, int]],
@@ -118,8 +122,9 @@ def succeed_each(connection: Connection, held: Sequence[tuple[uuid.UUID, int]],
     succeed = {"status": TaskStatus.SUCCEED, "finished_at": now, **_RELEASED}
     if connection.dialect.name == "postgresql":
         pairs = values(column("id", Uuid), column("attempt", Integer), name="held").data(list(held))
-        rows = connection.execute(update(tasks).where(tasks.c.id == pairs.c.id, tasks.c.attempts == pairs.c.attempt,
-                                                      *guard).values(**succeed).returning(tasks.c.id, tasks.c.attempts))
+        rows = connection.execute(
+            update(tasks).where(tasks.c.id == pairs.c.id, tasks.c.attempts == pairs.c.attempt, *guard)
+            .values(**succeed).returning(tasks.c.id, tasks.c.attempts))
         written = {(row.id, row.attempts) for row in rows}
     else:
         written = {(task_id, attempt) for task_id, attempt in held

@@ -61,7 +61,8 @@ def complete(connection: Connection, batch_id: uuid.UUID, now: datetime) -> Outc
 
 
 def _why_refused(connection: Connection, batch_id: uuid.UUID, api_key_id: uuid.UUID | None = None) -> Refused:
-    row = connection.execute(select(batches.c.api_key_id, batches.c.status).where(batches.c.id == batch_id)).one_or_none()
+    row = connection.execute(select(batches.c.api_key_id, batches.c.status)
+                             .where(batches.c.id == batch_id)).one_or_none()
     if row is None:
         return Refused.NOT_FOUND
     if api_key_id is not None and row.api_key_id != api_key_id:

@@ -76,8 +76,8 @@ def _cancel(*guard: ColumnElement[bool]):
     def if_pending(value: Any, column) -> Any:
         return case((pending, value), else_=column)
 
-    failed = {column: if_pending(value, tasks.c[column])
-              for column, value in CANCELLED.columns().items()} | {"finished_at": if_pending(utcnow(), tasks.c.finished_at)}
+    failed = {column: if_pending(value, tasks.c[column]) for column, value in CANCELLED.columns().items()}
+    failed["finished_at"] = if_pending(utcnow(), tasks.c.finished_at)
     return (update(tasks).where(*guard, tasks.c.status.in_(UNFINISHED))
             .values(status=if_pending(TaskStatus.FAILED, tasks.c.status), cancel_requested=True, **failed)
             .returning(tasks.c.id, tasks.c.status))

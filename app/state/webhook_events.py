@@ -53,7 +53,8 @@ def claim(connection: Connection, event_id: str, *, now: datetime, lease_s: floa
     """pending -> sending, one attempt more, leased for `lease_s`; the claim's columns (CLAIM_COLUMNS)."""
     row = connection.execute(
         update(events).where(events.c.id == event_id, events.c.status == EventStatus.PENDING)
-        .values(status=EventStatus.SENDING, attempts=events.c.attempts + 1, next_attempt_at=now + timedelta(seconds=lease_s))
+        .values(status=EventStatus.SENDING, attempts=events.c.attempts + 1,
+                next_attempt_at=now + timedelta(seconds=lease_s))
         .returning(*CLAIM_COLUMNS)).one_or_none()
     if row is not None:
         return row
