@@ -1,11 +1,6 @@
-"""The worker's task transitions: claim an attempt, renew leases, end it. Each is one guarded UPDATE
-in one transaction, written as Core statements on the tables: at a thousand calls in flight the ORM's
-per-statement bookkeeping was most of the worker's CPU.
-
-The guard `status = 'pending' AND attempts = attempt - 1` on a claim is what makes a duplicate
-Celery delivery a no-op: only one delivery of attempt N can move the task to running, and every
-later write is fenced on `status = 'running' AND attempts = N` (see `_fence`), so a worker that
-was presumed dead and lost its attempt to another cannot overwrite anything.
+"""The worker's units of work around an attempt: each is one transaction holding one transition of
+the task (app.state.attempts) and the attempt's records that go with it: the calls it makes, how
+each ended, the images it stored, and the webhook events announcing the task's end.
 """
 
 from __future__ import annotations
@@ -16,19 +11,15 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import (Connection, ColumnElement, Engine, Integer, Uuid, bindparam, column, insert,
-                        select, tuple_, update, values)
+from sqlalchemy import Engine, bindparam, insert, select, update
 
+from app.failures import Failure
 from app.models import Attempt, Image, Task, utcnow
-from app.states import TaskStatus
-from app.store import CANCELLED, Failure, error_values
+from app.state import attempts as transitions
+from app.state.refused import Outcome, Refused
 from app.webhook_events import enqueue_task_events
 
 tasks, attempts, images = Task.__table__, Attempt.__table__, Image.__table__
-
-CLAIM_COLUMNS = (tasks.c.id, tasks.c.attempts, tasks.c.model, tasks.c.route, tasks.c.retries_used, tasks.c.request,
-                 tasks.c.usage, tasks.c.upstream_task_id, tasks.c.started_at, tasks.c.polls, tasks.c.batch_id,
-                 tasks.c.callback_url)
 
 
 @dataclass(frozen=True)
@@ -82,12 +73,9 @@ class Success:
 PlanCalls = Callable[[Claim, set[int]], list[int]]
 
 
+
 def _after(seconds: float) -> datetime:
     return utcnow() + timedelta(seconds=seconds)
-
-
-def _fence(claim: Claim) -> list[ColumnElement[bool]]:
-    return [tasks.c.id == claim.task_id, tasks.c.status == TaskStatus.RUNNING, tasks.c.attempts == claim.attempt]
 
 
 @dataclass
@@ -97,15 +85,15 @@ class AttemptStore:
     lease_chunk: int = field(default=500)
 
     def claim(self, task_id: uuid.UUID, attempt: int, *, worker: str, lease_s: float,
-              plan: PlanCalls) -> Claim | None:
+              plan: PlanCalls) -> Claim | Refused:
         """pending -> running for attempt `attempt`, the calls about to be made recorded in the same
-        transaction; None when another delivery got there first."""
-        guard = [tasks.c.status == TaskStatus.PENDING, tasks.c.attempts == attempt - 1]
+        transaction; refused when another delivery got there first, or the attempt is past."""
         with self.engine.begin() as connection:
-            claim = self._claim_where(connection, task_id, guard, status=TaskStatus.RUNNING, attempts=attempt,
-                                      worker=worker, started_at=utcnow(), lease_expires_at=_after(lease_s), polls=0)
-            if claim is None:
-                return None
+            row = transitions.claim(connection, task_id, attempt, worker=worker, now=utcnow(),
+                                    lease_until=_after(lease_s))
+            if not row:
+                return row
+            claim = Claim(*row)
             done = set(connection.scalars(select(images.c.slot).where(images.c.task_id == task_id).distinct())) \
                 if attempt > 1 else set()
             slots = plan(claim, done)
@@ -116,51 +104,34 @@ class AttemptStore:
                      "started_at": now} for slot in slots])
         return Claim(**{**claim.__dict__, "slots": tuple(slots)})
 
-    def claim_poll(self, task_id: uuid.UUID, attempt: int, poll: int, *, lease_s: float) -> Claim | None:
+    def claim_poll(self, task_id: uuid.UUID, attempt: int, poll: int, *, lease_s: float) -> Claim | Refused:
         """Take poll step `poll` of a running attempt that is waiting on an asynchronous upstream."""
-        guard = [tasks.c.status == TaskStatus.RUNNING, tasks.c.attempts == attempt, tasks.c.polls == poll - 1,
-                 tasks.c.upstream_task_id.is_not(None)]
         with self.engine.begin() as connection:
-            return self._claim_where(connection, task_id, guard, polls=poll, lease_expires_at=_after(lease_s))
-
-    @staticmethod
-    def _claim_where(connection: Connection, task_id: uuid.UUID, guard: list[ColumnElement[bool]],
-                     **values: Any) -> Claim | None:
-        row = connection.execute(update(tasks).where(tasks.c.id == task_id, *guard).values(**values)
-                                 .returning(*CLAIM_COLUMNS)).one_or_none()
-        return Claim(*row) if row is not None else None
+            row = transitions.claim_poll(connection, task_id, attempt, poll, lease_until=_after(lease_s))
+        return Claim(*row) if row else row
 
     def extend_leases(self, held: Iterable[tuple[uuid.UUID, int]], lease_s: float) -> int:
         """Renew the leases of every (task, attempt) this process still runs, in one statement per chunk.
         Returns how many were still ours."""
         held = list(held)
-        renewed = 0
         with self.engine.begin() as connection:
-            for start in range(0, len(held), self.lease_chunk):
-                chunk = held[start:start + self.lease_chunk]
-                renewed += connection.execute(
-                    update(tasks).where(tasks.c.status == TaskStatus.RUNNING,
-                                        tuple_(tasks.c.id, tasks.c.attempts).in_(chunk))
-                    .values(lease_expires_at=_after(lease_s))).rowcount
-        return renewed
+            return sum(transitions.extend_leases(connection, held[start:start + self.lease_chunk], _after(lease_s))
+                       for start in range(0, len(held), self.lease_chunk))
 
-    def wait_upstream(self, claim: Claim, upstream_task_id: str, *, lease_s: float) -> bool:
+    def wait_upstream(self, claim: Claim, upstream_task_id: str, *, lease_s: float) -> Outcome:
         """Keep the attempt while the asynchronous upstream works: the lease covers the next poll."""
         with self.engine.begin() as connection:
-            return _owned(connection, claim, go_on=True, upstream_task_id=upstream_task_id,
-                          lease_expires_at=_after(lease_s))
+            return transitions.wait_upstream(connection, claim.task_id, claim.attempt,
+                                             upstream_task_id=upstream_task_id, lease_until=_after(lease_s))
 
-    def succeed(self, claim: Claim, images_: list[NewImage], usage: dict[str, Any] | None,
-                outcomes: list[CallOutcome]) -> bool:
-        return self._end(claim, TaskStatus.SUCCEED, images_, outcomes, usage=usage)
-
-    def succeed_many(self, ends: list[Success]) -> list[bool]:
+    def succeed_many(self, ends: list[Success]) -> list[Outcome]:
         """Several attempts' successes in one transaction: under load a worker's ends arrive faster
         than one commit each would keep up with. Each keeps its own fence; True where it was written."""
         now = utcnow()
         with self.engine.begin() as connection:
-            ended = _end_succeeded(connection, [end.claim for end in ends], now)
-            written = [(end.claim.task_id, end.claim.attempt) in ended for end in ends]
+            held = [(end.claim.task_id, end.claim.attempt) for end in ends]
+            by_attempt = transitions.succeed_each(connection, held, now)
+            written = [by_attempt[pair] for pair in held]
             mine = [end for end, ok in zip(ends, written) if ok]
             usages = [{"tid": end.claim.task_id, "usage_": end.usage} for end in mine if end.usage is not None]
             if usages:
@@ -182,40 +153,29 @@ class AttemptStore:
                 enqueue_task_events(connection, announced)
         return written
 
-    def fail(self, claim: Claim, failure: Failure, outcomes: list[CallOutcome]) -> bool:
-        return self._end(claim, TaskStatus.FAILED, [], outcomes, **error_values(failure))
+    def fail(self, claim: Claim, failure: Failure, outcomes: list[CallOutcome]) -> Outcome:
+        return self._end(claim, transitions.fail, [], outcomes, ended=True, failure=failure)
 
-    def end_cancelled(self, claim: Claim) -> bool:
+    def end_cancelled(self, claim: Claim) -> Outcome:
         """running -> failed `cancelled`, when the client asked while this attempt ran."""
-        with self.engine.begin() as connection:
-            ended = _update(connection, [*_fence(claim), tasks.c.cancel_requested.is_(True)],
-                            status=TaskStatus.FAILED, worker=None, lease_expires_at=None, finished_at=utcnow(),
-                            **error_values(CANCELLED))
-            if ended and claim.callback_url:
-                enqueue_task_events(connection, [claim.task_id])
-            return ended
+        return self._end(claim, transitions.end_cancelled, [], [], ended=True)
 
     def retry_later(self, claim: Claim, failure: Failure, outcomes: list[CallOutcome], *, countdown_s: float,
                     images_: list[NewImage] = (), usage: dict[str, Any] | None = None,
-                    route: str | None = None) -> bool:
+                    route: str | None = None) -> Outcome:
         """running -> pending, keeping the attempt count and the images of the calls that worked.
         With `route`, the next attempt goes to that fallback model with fresh retries."""
-        values = error_values(failure) | {"usage": usage, "upstream_task_id": None, "run_after": _after(countdown_s),
-                                           "retries_used": 0 if route else claim.retries_used + 1}
-        if route is not None:
-            values["route"] = route
-        return self._end(claim, TaskStatus.PENDING, images_, outcomes, **values)
+        return self._end(claim, transitions.retry_later, images_, outcomes, ended=False, failure=failure,
+                         countdown_s=countdown_s, retries_used=0 if route else claim.retries_used + 1,
+                         usage=usage, route=route)
 
-    def _end(self, claim: Claim, status: TaskStatus, new_images: list[NewImage] | tuple,
-             outcomes: list[CallOutcome], **values: Any) -> bool:
+    def _end(self, claim: Claim, transition: Callable[..., Outcome], new_images: list[NewImage] | tuple,
+             outcomes: list[CallOutcome], *, ended: bool, **arguments: Any) -> Outcome:
         now = utcnow()
-        if status.finished:
-            values["finished_at"] = now
         with self.engine.begin() as connection:
-            # A failure may always be written; images and retries only while not cancelled.
-            if not _owned(connection, claim, go_on=status != TaskStatus.FAILED, status=status, worker=None,
-                          lease_expires_at=None, **values):
-                return False
+            written = transition(connection, claim.task_id, claim.attempt, now=now, **arguments)
+            if not written:
+                return written
             for outcome in outcomes:
                 failure = outcome.failure
                 connection.execute(
@@ -228,24 +188,9 @@ class AttemptStore:
                             error_message=failure.message if failure else None))
             if new_images:
                 connection.execute(insert(images), _image_rows(claim, new_images, now))
-            if status.finished and claim.callback_url:  # the webhook event commits with the end it announces
+            if ended and claim.callback_url:  # the webhook event commits with the end it announces
                 enqueue_task_events(connection, [claim.task_id])
         return True
-
-
-def _end_succeeded(connection: Connection, claims: list[Claim], now: datetime) -> set[tuple[uuid.UUID, int]]:
-    """running -> succeed for each claim still owned and not cancelled; the (task, attempt) pairs written.
-    On Postgres one statement for all (a round trip per task made one writer the bottleneck)."""
-    guard = [tasks.c.status == TaskStatus.RUNNING, tasks.c.cancel_requested.is_(False)]
-    succeed = {"status": TaskStatus.SUCCEED, "worker": None, "lease_expires_at": None, "finished_at": now}
-    if connection.dialect.name == "postgresql":
-        held = values(column("id", Uuid), column("attempt", Integer), name="held").data(
-            [(claim.task_id, claim.attempt) for claim in claims])
-        rows = connection.execute(update(tasks).where(tasks.c.id == held.c.id, tasks.c.attempts == held.c.attempt, *guard)
-                                  .values(**succeed).returning(tasks.c.id, tasks.c.attempts))
-        return {(row.id, row.attempts) for row in rows}
-    return {(claim.task_id, claim.attempt) for claim in claims
-            if _update(connection, [*_fence(claim), *guard[1:]], **succeed)}
 
 
 def _image_rows(claim: Claim, new_images: list[NewImage] | tuple, now: datetime) -> list[dict[str, Any]]:
@@ -257,14 +202,3 @@ def _image_rows(claim: Claim, new_images: list[NewImage] | tuple, now: datetime)
                      "content_type": image.content_type, "data": image.data, "revised_prompt": image.revised_prompt,
                      "created_at": now})
     return rows
-
-
-def _owned(connection: Connection, claim: Claim, *, go_on: bool = False, **values: Any) -> bool:
-    """The fence: change the task only while attempt `claim.attempt` is still running (and, with
-    go_on, not cancelled)."""
-    guard = _fence(claim) + ([tasks.c.cancel_requested.is_(False)] if go_on else [])
-    return _update(connection, guard, **values)
-
-
-def _update(connection: Connection, guard: list[ColumnElement[bool]], **values: Any) -> bool:
-    return connection.execute(update(tasks).where(*guard).values(**values)).rowcount > 0

@@ -46,7 +46,8 @@ class Batch(Base):
 
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
     api_key_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("api_keys.id"), index=True)
-    status: Mapped[str] = mapped_column(String(16), default="in_progress")
+    # One of app.state.batches.BatchStatus (a CHECK constraint), written only there.
+    status: Mapped[str] = mapped_column(String(16))
     total: Mapped[int] = mapped_column(Integer)
     callback_url: Mapped[str | None] = mapped_column(Text)
     meta: Mapped[dict[str, Any] | None]
@@ -60,7 +61,9 @@ class Task(Base):
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
     api_key_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("api_keys.id"), index=True)
     model: Mapped[str] = mapped_column(String(200))
-    status: Mapped[str] = mapped_column(String(16), default="pending")
+    # One of app.state.tasks.TaskStatus (a CHECK constraint), written only by app.state.tasks and
+    # app.state.attempts.
+    status: Mapped[str] = mapped_column(String(16))
     # The validated request as the client sent it (aliases, no nulls).
     request: Mapped[dict[str, Any]]
     response_format: Mapped[str] = mapped_column(String(16))
@@ -160,8 +163,8 @@ class WebhookEvent(Base):
     task_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, index=True)
     batch_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, index=True)
     url: Mapped[str] = mapped_column(Text)
-    # pending -> sending -> delivered | failed | disabled (410); sending -> pending to retry.
-    status: Mapped[str] = mapped_column(String(16), default="pending")
+    # One of app.state.webhook_events.EventStatus (a CHECK constraint), written only there.
+    status: Mapped[str] = mapped_column(String(16))
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     # When the next attempt is due; while sending, when the attempt counts as lost.
     next_attempt_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -7,7 +7,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from app.states import TaskStatus
+from app.state.batches import BatchStatus
+from app.state.tasks import TaskStatus
 
 MAX_PROMPT_CHARS = 32000  # gpt-image's limit, the largest of any model family
 MAX_N = 10
@@ -161,7 +162,7 @@ class BatchCounts(BaseModel):
 class BatchView(BaseModel):
     id: str
     object: Literal["image.batch"] = "image.batch"
-    status: Literal["in_progress", "completed", "cancelling", "cancelled"]
+    status: BatchStatus
     created: int
     finished: int | None = None
     total: int

@@ -1,5 +1,6 @@
-"""Task transitions of intake, cancel and the sweeper, and reading tasks. Each transition is a single
-guarded UPDATE, never read-then-write. The worker's transitions are in app.attempt_store.
+"""Tasks for intake, cancel, the sweeper and the readers: each unit of work is one transaction around
+one transition of app.state.tasks (and the records that go with it: the idempotency key, the webhook
+events, the attempts an end closes). The worker's side is app.attempt_store.
 """
 
 from __future__ import annotations
@@ -7,37 +8,25 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from enum import StrEnum
 from typing import Any, NamedTuple
 
-from sqlalchemy import ColumnElement, Engine, bindparam, case, delete, insert, select, update
+from sqlalchemy import Connection, Engine, bindparam, delete, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from app.failures import ErrorCode, Failure
 from app.idempotency import reserve
 from app.models import Attempt, IdempotencyKey, Image, Task, utcnow
-from app.states import ErrorCode, TaskStatus
+from app.state import tasks as transitions
+from app.state.refused import Refused
+from app.state.tasks import CancelOutcome, TaskStatus
 from app.webhook_events import enqueue_task_events
 
-UNFINISHED = (TaskStatus.PENDING, TaskStatus.RUNNING)
-ENDED = (TaskStatus.SUCCEED, TaskStatus.FAILED)
 TASK_TABLE, ATTEMPT_TABLE = Task.__table__, Attempt.__table__
 # Built once: a prepared Core statement skips the ORM and the per-call compile cache key.
-_INSERT_TASK = insert(TASK_TABLE)
 _TASK = select(TASK_TABLE).where(TASK_TABLE.c.id == bindparam("id"))
 _TASK_OF_KEY = _TASK.where(TASK_TABLE.c.api_key_id == bindparam("api_key_id"))
 _TASK_STATUS = select(TASK_TABLE.c.status).where(TASK_TABLE.c.id == bindparam("id"))
 _TASK_CREATED = select(TASK_TABLE.c.id, TASK_TABLE.c.created_at).where(TASK_TABLE.c.id == bindparam("id"))
-
-
-@dataclass(frozen=True)
-class Failure:
-    code: str
-    message: str
-    details: dict[str, Any] = field(default_factory=dict)
-    upstream_status: int | None = None
-
-
-CANCELLED = Failure(ErrorCode.CANCELLED, "The task was cancelled.")
 
 
 @dataclass(frozen=True)
@@ -71,13 +60,6 @@ class Requeued(NamedTuple):
     batch_id: uuid.UUID | None
 
 
-class CancelResult(StrEnum):
-    CANCELLED = "cancelled"     # was pending: failed `cancelled` now
-    REQUESTED = "requested"     # is running: stops before its next upstream call or store
-    FINISHED = "finished"       # already ended: nothing to cancel
-    MISSING = "missing"
-
-
 def parse_task_id(text: str) -> uuid.UUID | None:
     try:
         return uuid.UUID(text)
@@ -107,11 +89,9 @@ class TaskStore:
                 if earlier is not None:
                     row = connection.execute(_TASK_CREATED, {"id": earlier.task_id}).one()
                     return NewTask(row.id, row.created_at), False
-            connection.execute(_INSERT_TASK, {
-                "id": task_id, "api_key_id": api_key_id, "model": model, "request": request,
-                "response_format": response_format, "status": TaskStatus.PENDING, "attempts": 0, "route": model,
-                "retries_used": 0, "polls": 0, "cancel_requested": False, "created_at": now, "run_after": now,
-                "callback_url": callback_url})
+            transitions.accept(connection, transitions.new_task(
+                task_id=task_id, api_key_id=api_key_id, model=model, request=request,
+                response_format=response_format, callback_url=callback_url, now=now))
         return NewTask(task_id, now), True
 
     def get(self, task_id: uuid.UUID, *, api_key_id: uuid.UUID | None = None, with_bytes: bool = False,
@@ -147,28 +127,23 @@ class TaskStore:
             row = session.execute(select(Image.content_type, Image.data).where(Image.id == image_id)).one_or_none()
             return (row.content_type, row.data) if row else None
 
-    def cancel(self, task_id: uuid.UUID, api_key_id: uuid.UUID) -> CancelResult:
-        mine = [Task.id == task_id, Task.api_key_id == api_key_id]
-        with self._sessions.begin() as session:
-            if _update(session, [*mine, Task.status == TaskStatus.PENDING], status=TaskStatus.FAILED,
-                       finished_at=utcnow(), **error_values(CANCELLED)):
-                enqueue_task_events(session, [task_id])
-                return CancelResult.CANCELLED
-            if _update(session, [*mine, Task.status == TaskStatus.RUNNING], cancel_requested=True):
-                return CancelResult.REQUESTED
-            found = session.scalar(select(Task.id).where(*mine))
-        return CancelResult.FINISHED if found else CancelResult.MISSING
+    def cancel(self, task_id: uuid.UUID, api_key_id: uuid.UUID) -> CancelOutcome | Refused:
+        """A pending task fails `cancelled` now, a running one stops before its next call; refused
+        `not_found`, `not_owner` or `already_ended`."""
+        with self._engine.begin() as connection:
+            outcome = transitions.cancel(connection, task_id, api_key_id)
+            if outcome is CancelOutcome.ENDED:
+                enqueue_task_events(connection, [task_id])
+        return outcome
 
     # -- the sweeper -------------------------------------------------------------------------
     def fail_overdue(self, deadline_s: float) -> list[uuid.UUID]:
         """Tasks not ended `deadline_s` after they were accepted fail `deadline_exceeded`."""
         failure = Failure(ErrorCode.DEADLINE_EXCEEDED, f"The task did not end within {deadline_s:g} s.")
-        with self._sessions.begin() as session:
-            ids = _update_returning(session, [Task.status.in_(UNFINISHED), Task.created_at < _after(-deadline_s)],
-                                    status=TaskStatus.FAILED, worker=None, lease_expires_at=None,
-                                    finished_at=utcnow(), **error_values(failure))
-            _close_open_attempts(session, ids, failure)
-            enqueue_task_events(session, ids)
+        with self._engine.begin() as connection:
+            ids = transitions.fail_overdue(connection, _after(-deadline_s), failure)
+            _close_open_attempts(connection, ids, failure)
+            enqueue_task_events(connection, ids)
         return ids
 
     def take_back_expired(self, max_attempts: int) -> tuple[list[Requeued], list[uuid.UUID]]:
@@ -176,35 +151,19 @@ class TaskStore:
         pending (returned with its next attempt number), or fails when it was cancelled or has used
         its attempts. Returns (requeued, failed)."""
         lost = Failure(ErrorCode.WORKER_LOST, "The worker running this attempt stopped renewing its lease.")
-        expired = [Task.status == TaskStatus.RUNNING, Task.lease_expires_at < utcnow()]
-        with self._sessions.begin() as session:
-            code = case((Task.cancel_requested.is_(True), ErrorCode.CANCELLED), else_=ErrorCode.ATTEMPTS_EXHAUSTED)
-            failed = _update_returning(session, [*expired, (Task.attempts >= max_attempts) | Task.cancel_requested],
-                                       status=TaskStatus.FAILED, worker=None, lease_expires_at=None,
-                                       finished_at=utcnow(), error_code=code,
-                                       error_message=f"Ended after {max_attempts} attempts or by cancellation.",
-                                       error_details=None)
-            rows = session.execute(
-                update(Task).where(*expired).values(status=TaskStatus.PENDING, worker=None, lease_expires_at=None,
-                                                    run_after=utcnow(), **error_values(lost))
-                .returning(Task.id, Task.attempts, Task.batch_id).execution_options(synchronize_session=False)
-            ).all()
-            requeued = [Requeued(row.id, row.attempts + 1, row.batch_id) for row in rows]
-            _close_open_attempts(session, failed + [item.task_id for item in requeued], lost)
-            enqueue_task_events(session, failed)
+        now = utcnow()
+        with self._engine.begin() as connection:
+            failed = transitions.fail_expired(connection, now, max_attempts)
+            requeued = _requeued(transitions.requeue_expired(connection, now, lost))
+            _close_open_attempts(connection, failed + [item.task_id for item in requeued], lost)
+            enqueue_task_events(connection, failed)
         return requeued, failed
 
     def overdue_pending(self, republish_after_s: float) -> list[Requeued]:
         """Pending tasks due for `republish_after_s` with no worker taking them: their message was
         lost (never published, or a flushed broker). Bumps run_after so one sweeper republishes."""
-        with self._sessions.begin() as session:
-            rows = session.execute(
-                update(Task)
-                .where(Task.status == TaskStatus.PENDING, Task.run_after < _after(-republish_after_s))
-                .values(run_after=utcnow())
-                .returning(Task.id, Task.attempts, Task.batch_id).execution_options(synchronize_session=False)
-            ).all()
-        return [Requeued(row.id, row.attempts + 1, row.batch_id) for row in rows]
+        with self._engine.begin() as connection:
+            return _requeued(transitions.republish_overdue(connection, _after(-republish_after_s)))
 
     def batch_of(self, task_ids: list[uuid.UUID]) -> dict[uuid.UUID, uuid.UUID | None]:
         with self._sessions() as session:
@@ -215,22 +174,13 @@ class TaskStore:
             return session.execute(delete(IdempotencyKey).where(IdempotencyKey.created_at < _after(-ttl_s))).rowcount
 
 
-def _update(session: Session, guard: list[ColumnElement[bool]], **values: Any) -> bool:
-    result = session.execute(update(Task).where(*guard).values(**values).execution_options(synchronize_session=False))
-    return result.rowcount > 0
+def _requeued(rows) -> list[Requeued]:
+    return [Requeued(row.id, row.attempts + 1, row.batch_id) for row in rows]
 
 
-def _update_returning(session: Session, guard: list[ColumnElement[bool]], **values: Any) -> list[uuid.UUID]:
-    return list(session.scalars(update(Task).where(*guard).values(**values).returning(Task.id)
-                                .execution_options(synchronize_session=False)))
-
-
-def _close_open_attempts(session: Session, task_ids: list[uuid.UUID], failure: Failure) -> None:
+def _close_open_attempts(connection: Connection, task_ids: list[uuid.UUID], failure: Failure) -> None:
     if task_ids:
-        session.execute(update(Attempt).where(Attempt.task_id.in_(task_ids), Attempt.ended_at.is_(None))
-                        .values(ended_at=utcnow(), error_code=failure.code, error_message=failure.message)
-                        .execution_options(synchronize_session=False))
+        connection.execute(update(ATTEMPT_TABLE).where(ATTEMPT_TABLE.c.task_id.in_(task_ids),
+                                                       ATTEMPT_TABLE.c.ended_at.is_(None))
+                           .values(ended_at=utcnow(), error_code=failure.code, error_message=failure.message))
 
-
-def error_values(failure: Failure) -> dict[str, Any]:
-    return {"error_code": failure.code, "error_message": failure.message, "error_details": failure.details or None}

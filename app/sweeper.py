@@ -30,13 +30,13 @@ from collections.abc import Callable
 from typing import Any
 
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select
 
 from app.models import Task, utcnow
 from app.queue import BATCH_QUEUE, QUEUE, WEBHOOK_QUEUE, messages_queued, messages_unacked, publish_run
 from app.runtime import Runtime, build_runtime
 from app.settings import Settings
-from app.states import TaskStatus
+from app.state.tasks import is_overdue_pending, republish_overdue
 from app.store import Requeued, parse_task_id
 
 log = logging.getLogger(__name__)
@@ -108,7 +108,8 @@ class Sweeper:
             if session.get_bind().dialect.name == "postgresql" and \
                     not session.scalar(select(func.pg_try_advisory_xact_lock(_REPUBLISH_LOCK))):
                 return []
-            overdue = [Task.status == TaskStatus.PENDING, Task.run_after < _ago(self.settings.republish_after_s)]
+            due_before = _ago(self.settings.republish_after_s)
+            overdue = [is_overdue_pending(due_before)]
             due = {lane: session.scalar(select(func.count()).select_from(Task).where(*overdue, in_lane))
                    for lane, in_lane in lanes.items()}
 
@@ -119,10 +120,7 @@ class Sweeper:
 
             found: list[Requeued] = []
             for lane, count in self._deficit(due, still_due).items():
-                oldest = select(Task.id).where(*overdue, lanes[lane]).order_by(Task.run_after).limit(count)
-                rows = session.execute(
-                    update(Task).where(Task.id.in_(oldest.scalar_subquery()), *overdue).values(run_after=utcnow())
-                    .returning(Task.id, Task.attempts, Task.batch_id).execution_options(synchronize_session=False))
+                rows = republish_overdue(session.connection(), due_before, lanes[lane], limit=count)
                 found += [Requeued(row.id, row.attempts + 1, row.batch_id) for row in rows]
         return found
 

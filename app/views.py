@@ -9,7 +9,7 @@ from app.models import Batch
 from app.schemas import AttemptView, BatchCounts, BatchView, ImageData, TaskError, TaskView
 from app.settings import Settings
 from app.signing import signed_image_url
-from app.states import TaskStatus
+from app.state.tasks import TaskStatus
 from app.store import TaskRecord
 
 

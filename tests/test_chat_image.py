@@ -11,7 +11,7 @@ import pytest
 from app.providers import ModelConfig
 from app.schemas import GenerationRequest
 from app.settings import Settings
-from app.states import ErrorCode
+from app.failures import ErrorCode
 from tests.fake_chat import ChatStep, FakeChat, png_bytes
 from workers import http
 from workers.adapters.base import UpstreamError

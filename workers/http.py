@@ -12,8 +12,8 @@ from email.utils import parsedate_to_datetime
 
 import httpx
 
+from app.failures import ErrorCode
 from app.ssrf import UnsafeUrl
-from app.states import ErrorCode
 from workers.adapters.base import UpstreamError
 
 MAX_REPLY_BYTES = 64 * 1024 * 1024  # an upstream's JSON reply may carry several base64 images

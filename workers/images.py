@@ -9,7 +9,7 @@ import httpx
 
 from app.providers import ModelConfig
 from app.settings import Settings
-from app.states import ErrorCode
+from app.failures import ErrorCode
 from app.attempt_store import NewImage
 from workers import http
 from workers.outbound import CheckedClients, same_origin

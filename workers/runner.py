@@ -1,7 +1,7 @@
 """One attempt of one task: claim it, make its upstream calls, store the outcome.
 
-Every write is a guarded transition in app.store; a duplicate delivery claims nothing and so
-calls nothing. Retries, fallbacks and polls of asynchronous upstreams are new Celery messages
+Every write is a guarded transition of app.state.attempts; a duplicate delivery claims nothing and
+so calls nothing. Retries, fallbacks and polls of asynchronous upstreams are new Celery messages
 with a countdown, never a sleep in the worker.
 """
 
@@ -27,9 +27,10 @@ from app.providers import ModelConfig
 from app.queue import publish_run
 from app.schemas import GenerationRequest
 from app.settings import Settings
-from app.states import ErrorCode
+from app.failures import ErrorCode, Failure
 from app.attempt_store import AttemptStore, CallOutcome, Claim, NewImage, Success
-from app.store import Failure, parse_task_id
+from app.state.refused import Outcome, Refused
+from app.store import parse_task_id
 from workers.http import current_call
 from workers.adapters import Upstream, resolve_upstreams
 from workers.adapters.base import Adapter, Generation, ImageAdapter, PollingAdapter, UpstreamError
@@ -78,7 +79,7 @@ class TaskRunner:
     store: AttemptStore
     leases: LeaseKeeper
     # Successes are written grouped across the tasks in flight (see workers.grouped).
-    successes: Grouped[Success, bool]
+    successes: Grouped[Success, Outcome]
     models: dict[str, ModelConfig]
     adapters: dict[str, type[Adapter]]
     http: httpx.Client
@@ -105,9 +106,8 @@ class TaskRunner:
         claim = self.store.claim_poll(parsed, attempt, poll, lease_s=lease_s) if poll else \
             self.store.claim(parsed, attempt, worker=worker, lease_s=lease_s,
                              plan=functools.partial(plan_calls, self.upstreams))
-        if claim is None:
-            log.info("task %s attempt %s poll %s: not claimable (duplicate delivery or already ended)",
-                     task_id, attempt, poll)
+        if not claim:
+            log.info("task %s attempt %s poll %s: not claimed (%s)", task_id, attempt, poll, claim)
             return
         with self.leases.held(claim):
             self._run_claimed(claim)
@@ -170,11 +170,11 @@ class TaskRunner:
             usage = merge_usage(usage, call.usage)
         errors = [call.error for call in calls if call.error]
         if not errors:
-            if self._durably(claim, self.successes, Success(claim, images, usage, outcomes)):
+            if written := self._durably(claim, self.successes, Success(claim, images, usage, outcomes)):
                 log.info("task %s attempt %s: succeed via %s", claim.task_id, claim.attempt, claim.route)
                 self._announce(claim)
             else:
-                self._stop_if_cancelled(claim)
+                self._stop_if_cancelled(claim, written)
             return
         # One refusal ends the task; otherwise retry (or fall back) the calls that failed.
         fatal = next((error for error in errors if not error.retryable), None)
@@ -205,12 +205,12 @@ class TaskRunner:
 
     def _wait_upstream(self, claim: Claim, upstream_task_id: str, countdown: float, poll: int) -> None:
         """Schedule poll step `poll`; the lease covers the wait, so a lost poll message is taken back."""
-        if self._durably(claim, self.store.wait_upstream, claim, upstream_task_id,
-                         lease_s=countdown + self.settings.lease_s):
+        if written := self._durably(claim, self.store.wait_upstream, claim, upstream_task_id,
+                                    lease_s=countdown + self.settings.lease_s):
             publish_run(self.celery, claim.task_id, claim.attempt, countdown=countdown, poll=poll,
                         batch_id=claim.batch_id)
         else:
-            self._stop_if_cancelled(claim)
+            self._stop_if_cancelled(claim, written)
 
     # -- endings ------------------------------------------------------------------------------
     def _failed(self, claim: Claim, config: ModelConfig, request: GenerationRequest, exc: UpstreamError,
@@ -230,12 +230,12 @@ class TaskRunner:
 
     def _retry(self, claim: Claim, failure: Failure, outcomes: list[CallOutcome], images: list[NewImage],
                usage: dict | None, *, delay: float, route: str | None, why: str) -> None:
-        if self._durably(claim, self.store.retry_later, claim, failure, outcomes, countdown_s=delay,
-                         images_=images, usage=usage, route=route):
+        if written := self._durably(claim, self.store.retry_later, claim, failure, outcomes, countdown_s=delay,
+                                    images_=images, usage=usage, route=route):
             log.info("task %s attempt %s: %s; %s", claim.task_id, claim.attempt, failure.message, why)
             publish_run(self.celery, claim.task_id, claim.attempt + 1, countdown=delay, batch_id=claim.batch_id)
         else:
-            self._stop_if_cancelled(claim)
+            self._stop_if_cancelled(claim, written)
 
     def _next_route(self, claim: Claim) -> str | None:
         primary = self.models.get(claim.model)
@@ -243,9 +243,9 @@ class TaskRunner:
         position = routes.index(claim.route) if claim.route in routes else len(routes)
         return routes[position + 1] if position + 1 < len(routes) else None
 
-    def _stop_if_cancelled(self, claim: Claim) -> None:
+    def _stop_if_cancelled(self, claim: Claim, refused: Refused) -> None:
         """A fenced write was refused: if because the client cancelled, end the task so."""
-        if self._durably(claim, self.store.end_cancelled, claim):
+        if refused is Refused.CANCELLED and self._durably(claim, self.store.end_cancelled, claim):
             log.info("task %s attempt %s: cancelled", claim.task_id, claim.attempt)
             self._announce(claim)
 
@@ -255,7 +255,7 @@ class TaskRunner:
                      failure.message)
             self._announce(claim)
 
-    def _durably(self, claim: Claim, write: Callable[..., bool], *args, **kwargs) -> bool:
+    def _durably(self, claim: Claim, write: Callable[..., Outcome], *args, **kwargs) -> Outcome:
         """Make an attempt's write, retrying through a database outage while the lease is still ours:
         the upstream has answered (and been paid), so its result is kept in memory rather than thrown
         away and bought again by the attempt that would take over once the lease expired. The write is

@@ -32,6 +32,7 @@ from app.batches import BatchStore
 from app.queue import publish_webhook
 from app.settings import Settings
 from app.store import TaskStore
+from app.state.webhook_events import EventStatus
 from app.views import batch_view, task_view
 from app.webhook_events import ClaimedEvent, WebhookStore
 from workers import outbound
@@ -115,7 +116,7 @@ class WebhookSender:
         except Exception:
             self.lane.leave(api_key_id)
             raise
-        if event is None:
+        if not event:  # another delivery has it, or it is done
             self.lane.leave(api_key_id)
             return
         self.lane.submit(api_key_id, lambda: self.deliver(event))
@@ -123,7 +124,7 @@ class WebhookSender:
     def deliver(self, event: ClaimedEvent) -> None:
         """One attempt of a claimed event, recorded; the next one scheduled if it failed."""
         if self.webhooks.is_disabled(event):
-            self.webhooks.record(event, status_code=None, latency_ms=0, outcome="disabled",
+            self.webhooks.record(event, status_code=None, latency_ms=0, outcome=EventStatus.DISABLED,
                                  error="the callback URL answered 410 Gone earlier; redeliver to send again")
             return
         body = json.dumps(self._payload(event), separators=(",", ":")).encode()
@@ -132,19 +133,19 @@ class WebhookSender:
         schedule = self.settings.webhook_retry_delays_s
         delay = schedule[event.attempt - 1] if event.attempt <= len(schedule) else None
         if result.ok:
-            outcome = "delivered"
+            outcome = EventStatus.DELIVERED
         elif result.disable:
-            outcome = "disabled"
+            outcome = EventStatus.DISABLED
         else:
-            outcome = "pending" if delay is not None else "failed"
-        retry_at = datetime.now(timezone.utc) + timedelta(seconds=delay) if outcome == "pending" else None
+            outcome = EventStatus.PENDING if delay is not None else EventStatus.FAILED
+        retry_at = datetime.now(timezone.utc) + timedelta(seconds=delay) if outcome == EventStatus.PENDING else None
         self.webhooks.record(event, status_code=result.status, latency_ms=result.latency_ms, error=result.error,
                              outcome=outcome, retry_at=retry_at)
         log.info("webhook %s attempt %s to %s: %s (%s)", event.id, event.attempt, event.url, outcome,
                  result.status or result.error)
         # Short waits go by countdown; longer ones than Redis keeps a message unacknowledged would
         # be delivered twice, so the sweeper sends those when they are due.
-        if outcome == "pending" and delay < self.settings.visibility_timeout_s / 2:
+        if outcome == EventStatus.PENDING and delay < self.settings.visibility_timeout_s / 2:
             publish_webhook(self.celery, event.id, countdown=delay)
 
     def _payload(self, event: ClaimedEvent) -> dict:

@@ -16,6 +16,7 @@ from app.batches import NewLine
 from app.idempotency import IdempotencyMismatch
 from app.queue import publish_runs
 from app.schemas import BatchLine
+from app.state.tasks import TaskStatus
 from app.store import parse_task_id
 from app.views import batch_view
 from app.signing import signed_image_url
@@ -139,7 +140,7 @@ def create_batch():
                        param="Idempotency-Key", code="idempotency_key_reused") from None
     if task_ids:
         _publish_in_background(svc, task_ids, batch.id)
-    counts = {"pending": len(task_ids)} if task_ids else svc.batches.get(batch.id, g.api_key_id)[1]
+    counts = {TaskStatus.PENDING: len(task_ids)} if task_ids else svc.batches.get(batch.id, g.api_key_id)[1]
     headers = {} if task_ids else {"Idempotent-Replayed": "true"}
     return batch_view(batch, counts).model_dump(mode="json"), 202, headers
 
@@ -177,12 +178,12 @@ def batch_results(batch_id: str):
         for row in svc.batches.results(batch.id):
             line: dict[str, Any] = {"custom_id": row.custom_id, "task_id": str(row.task.id),
                                     "task_status": row.task.status}
-            if row.task.status == "succeed":
+            if row.task.status == TaskStatus.SUCCEED:
                 line["data"] = [{"url": signed_image_url(settings.public_url, settings.secret_key, image_id,
                                                          content_type, settings.image_url_ttl_s)}
                                 | ({"revised_prompt": revised} if revised else {})
                                 for image_id, content_type, revised in row.images]
-            elif row.task.status == "failed":
+            elif row.task.status == TaskStatus.FAILED:
                 line["error"] = {"code": row.task.error_code, "message": row.task.error_message}
             yield json.dumps(line) + "\n"
 

@@ -11,8 +11,10 @@ from pydantic import ValidationError
 
 from app.queue import publish_run
 from app.schemas import GenerationRequest, ImagesResponse, TaskAccepted
-from app.states import TaskStatus, http_status_of_failure
-from app.store import ENDED, CancelResult, TaskRecord, parse_task_id
+from app.failures import http_status_of_failure
+from app.state.refused import Refused
+from app.state.tasks import ENDED, CancelOutcome, TaskStatus
+from app.store import TaskRecord, parse_task_id
 from app.views import image_items, task_view, timestamp
 from app.web.auth import require_api_key
 from app.idempotency import IdempotencyMismatch
@@ -147,11 +149,11 @@ def cancel_task(task_id: str):
     and before storing anything; a finished one answers 409."""
     svc = services()
     parsed = parse_task_id(task_id)
-    result = svc.tasks.cancel(parsed, g.api_key_id) if parsed else CancelResult.MISSING
-    if result == CancelResult.FINISHED:
+    result = svc.tasks.cancel(parsed, g.api_key_id) if parsed else Refused.NOT_FOUND
+    if result is Refused.ALREADY_ENDED:
         raise ApiError(409, "The task has already ended; there is nothing to cancel.", param="task_id",
                        code="task_finished")
-    record = _owned_record(task_id)  # 404 for MISSING, in the same words as GET
-    if result == CancelResult.CANCELLED:  # wake waiters, send its webhook, maybe close its batch
+    record = _owned_record(task_id)  # 404 for NOT_FOUND and NOT_OWNER, in the same words as GET
+    if result is CancelOutcome.ENDED:  # wake waiters, send its webhook, maybe close its batch
         svc.after_end.task_ended(record.task.id, record.task.batch_id, has_callback=record.task.callback_url is not None)
     return _json(task_view(record, svc.settings), 200 if record.task.status == TaskStatus.FAILED else 202)

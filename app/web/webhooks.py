@@ -9,6 +9,7 @@ import time
 from flask import Blueprint, current_app, g, request
 
 from app.schemas import DeliveryList, DeliveryView
+from app.state.webhook_events import EventStatus
 from app.store import parse_task_id
 from app.web.auth import require_api_key
 from app.web.errors import ApiError, error_response
@@ -81,6 +82,6 @@ def redeliver(delivery_id: str):
         raise ApiError(404, f"No delivery found with id '{delivery_id}'.", param="delivery_id",
                        code="delivery_not_found")
     svc.after_end.send([event_id])
-    return {"event_id": event_id, "status": "pending"}, 202
+    return {"event_id": event_id, "status": EventStatus.PENDING}, 202
 
 

@@ -12,7 +12,7 @@ from PIL import Image
 
 from app.providers import ModelConfig
 from app.schemas import GenerationRequest
-from app.states import ErrorCode
+from app.failures import ErrorCode
 from workers.adapters.base import UpstreamError
 from workers.adapters.chat_image import ChatImageAdapter
 from workers.adapters.geekai_async import GeekAIAsyncAdapter

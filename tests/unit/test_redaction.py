@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from app.providers import ModelConfig
-from app.states import ErrorCode
+from app.failures import ErrorCode
 from workers.adapters import load_adapters
 from workers.adapters.base import UpstreamError
 from workers.redaction import REDACTED, Redactor

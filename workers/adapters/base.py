@@ -15,7 +15,7 @@ import httpx
 
 from app.providers import ModelConfig
 from app.schemas import GenerationRequest
-from app.states import ErrorCode
+from app.failures import ErrorCode
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 
 from app.providers import ModelConfig
 from app.schemas import GenerationRequest
-from app.states import ErrorCode
+from app.failures import ErrorCode
 from workers.adapters.base import Capabilities, Generation, HttpAdapter, UpstreamError, UpstreamImage
 from workers.adapters.openai import call
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 from app.schemas import GenerationRequest
-from app.states import ErrorCode
+from app.failures import ErrorCode
 from workers.adapters.base import Capabilities, Generation, HttpAdapter, UpstreamError
 from workers.adapters.openai import call, images_body, images_of
 

@@ -12,7 +12,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from app.providers import ModelConfig
 from app.schemas import GenerationRequest
-from app.states import ErrorCode
+from app.failures import ErrorCode
 from workers.adapters.base import Capabilities, Generation, UpstreamError, UpstreamImage
 
 MAX_SIDE = 4096

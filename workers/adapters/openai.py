@@ -12,7 +12,7 @@ import httpx
 
 from app.providers import ModelConfig
 from app.schemas import GenerationRequest
-from app.states import ErrorCode
+from app.failures import ErrorCode
 from workers import http
 from workers.adapters.base import Capabilities, Generation, HttpAdapter, UpstreamError, UpstreamImage, error_for_status
 

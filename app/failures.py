@@ -1,19 +1,11 @@
-"""Task states, error codes and what each failure means to a client."""
+"""Why a task failed: its error codes, the failure a transition records, and what each means to a
+client waiting on it."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from enum import StrEnum
-
-
-class TaskStatus(StrEnum):
-    PENDING = "pending"
-    RUNNING = "running"
-    SUCCEED = "succeed"
-    FAILED = "failed"
-
-    @property
-    def finished(self) -> bool:
-        return self in (TaskStatus.SUCCEED, TaskStatus.FAILED)
+from typing import Any
 
 
 class ErrorCode(StrEnum):
@@ -33,6 +25,21 @@ class ErrorCode(StrEnum):
     ATTEMPTS_EXHAUSTED = "attempts_exhausted"       # IMAGEGATE_MAX_ATTEMPTS attempts, none ended it
     WORKER_LOST = "worker_lost"                     # an attempt's worker stopped renewing its lease
     INTERNAL = "internal_error"
+
+
+@dataclass(frozen=True)
+class Failure:
+    code: str
+    message: str
+    details: dict[str, Any] = field(default_factory=dict)
+    upstream_status: int | None = None
+
+    def columns(self) -> dict[str, Any]:
+        """The task's error columns recording this failure."""
+        return {"error_code": self.code, "error_message": self.message, "error_details": self.details or None}
+
+
+CANCELLED = Failure(ErrorCode.CANCELLED, "The task was cancelled.")
 
 
 # The HTTP status a synchronous request answers with when its task failed.

@@ -1,0 +1,148 @@
+"""The task machine, as intake, cancel and the sweeper drive it (the worker's side is in
+app.state.attempts):
+
+    (intake) -> pending -> running -> succeed | failed
+                pending <- running              (a retry, or a lost worker's attempt taken back)
+                pending | running -> failed     (cancelled, deadline exceeded, attempts exhausted)
+
+A running task the client cancels keeps running with `cancel_requested` set, and its worker ends it
+`cancelled` before its next upstream call or store. Each transition is one guarded UPDATE.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import ColumnElement, Connection, Row, and_, bindparam, case, insert, select, update
+
+from app.failures import CANCELLED, ErrorCode, Failure
+from app.models import Task, utcnow
+from app.state.refused import Refused
+
+
+class TaskStatus(StrEnum):
+    PENDING = "pending"
+    RUNNING = "running"
+    SUCCEED = "succeed"
+    FAILED = "failed"
+
+    @property
+    def finished(self) -> bool:
+        return self in ENDED
+
+
+UNFINISHED = (TaskStatus.PENDING, TaskStatus.RUNNING)
+ENDED = (TaskStatus.SUCCEED, TaskStatus.FAILED)
+
+tasks = Task.__table__
+# Built once: a prepared Core statement skips the per-call compile cache key (intake's hot path).
+_ACCEPT = insert(tasks)
+_OWNER_AND_STATUS = select(tasks.c.api_key_id, tasks.c.status).where(tasks.c.id == bindparam("id"))
+_REQUEUED = (tasks.c.id, tasks.c.attempts, tasks.c.batch_id)
+
+
+class CancelOutcome(StrEnum):
+    ENDED = "ended"          # was pending: failed `cancelled` now
+    REQUESTED = "requested"  # is running: its worker stops before its next upstream call or store
+
+
+# -- intake ------------------------------------------------------------------------------------
+def new_task(*, api_key_id: uuid.UUID, model: str, request: dict[str, Any], response_format: str,
+             callback_url: str | None, now: datetime, task_id: uuid.UUID | None = None,
+             batch_id: uuid.UUID | None = None, batch_line: int | None = None,
+             custom_id: str | None = None) -> dict[str, Any]:
+    """The row of a task just accepted, for `accept`."""
+    return {"id": task_id or uuid.uuid4(), "api_key_id": api_key_id, "model": model, "request": request,
+            "response_format": response_format, "status": TaskStatus.PENDING, "attempts": 0, "route": model,
+            "retries_used": 0, "polls": 0, "cancel_requested": False, "callback_url": callback_url,
+            "batch_id": batch_id, "batch_line": batch_line, "custom_id": custom_id, "created_at": now,
+            "run_after": now}
+
+
+def accept(connection: Connection, rows: dict[str, Any] | list[dict[str, Any]]) -> None:
+    """(none) -> pending: one INSERT for one task, one multi-row INSERT for a batch's page."""
+    connection.execute(_ACCEPT, rows)
+
+
+# -- cancel ------------------------------------------------------------------------------------
+def _cancel(*guard: ColumnElement[bool]):
+    """pending -> failed `cancelled`, and running -> running with cancel_requested, in one statement:
+    the CASEs read the row the guard passed, so a task moving between the two meanwhile is never missed."""
+    pending = tasks.c.status == TaskStatus.PENDING
+
+    def if_pending(value: Any, column) -> Any:
+        return case((pending, value), else_=column)
+
+    failed = {column: if_pending(value, tasks.c[column]) for column, value in CANCELLED.columns().items()}
+    failed["finished_at"] = if_pending(utcnow(), tasks.c.finished_at)
+    return (update(tasks).where(*guard, tasks.c.status.in_(UNFINISHED))
+            .values(status=if_pending(TaskStatus.FAILED, tasks.c.status), cancel_requested=True, **failed)
+            .returning(tasks.c.id, tasks.c.status))
+
+
+def cancel(connection: Connection, task_id: uuid.UUID, api_key_id: uuid.UUID) -> CancelOutcome | Refused:
+    row = connection.execute(_cancel(tasks.c.id == task_id, tasks.c.api_key_id == api_key_id)).one_or_none()
+    if row is not None:
+        return CancelOutcome.ENDED if row.status == TaskStatus.FAILED else CancelOutcome.REQUESTED
+    found = connection.execute(_OWNER_AND_STATUS, {"id": task_id}).one_or_none()
+    if found is None:
+        return Refused.NOT_FOUND
+    return Refused.NOT_OWNER if found.api_key_id != api_key_id else Refused.ALREADY_ENDED
+
+
+def cancel_batch_tasks(connection: Connection, batch_id: uuid.UUID) -> list[uuid.UUID]:
+    """`cancel` for every unfinished task of the batch; the ids of those that ended now."""
+    rows = connection.execute(_cancel(tasks.c.batch_id == batch_id))
+    return [row.id for row in rows if row.status == TaskStatus.FAILED]
+
+
+# -- the sweeper -------------------------------------------------------------------------------
+def fail_overdue(connection: Connection, created_before: datetime, failure: Failure) -> list[uuid.UUID]:
+    """pending | running -> failed, for tasks accepted before `created_before`."""
+    return list(connection.scalars(
+        update(tasks).where(tasks.c.status.in_(UNFINISHED), tasks.c.created_at < created_before)
+        .values(status=TaskStatus.FAILED, worker=None, lease_expires_at=None, finished_at=utcnow(),
+                **failure.columns())
+        .returning(tasks.c.id)))
+
+
+def _expired(now: datetime) -> list[ColumnElement[bool]]:
+    return [tasks.c.status == TaskStatus.RUNNING, tasks.c.lease_expires_at < now]
+
+
+def fail_expired(connection: Connection, now: datetime, max_attempts: int) -> list[uuid.UUID]:
+    """running -> failed, for expired attempts that were cancelled or were the last allowed."""
+    code = case((tasks.c.cancel_requested.is_(True), ErrorCode.CANCELLED), else_=ErrorCode.ATTEMPTS_EXHAUSTED)
+    return list(connection.scalars(
+        update(tasks).where(*_expired(now), (tasks.c.attempts >= max_attempts) | tasks.c.cancel_requested)
+        .values(status=TaskStatus.FAILED, worker=None, lease_expires_at=None, finished_at=now, error_code=code,
+                error_message=f"Ended after {max_attempts} attempts or by cancellation.", error_details=None)
+        .returning(tasks.c.id)))
+
+
+def requeue_expired(connection: Connection, now: datetime, failure: Failure) -> list[Row]:
+    """running -> pending, for expired attempts (their worker is dead, frozen or gone): (id, attempts,
+    batch_id) of each, to publish its next attempt."""
+    return list(connection.execute(
+        update(tasks).where(*_expired(now))
+        .values(status=TaskStatus.PENDING, worker=None, lease_expires_at=None, run_after=now, **failure.columns())
+        .returning(*_REQUEUED)))
+
+
+def is_overdue_pending(due_before: datetime) -> ColumnElement[bool]:
+    """A pending task due since before `due_before` that no worker took: its message may be lost."""
+    return and_(tasks.c.status == TaskStatus.PENDING, tasks.c.run_after < due_before)
+
+
+def republish_overdue(connection: Connection, due_before: datetime, *where: ColumnElement[bool],
+                      limit: int | None = None) -> list[Row]:
+    """pending -> pending, due now: overdue tasks (the `limit` oldest, if given) about to be published
+    again; bumping run_after keeps a second sweeper from publishing them too. (id, attempts, batch_id)."""
+    overdue = [is_overdue_pending(due_before), *where]
+    if limit is not None:
+        oldest = select(tasks.c.id).where(*overdue).order_by(tasks.c.run_after).limit(limit)
+        overdue.append(tasks.c.id.in_(oldest.scalar_subquery()))
+    return list(connection.execute(update(tasks).where(*overdue).values(run_after=utcnow()).returning(*_REQUEUED)))

@@ -1,0 +1,81 @@
+"""The batch transitions against real Postgres: cancel, and completion once its last task ended,
+only once, as `cancelled` when it was cancelled."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+from sqlalchemy import select
+
+from app.batches import BatchStore
+from app.db import make_sessionmaker
+from app.failures import ErrorCode
+from app.models import Batch, WebhookEvent
+from app.state.batches import BatchStatus
+from app.state.refused import Refused
+from app.state.tasks import TaskStatus
+from tests.state.rows import make_task, new_key, task_row
+
+
+@pytest.fixture(scope="module")
+def batches(engine):
+    return BatchStore(make_sessionmaker(engine))
+
+
+def new_batch(batches, engine, key_id, *statuses: TaskStatus) -> tuple[uuid.UUID, list[uuid.UUID]]:
+    batch, _ = batches.create(api_key_id=key_id, lines=[], callback_url="https://hooks.example/b", metadata=None)
+    tasks = [make_task(engine, key_id, batch_id=batch.id, batch_line=line, status=status,
+                       attempts=0 if status == TaskStatus.PENDING else 1)
+             for line, status in enumerate(statuses)]
+    return batch.id, tasks
+
+
+def status_of(engine, batch_id) -> str:
+    with engine.connect() as connection:
+        return connection.scalar(select(Batch.status).where(Batch.id == batch_id))
+
+
+def test_a_new_batch_is_in_progress(batches, engine, key_id):
+    batch_id, _ = new_batch(batches, engine, key_id)
+    assert status_of(engine, batch_id) == BatchStatus.IN_PROGRESS
+
+
+def test_a_batch_completes_once_its_last_task_ended_and_only_once(batches, engine, key_id):
+    batch_id, _ = new_batch(batches, engine, key_id, TaskStatus.SUCCEED, TaskStatus.RUNNING)
+    assert batches.complete(batch_id) is Refused.UNFINISHED_TASKS
+    with engine.begin() as connection:
+        connection.exec_driver_sql("UPDATE tasks SET status = 'failed' WHERE batch_id = %s", (batch_id,))
+    assert batches.complete(batch_id) is True
+    assert status_of(engine, batch_id) == BatchStatus.COMPLETED
+    assert batches.complete(batch_id) is Refused.ALREADY_ENDED
+    with engine.connect() as connection:
+        events = connection.scalars(select(WebhookEvent.type).where(WebhookEvent.batch_id == batch_id)).all()
+    assert events == ["image.batch.completed"]  # one event: the second completion wrote nothing
+    assert batches.complete(uuid.uuid4()) is Refused.NOT_FOUND
+
+
+def test_a_cancelled_batch_ends_its_pending_tasks_stops_its_running_ones_and_closes_cancelled(batches, engine, key_id):
+    batch_id, (pending, running, done) = new_batch(batches, engine, key_id, TaskStatus.PENDING, TaskStatus.RUNNING,
+                                                   TaskStatus.SUCCEED)
+    assert batches.cancel(batch_id, key_id) is True
+    assert status_of(engine, batch_id) == BatchStatus.CANCELLING
+    assert (task_row(engine, pending).status, task_row(engine, pending).error_code) == (TaskStatus.FAILED,
+                                                                                         ErrorCode.CANCELLED)
+    assert (task_row(engine, running).status, task_row(engine, running).cancel_requested) == (TaskStatus.RUNNING, True)
+    assert task_row(engine, done).status == TaskStatus.SUCCEED
+    assert batches.cancel(batch_id, key_id) is True  # again: harmless
+    assert batches.complete(batch_id) is Refused.UNFINISHED_TASKS
+    with engine.begin() as connection:
+        connection.exec_driver_sql("UPDATE tasks SET status = 'failed' WHERE id = %s", (running,))
+    assert batches.complete(batch_id) is True
+    assert status_of(engine, batch_id) == BatchStatus.CANCELLED
+    assert batches.cancel(batch_id, key_id) is Refused.ALREADY_ENDED
+
+
+def test_a_batch_cancel_is_refused_for_another_key_or_a_missing_batch(batches, engine, key_id):
+    batch_id, (pending,) = new_batch(batches, engine, key_id, TaskStatus.PENDING)
+    assert batches.cancel(batch_id, new_key(engine)) is Refused.NOT_OWNER
+    assert status_of(engine, batch_id) == BatchStatus.IN_PROGRESS
+    assert task_row(engine, pending).status == TaskStatus.PENDING
+    assert batches.cancel(uuid.uuid4(), key_id) is Refused.NOT_FOUND
