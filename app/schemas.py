@@ -5,7 +5,8 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
 
 from app.state.batches import BatchStatus
 from app.state.tasks import TaskStatus
@@ -15,7 +16,29 @@ MAX_N = 10
 SIZE_PATTERN = r"^(auto|[1-9][0-9]{1,4}x[1-9][0-9]{1,4}|[1-9][kK])$"
 
 
-class GenerationRequest(BaseModel):
+def _has_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_has_nul(key) or _has_nul(item) for key, item in value.items())
+    if isinstance(value, list):
+        return any(_has_nul(item) for item in value)
+    return False  # numbers, booleans, None, and nested models (they check their own fields)
+
+
+class RequestModel(BaseModel):
+    """A client's input. Postgres stores no NUL character in text or jsonb: refuse it at validation,
+    in any string of any field, nested ones (extra_body, metadata) and object keys included."""
+
+    @field_validator("*")
+    @classmethod
+    def _no_nul_character(cls, value: Any) -> Any:
+        if _has_nul(value):
+            raise PydanticCustomError("nul_character", "must not contain the NUL character (\\u0000)")
+        return value
+
+
+class GenerationRequest(RequestModel):
     """POST /v1/images/generations: OpenAI's Images fields plus GeekAI's extensions."""
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True,
@@ -23,7 +46,7 @@ class GenerationRequest(BaseModel):
 
     model: str | None = Field(None, min_length=1, max_length=200,
                               description="Model to use; defaults to the first model of the providers file.")
-    prompt: str = Field(..., max_length=MAX_PROMPT_CHARS, description="Text description of the image(s).")
+    prompt: str = Field(..., min_length=1, max_length=MAX_PROMPT_CHARS, description="Text description of the image(s).")
     n: int = Field(1, ge=1, le=MAX_N, description="How many images to generate.")
     size: str | None = Field(None, pattern=SIZE_PATTERN, description="WIDTHxHEIGHT, `auto`, or 1k/2k/4k.")
     quality: str | None = Field(None, max_length=32)
@@ -51,6 +74,16 @@ class GenerationRequest(BaseModel):
                                      description="Where the task's end is POSTed (Standard Webhooks).")
     async_: bool = Field(False, alias="async", description="Answer 202 with a task id at once.")
     retries: int = Field(0, ge=0, le=10, description="Automatic retries on retryable upstream errors.")
+
+    @field_validator("stream", "partial_images", mode="before")
+    @classmethod
+    def _exact_literal(cls, value: Any, info: ValidationInfo) -> Any:
+        # A Literal takes what compares equal to it: 0 for False; False and 0.0 for 0.
+        expected = bool if info.field_name == "stream" else int
+        if value is not None and type(value) is not expected:
+            raise PydanticCustomError("literal_error", "Input should be {expected}",
+                                      {"expected": "false" if expected is bool else "0"})
+        return value
 
     @field_validator("prompt")
     @classmethod
@@ -131,7 +164,7 @@ class TaskView(BaseModel):
     attempt_log: list[AttemptView] = Field([], description="Every upstream call, in order.")
 
 
-class BatchLine(BaseModel):
+class BatchLine(RequestModel):
     """One line of a batch, as in OpenAI's Batch API input (method and url may be given; ignored)."""
 
     model_config = ConfigDict(extra="forbid")
@@ -142,12 +175,12 @@ class BatchLine(BaseModel):
     url: Literal["/v1/images/generations", "/v1/images/generations/"] | None = None
 
 
-class BatchCreate(BaseModel):
+class BatchCreate(RequestModel):
     """POST /v1/images/batches as JSON (JSONL of BatchLine is accepted too)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    requests: list[BatchLine]
+    requests: list[BatchLine] = Field(..., min_length=1, description="At most IMAGEGATE_MAX_BATCH (10 000).")
     callback_url: str | None = Field(None, max_length=2048, pattern=r"^https?://")
     metadata: dict[str, Any] | None = None
 
@@ -171,6 +204,16 @@ class BatchView(BaseModel):
     callback_url: str | None = None
 
 
+class DeliveryQuery(RequestModel):
+    """GET /v1/webhooks/deliveries: a task's or a batch's deliveries, else the key's latest."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    task_id: str | None = Field(None, max_length=100)
+    batch_id: str | None = Field(None, max_length=100)
+    limit: int = Field(100, ge=1, le=1000)
+
+
 class DeliveryView(BaseModel):
     """One delivery attempt of a webhook event."""
 
@@ -190,6 +233,11 @@ class DeliveryView(BaseModel):
 class DeliveryList(BaseModel):
     object: Literal["list"] = "list"
     data: list[DeliveryView]
+
+
+class RedeliveryQueued(BaseModel):
+    event_id: str
+    status: Literal["pending"] = "pending"
 
 
 class ErrorDetail(BaseModel):

@@ -5,8 +5,13 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import re
 import time
 import uuid
+
+# 1 to 12 ASCII digits: int() raises on "²" and past 4300 digits, as compare_digest does on
+# non-ASCII text (so signatures are compared as bytes); a malformed URL is refused, never a 500.
+EXPIRES = re.compile(r"[0-9]{1,12}")
 
 EXTENSIONS = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp", "image/gif": "gif"}
 
@@ -25,6 +30,6 @@ def signed_image_url(public_url: str, secret: str, image_id: uuid.UUID, content_
 
 
 def verify(secret: str, image_id: uuid.UUID, expires: str, signature: str, now: float | None = None) -> bool:
-    if not expires.isdigit() or int(expires) < (now or time.time()):
+    if not EXPIRES.fullmatch(expires) or int(expires) < (now or time.time()):
         return False
-    return hmac.compare_digest(_signature(secret, image_id, int(expires)), signature)
+    return hmac.compare_digest(_signature(secret, image_id, int(expires)).encode(), signature.encode())

@@ -7,23 +7,26 @@ import logging
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 from flask import Blueprint, Response, g, request
 from pydantic import ValidationError
+from pydantic_core import from_json
 
 from app.batches import NewLine
 from app.idempotency import IdempotencyMismatch
 from app.queue import publish_runs
-from app.schemas import BatchLine
+from app.schemas import BatchCreate, BatchLine, BatchView
 from app.state.tasks import TaskStatus
 from app.store import parse_task_id
 from app.views import batch_view
 from app.signing import signed_image_url
 from app.web.auth import require_api_key
-from app.web.errors import ApiError, from_validation_error
+from app.web.errors import ApiError, from_error_details, from_validation_error
 from app.web.limits import read_body
-from app.web.intake import checked_callback, checked_model, default_callback, idempotency
+from app.web.intake import IDEMPOTENCY_HEADER, checked_callback, checked_model, default_callback, idempotency
+from app.web.operations import Reply, operation
 from app.web.services import Services, services
 
 log = logging.getLogger(__name__)
@@ -37,72 +40,107 @@ def _batch_body_limit() -> None:
     # A batch body is thousands of requests: it has a limit of its own (IMAGEGATE_MAX_BATCH_BYTES).
     request.max_content_length = services().settings.max_batch_bytes
 
+
 MAX_REPORTED_ERRORS = 1000
+JSONL_BODY = {"type": "string", "description": "JSONL: one BatchLine object per line."}
 
 
-def _documents(svc: Services) -> tuple[list[Any], dict[str, Any]]:
-    """The lines, and the batch options (callback_url, metadata) of a JSON body."""
+@dataclass(frozen=True)
+class _Line:
+    """One line as sent: what it validated to, or why it did not."""
+
+    number: int
+    document: Any
+    validated: BatchLine | ApiError
+
+    @property
+    def custom_id(self) -> str | None:  # as sent, to name a bad line
+        custom_id = self.document.get("custom_id") if isinstance(self.document, dict) else None
+        return custom_id if isinstance(custom_id, str) else None
+
+
+def _validated(document: Any) -> BatchLine | ApiError:
+    try:
+        return BatchLine.model_validate(document, strict=True)
+    except ValidationError as exc:
+        return from_validation_error(exc)
+
+
+def _check_count(svc: Services, count: int) -> None:
+    if not count:
+        raise ApiError(400, "The batch has no requests.", param="requests", code="empty_batch")
+    if count > svc.settings.max_batch:
+        raise ApiError(400, f"A batch takes at most {svc.settings.max_batch} requests; this one has "
+                            f"{count}.", param="requests", code="batch_too_large")
+
+
+def _json_lines(svc: Services, document: dict[str, Any]) -> list[_Line]:
+    """A JSON body, validated as BatchCreate: a fault outside `requests` refuses it at once."""
+    if isinstance(document["requests"], list):
+        _check_count(svc, len(document["requests"]))
+    try:
+        batch = BatchCreate.model_validate(document, strict=True)
+    except ValidationError as exc:
+        for error in exc.errors(include_url=False):
+            if error["loc"][:1] != ("requests",) or len(error["loc"]) < 2:
+                raise from_error_details(error) from None
+        # Only lines are at fault: validate each alone, to name every bad one.
+        return [_Line(number, line, _validated(line)) for number, line in enumerate(document["requests"], 1)]
+    return [_Line(number, line, validated)
+            for number, (line, validated) in enumerate(zip(document["requests"], batch.requests), 1)]
+
+
+def _jsonl_lines(svc: Services, raw: bytes) -> list[_Line]:
+    """One {"custom_id", "body"} per line, as OpenAI's Batch API input."""
+    # Split on "\n" only: str.splitlines() would also cut at U+2028 inside a JSON string.
+    texts = [(number, text) for number, text in enumerate(raw.split(b"\n"), 1) if text.strip()]
+    _check_count(svc, len(texts))
+    lines = []
+    for number, text in texts:
+        try:
+            document = from_json(text, allow_inf_nan=False)
+        except ValueError:  # not JSON, or nested too deep
+            lines.append(_Line(number, None, ApiError(400, "not valid JSON", code="invalid_json")))
+        else:
+            lines.append(_Line(number, document, _validated(document)))
+    return lines
+
+
+def _submitted(svc: Services) -> tuple[list[_Line], dict[str, Any]]:
+    """The lines, and the batch's options (callback_url, metadata) when the body is JSON."""
     raw = read_body(svc.settings.body_timeout_s)
     try:
-        document = json.loads(raw)
+        document = from_json(raw, allow_inf_nan=False)  # bounded nesting, unlike json.loads
     except ValueError:
         document = None
     if isinstance(document, dict) and "requests" in document:
-        unknown = set(document) - {"requests", "callback_url", "metadata"}
-        if unknown:
-            raise ApiError(400, f"Unrecognized request argument supplied: {sorted(unknown)[0]}",
-                           param=sorted(unknown)[0], code="unknown_parameter")
-        if not isinstance(document["requests"], list):
-            raise ApiError(400, "'requests' must be a list.", param="requests", code="invalid_value")
-        return document["requests"], document
-    lines = []  # JSONL: one {"custom_id", "body"} per line, as OpenAI's Batch API input
-    # Split on "\n" only: str.splitlines() would also cut at U+2028 inside a JSON string.
-    for number, text in enumerate(raw.split(b"\n"), 1):
-        if text.strip():
-            try:
-                lines.append(json.loads(text))
-            except ValueError:
-                lines.append(_BadJson(number))
-    return lines, {}
+        return _json_lines(svc, document), {name: document.get(name) for name in ("callback_url", "metadata")}
+    return _jsonl_lines(svc, raw), {}
 
 
-class _BadJson:
-    def __init__(self, number: int):
-        self.number = number
-
-
-def _checked_lines(svc: Services, documents: list[Any]) -> list[NewLine]:
-    """Every line validated; any bad line refuses the whole batch, naming each bad line."""
-    if not documents:
-        raise ApiError(400, "The batch has no requests.", param="requests", code="empty_batch")
-    if len(documents) > svc.settings.max_batch:
-        raise ApiError(400, f"A batch takes at most {svc.settings.max_batch} requests; this one has "
-                            f"{len(documents)}.", param="requests", code="batch_too_large")
-    lines, errors, seen = [], [], set()
-    for number, document in enumerate(documents, 1):
-        custom_id = document.get("custom_id") if isinstance(document, dict) else None
+def _checked_lines(svc: Services, lines: list[_Line]) -> list[NewLine]:
+    """Every line checked; any bad line refuses the whole batch, naming each bad line."""
+    accepted, errors, seen = [], [], set()
+    for line in lines:
         try:
-            if isinstance(document, _BadJson):
-                raise ApiError(400, "not valid JSON", code="invalid_json")
-            try:
-                line = BatchLine.model_validate(document, strict=True)
-            except ValidationError as exc:
-                raise from_validation_error(exc) from None
-            if line.custom_id in seen:
-                raise ApiError(400, f"custom_id {line.custom_id!r} is used by an earlier line", param="custom_id",
+            if isinstance(line.validated, ApiError):
+                raise line.validated
+            valid = line.validated
+            if valid.custom_id in seen:
+                raise ApiError(400, f"custom_id {valid.custom_id!r} is used by an earlier line", param="custom_id",
                                code="duplicate_custom_id")
-            seen.add(line.custom_id)
-            model_name, _ = checked_model(svc, line.body, prefix="body.")
-            callback = checked_callback(svc, line.body.callback_url, param="body.callback_url")
-            lines.append(NewLine(line.custom_id, model_name, line.body, callback))
+            seen.add(valid.custom_id)
+            model_name, _ = checked_model(svc, valid.body, prefix="body.")
+            callback = checked_callback(svc, valid.body.callback_url, param="body.callback_url")
+            accepted.append(NewLine(valid.custom_id, model_name, valid.body, callback))
         except ApiError as exc:
             if len(errors) < MAX_REPORTED_ERRORS:
-                errors.append({"line": number, "custom_id": custom_id if isinstance(custom_id, str) else None,
-                               "param": exc.param, "message": exc.message})
+                errors.append({"line": line.number, "custom_id": line.custom_id, "param": exc.param,
+                               "message": exc.message})
     if errors:
         raise ApiError(400, f"{len(errors)} line(s) of the batch are invalid; nothing was accepted.",
                        param="requests", code="invalid_batch", extra={"lines": errors})
-    return lines
+    return accepted
 
 
 def _publish_in_background(svc: Services, task_ids: list[uuid.UUID], batch_id: uuid.UUID) -> None:
@@ -120,16 +158,16 @@ def _publish_in_background(svc: Services, task_ids: list[uuid.UUID], batch_id: u
 
 @bp.post("")
 @bp.post("/")
+@operation(operation_id="createImageBatch",
+           summary="Submit many generation requests (JSON, or JSONL lines of {custom_id, body})",
+           body=BatchCreate, other_bodies={"application/jsonl": JSONL_BODY}, headers=IDEMPOTENCY_HEADER,
+           replies={202: Reply("Accepted", BatchView)}, errors=(400, 401, 404, 408, 413, 422, 503))
 def create_batch():
     svc = services()
-    documents, options = _documents(svc)
+    submitted, options = _submitted(svc)
     metadata = options.get("metadata")
-    if metadata is not None and not isinstance(metadata, dict):
-        raise ApiError(400, "'metadata' must be an object.", param="metadata", code="invalid_value")
-    if "callback_url" in options and not isinstance(options["callback_url"], str):
-        raise ApiError(400, "'callback_url' must be a string.", param="callback_url", code="invalid_value")
     callback_url = checked_callback(svc, options.get("callback_url")) or default_callback()
-    lines = _checked_lines(svc, documents)
+    lines = _checked_lines(svc, submitted)
     fingerprinted = {"requests": [{"custom_id": line.custom_id, "body": line.body.stored()} for line in lines],
                      "callback_url": options.get("callback_url"), "metadata": metadata}
     try:
@@ -154,11 +192,15 @@ def _owned(batch_id: str):
 
 
 @bp.get("/<batch_id>")
+@operation(operation_id="getImageBatch", summary="A batch and its counts", replies={200: Reply("The batch", BatchView)},
+           errors=(401, 404, 503))
 def get_batch(batch_id: str):
     return batch_view(*_owned(batch_id)).model_dump(mode="json")
 
 
 @bp.post("/<batch_id>/cancel")
+@operation(operation_id="cancelImageBatch", summary="Cancel every task of the batch not yet ended",
+           replies={200: Reply("The batch", BatchView)}, errors=(401, 404, 503))
 def cancel_batch(batch_id: str):
     svc = services()
     batch, _ = _owned(batch_id)
@@ -168,6 +210,10 @@ def cancel_batch(batch_id: str):
 
 
 @bp.get("/<batch_id>/results")
+@operation(operation_id="getImageBatchResults", summary="One JSONL line per request, in line order",
+           replies={200: Reply("JSONL", media_type="application/jsonl",
+                               schema={"type": "string", "description": "One result object per line."})},
+           errors=(401, 404, 503))
 def batch_results(batch_id: str):
     """JSONL, one line per request in the order of the batch's lines, streamed page by page."""
     svc = services()

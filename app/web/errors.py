@@ -6,6 +6,7 @@ import logging
 
 from flask import Flask, jsonify
 from pydantic import ValidationError
+from pydantic_core import ErrorDetails
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from werkzeug.exceptions import HTTPException
 
@@ -33,7 +34,11 @@ def error_response(status: int, message: str, *, type: str = "invalid_request_er
 
 def from_validation_error(exc: ValidationError) -> ApiError:
     """The first problem pydantic found, with `param` naming the field."""
-    error = exc.errors(include_url=False)[0]
+    return from_error_details(exc.errors(include_url=False)[0])
+
+
+def from_error_details(error: ErrorDetails) -> ApiError:
+    """One problem pydantic found, with `param` naming the field."""
     if error["type"] == "json_invalid":
         return ApiError(400, f"The request body is not valid JSON: {error['msg']}", code="invalid_json")
     if error["type"] == "model_type" or not error["loc"]:
@@ -60,6 +65,13 @@ def register_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException):
+        response = _http_error_body(exc)
+        for name, value in exc.get_headers():  # e.g. a 405's Allow
+            if name.lower() != "content-type":
+                response.headers[name] = value
+        return response
+
+    def _http_error_body(exc: HTTPException):
         status = exc.code or 500
         if status == 413:
             return error_response(413, "The request body is too large.", code="request_too_large")

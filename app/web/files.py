@@ -7,12 +7,17 @@ from flask import Blueprint, Response, request
 from app.signing import verify
 from app.store import parse_task_id
 from app.web.errors import ApiError
+from app.web.operations import Reply, operation
 from app.web.services import services
 
 bp = Blueprint("files", __name__, url_prefix="/files")
 
 
 @bp.get("/images/<image_file>")
+@operation(operation_id="getImageFile", summary="A stored image, by the signed URL a task gave (no API key)",
+           public=True, replies={200: Reply("The image", media_type="image/*",
+                                            schema={"type": "string", "contentMediaType": "image/*"})},
+           errors=(404, 503))
 def image(image_file: str):
     svc = services()
     image_id = parse_task_id(image_file.rsplit(".", 1)[0])

@@ -8,9 +8,10 @@ import uuid
 
 from flask import Blueprint, g
 from pydantic import ValidationError
+from werkzeug.routing import BaseConverter
 
 from app.queue import publish_run
-from app.schemas import GenerationRequest, ImagesResponse, TaskAccepted
+from app.schemas import GenerationRequest, ImagesResponse, TaskAccepted, TaskView
 from app.failures import http_status_of_failure
 from app.state.refused import Refused
 from app.state.tasks import ENDED, CancelOutcome, TaskStatus
@@ -20,13 +21,24 @@ from app.web.auth import require_api_key
 from app.idempotency import IdempotencyMismatch
 from app.web.errors import ApiError, error_response, from_validation_error
 from app.web.limits import read_body
-from app.web.intake import checked_callback, checked_model, default_callback, idempotency
+from app.web.operations import Reply, operation
+from app.web.intake import IDEMPOTENCY_HEADER, checked_callback, checked_model, default_callback, idempotency
 from app.web.services import Services, services
 
 log = logging.getLogger(__name__)
 
 bp = Blueprint("images", __name__, url_prefix="/v1/images")
 bp.before_request(require_api_key)
+
+
+class TaskIdConverter(BaseConverter):
+    """A task id: any path segment but the names of its sibling routes, so that GET
+    /v1/images/generations is a 405 naming POST (and OPTIONS lists only POST), not a task lookup."""
+
+    regex = r"(?!(?:generations|batches)$)[^/]+"
+
+
+bp.record_once(lambda state: state.app.url_map.converters.setdefault("task_id", TaskIdConverter))
 
 
 def _json(model, status: int = 200):
@@ -52,6 +64,11 @@ def _publish(svc: Services, task_id: uuid.UUID) -> None:
 
 @bp.post("/generations")
 @bp.post("/generations/")
+@operation(operation_id="createImage", summary="Generate images (synchronously, or as a task with `async: true`)",
+           body=GenerationRequest, headers=IDEMPOTENCY_HEADER,
+           replies={200: Reply("The images (OpenAI's shape, plus task_id and task_status)", ImagesResponse),
+                    202: Reply("Accepted: the task id (async, or the wait ran out)", TaskAccepted)},
+           errors=(400, 401, 404, 408, 409, 413, 422, 500, 502, 503, 504))
 def create_generation():
     svc = services()
     body = _parse_generation(svc)
@@ -138,12 +155,19 @@ def _owned_record(task_id: str) -> TaskRecord:
     return record
 
 
-@bp.get("/<task_id>")
+@bp.get("/<task_id:task_id>")
+@operation(operation_id="getImageTask", summary="A task's status, and its images once it succeeded",
+           replies={200: Reply("The task", TaskView)}, errors=(401, 404, 503))
 def get_task(task_id: str):
     return _json(task_view(_owned_record(task_id), services().settings))
 
 
-@bp.post("/<task_id>/cancel")
+@bp.post("/<task_id:task_id>/cancel")
+@operation(operation_id="cancelImageTask",
+           summary="Cancel a task: a pending one ends at once, a running one before its next upstream call",
+           replies={200: Reply("Cancelled (failed with error code cancelled)", TaskView),
+                    202: Reply("Running: it stops before its next upstream call or store", TaskView)},
+           errors=(401, 404, 409, 503))
 def cancel_task(task_id: str):
     """A pending task fails `cancelled` at once; a running one stops before its next upstream call
     and before storing anything; a finished one answers 409."""

@@ -16,6 +16,7 @@ from app.web.errors import ApiError
 from app.web.services import Services
 
 MAX_IDEMPOTENCY_KEY = 255
+IDEMPOTENCY_HEADER = {"Idempotency-Key": {"type": "string", "minLength": 1, "maxLength": MAX_IDEMPOTENCY_KEY}}
 
 
 def checked_model(svc: Services, body: GenerationRequest, prefix: str = "") -> tuple[str, ModelConfig]:
@@ -46,7 +47,7 @@ def idempotency(document: Any) -> tuple[str, str] | None:
     key = request.headers.get("Idempotency-Key")
     if key is None:
         return None
-    if not key.strip() or len(key) > MAX_IDEMPOTENCY_KEY:
+    if not key.strip() or len(key) > MAX_IDEMPOTENCY_KEY or "\x00" in key:  # Postgres text takes no NUL
         raise ApiError(400, f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} characters.",
                        param="Idempotency-Key", code="invalid_idempotency_key")
     return key, fingerprint(document)

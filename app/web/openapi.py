@@ -1,90 +1,87 @@
-"""GET /openapi.json, generated from the pydantic models that validate and answer requests."""
+"""GET /openapi.json, assembled from the app's routes and the @operation each declares, with the
+schemas of the pydantic models that validate and answer them; GET /docs shows it (Swagger UI)."""
 
 from __future__ import annotations
 
-from functools import lru_cache
+import re
 from typing import Any
 
-from flask import Blueprint
+from flask import Blueprint, Flask, current_app
+from flask_swagger_ui import get_swaggerui_blueprint
 from pydantic.json_schema import models_json_schema
+from werkzeug.routing import Rule
 
-from app.schemas import (BatchCreate, BatchView, DeliveryList, ErrorResponse, GenerationRequest, ImagesResponse,
-                         TaskAccepted, TaskView)
+from app.schemas import ErrorResponse
+from app.web.operations import Operation, operation_of
 
 bp = Blueprint("openapi", __name__)
+# Swagger UI's files come with the package and are served from here: the page works offline.
+bp.register_blueprint(get_swaggerui_blueprint("/docs", "/openapi.json", config={"app_name": "imagegate"}))
 
 REF = "#/components/schemas/{model}"
+IGNORED_METHODS = {"HEAD", "OPTIONS"}  # answered by Flask for every route
 
 
-def _json(name: str) -> dict[str, Any]:
-    return {"application/json": {"schema": {"$ref": REF.format(model=name)}}}
+def _documented_routes(app: Flask) -> list[tuple[Rule, Operation]]:
+    """One rule per view that declares an operation, in the order they were added: the shortest,
+    when a view also answers with a trailing slash."""
+    chosen: dict[str, tuple[Rule, Operation]] = {}
+    for rule in app.url_map.iter_rules():
+        described = operation_of(app.view_functions[rule.endpoint])
+        if described and (rule.endpoint not in chosen or len(rule.rule) < len(chosen[rule.endpoint][0].rule)):
+            chosen[rule.endpoint] = (rule, described)
+    return list(chosen.values())
 
 
-def _errors(*statuses: int) -> dict[str, Any]:
-    return {str(status): {"description": "Error", "content": _json("ErrorResponse")} for status in statuses}
+def _openapi_path(rule: Rule) -> str:
+    return re.sub(r"<(?:[^<>:]+:)?([^<>]+)>", r"{\1}", rule.rule)
 
 
-@lru_cache(maxsize=1)
-def openapi_document() -> dict[str, Any]:
-    _, schemas = models_json_schema(
-        [(GenerationRequest, "validation"), (ImagesResponse, "serialization"), (TaskAccepted, "serialization"),
-         (TaskView, "serialization"), (ErrorResponse, "serialization"), (BatchCreate, "validation"),
-         (BatchView, "serialization"), (DeliveryList, "serialization")],
-        ref_template=REF,
-    )
-    def path_id(name: str) -> dict[str, Any]:
-        return {"name": name, "in": "path", "required": True, "schema": {"type": "string", "maxLength": 100}}
+def _parameters(rule: Rule, described: Operation) -> list[dict[str, Any]]:
+    parameters: list[dict[str, Any]] = [{"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+                                        for name in sorted(rule.arguments)]
+    if described.query:
+        schema = described.query.model_json_schema()
+        parameters += [{"name": name, "in": "query", "required": name in schema.get("required", ()),
+                        "schema": field_schema} for name, field_schema in schema["properties"].items()]
+    parameters += [{"name": name, "in": "header", "required": False, "schema": dict(header_schema)}
+                   for name, header_schema in described.headers.items()]
+    return parameters
 
-    generate = {
-        "operationId": "createImage",
-        "summary": "Generate images (synchronously, or as a task with `async: true`)",
-        "parameters": [{"name": "Idempotency-Key", "in": "header", "required": False,
-                        "schema": {"type": "string", "maxLength": 255}}],
-        "requestBody": {"required": True, "content": _json("GenerationRequest")},
-        "responses": {
-            "200": {"description": "The images (OpenAI's shape, plus task_id and task_status)",
-                    "content": _json("ImagesResponse")},
-            "202": {"description": "Accepted: the task id (async, or the wait ran out)", "content": _json("TaskAccepted")},
-            **_errors(400, 401, 404, 409, 413, 422, 500, 502, 503, 504),
-        },
-    }
-    batch = {"200": {"description": "The batch", "content": _json("BatchView")}, **_errors(401, 404, 503)}
-    batches = {
-        "/v1/images/batches": {"post": {
-            "operationId": "createImageBatch",
-            "summary": "Submit many generation requests (JSON, or JSONL lines of {custom_id, body})",
-            "parameters": [{"name": "Idempotency-Key", "in": "header", "required": False,
-                            "schema": {"type": "string", "maxLength": 255}}],
-            "requestBody": {"required": True, "content": {
-                **_json("BatchCreate"), "application/jsonl": {"schema": {"type": "string"}}}},
-            "responses": {"202": {"description": "Accepted", "content": _json("BatchView")},
-                          **_errors(400, 401, 404, 413, 422, 503)},
-        }},
-        "/v1/images/batches/{batch_id}": {"get": {"operationId": "getImageBatch", "summary": "A batch and its counts",
-                                                  "parameters": [path_id("batch_id")], "responses": batch}},
-        "/v1/images/batches/{batch_id}/results": {"get": {
-            "operationId": "getImageBatchResults", "summary": "One JSONL line per request, in line order",
-            "parameters": [path_id("batch_id")],
-            "responses": {"200": {"description": "JSONL", "content": {"application/jsonl": {"schema": {"type": "string"}}}},
-                          **_errors(401, 404, 503)}}},
-        "/v1/images/batches/{batch_id}/cancel": {"post": {
-            "operationId": "cancelImageBatch", "summary": "Cancel every task of the batch not yet ended",
-            "parameters": [path_id("batch_id")], "responses": batch}},
-        "/v1/webhooks/deliveries": {"get": {
-            "operationId": "listWebhookDeliveries", "summary": "Delivery attempts of the key's webhook events",
-            "parameters": [{"name": name, "in": "query", "required": False,
-                            "schema": {"type": "string", "maxLength": 100}} for name in ("task_id", "batch_id")]
-            + [{"name": "limit", "in": "query", "required": False, "schema": {"type": "integer", "minimum": 1,
-                                                                              "maximum": 1000}}],
-            "responses": {"200": {"description": "Newest first", "content": _json("DeliveryList")},
-                          **_errors(400, 401, 503)}}},
-        "/v1/webhooks/deliveries/{delivery_id}/redeliver": {"post": {
-            "operationId": "redeliverWebhook", "summary": "Send a delivery's event again",
-            "parameters": [path_id("delivery_id")],
-            "responses": {"202": {"description": "Queued", "content": {"application/json": {"schema": {
-                "type": "object", "properties": {"event_id": {"type": "string"}, "status": {"type": "string"}}}}}},
-                **_errors(401, 404, 429, 503)}}},
-    }
+
+def _operation_object(rule: Rule, described: Operation, refs: dict[tuple[type, str], Any]) -> dict[str, Any]:
+    responses: dict[str, Any] = {}
+    for status, reply in described.replies.items():
+        schema = refs[reply.model, "serialization"] if reply.model else dict(reply.schema or {"type": "string"})
+        responses[str(status)] = {"description": reply.description, "content": {reply.media_type: {"schema": schema}}}
+    error = {"application/json": {"schema": refs[ErrorResponse, "serialization"]}}
+    for status in described.errors:
+        responses[str(status)] = {"description": "Error", "content": error}
+    found: dict[str, Any] = {"operationId": described.operation_id, "summary": described.summary}
+    parameters = _parameters(rule, described)
+    if parameters:
+        found["parameters"] = parameters
+    if described.body or described.other_bodies:
+        content = {"application/json": {"schema": refs[described.body, "validation"]}} if described.body else {}
+        content |= {media_type: {"schema": dict(schema)} for media_type, schema in described.other_bodies.items()}
+        found["requestBody"] = {"required": True, "content": content}
+    found["responses"] = responses
+    if described.public:
+        found["security"] = []
+    return found
+
+
+def openapi_document(app: Flask) -> dict[str, Any]:
+    routes = _documented_routes(app)
+    models = {(ErrorResponse, "serialization")}
+    for _, described in routes:
+        models.update(described.models())
+    refs, schemas = models_json_schema(sorted(models, key=lambda found: (found[0].__name__, found[1])),
+                                       ref_template=REF)
+    paths: dict[str, dict[str, Any]] = {}
+    for rule, described in routes:
+        for method in sorted((rule.methods or set()) - IGNORED_METHODS):
+            paths.setdefault(_openapi_path(rule), {})[method.lower()] = _operation_object(rule, described, refs)
     return {
         "openapi": "3.1.0",
         "info": {"title": "imagegate", "version": "1", "description": "OpenAI-compatible image generation as durable jobs."},
@@ -93,30 +90,14 @@ def openapi_document() -> dict[str, Any]:
             "securitySchemes": {"bearerAuth": {"type": "http", "scheme": "bearer"}},
         },
         "security": [{"bearerAuth": []}],
-        "paths": {
-            "/v1/images/generations": {"post": generate},
-            "/v1/images/{task_id}": {"get": {
-                "operationId": "getImageTask",
-                "summary": "A task's status, and its images once it succeeded",
-                "parameters": [path_id("task_id")],
-                "responses": {"200": {"description": "The task", "content": _json("TaskView")},
-                              **_errors(401, 404, 503)},
-            }},
-            "/v1/images/{task_id}/cancel": {"post": {
-                "operationId": "cancelImageTask",
-                "summary": "Cancel a task: a pending one ends at once, a running one before its next upstream call",
-                "parameters": [path_id("task_id")],
-                "responses": {"200": {"description": "Cancelled (failed with error code cancelled)",
-                                      "content": _json("TaskView")},
-                              "202": {"description": "Running: it stops before its next upstream call or store",
-                                      "content": _json("TaskView")},
-                              **_errors(401, 404, 409, 503)},
-            }},
-            **batches,
-        },
+        "paths": paths,
     }
 
 
 @bp.get("/openapi.json")
 def openapi_json():
-    return openapi_document()
+    # Built once per app, on first use: the routes do not change after the app is made.
+    document = current_app.extensions.get("imagegate.openapi")
+    if document is None:
+        document = current_app.extensions["imagegate.openapi"] = openapi_document(current_app)
+    return document

@@ -7,12 +7,13 @@ import math
 import time
 
 from flask import Blueprint, current_app, g, request
+from pydantic import ValidationError
 
-from app.schemas import DeliveryList, DeliveryView
-from app.state.webhook_events import EventStatus
+from app.schemas import DeliveryList, DeliveryQuery, DeliveryView, RedeliveryQueued
 from app.store import parse_task_id
 from app.web.auth import require_api_key
-from app.web.errors import ApiError, error_response
+from app.web.errors import ApiError, error_response, from_validation_error
+from app.web.operations import Reply, operation
 from app.web.services import services
 
 log = logging.getLogger(__name__)
@@ -20,8 +21,7 @@ bp = Blueprint("webhooks", __name__, url_prefix="/v1/webhooks")
 bp.before_request(require_api_key)
 
 
-def _id_arg(name: str):
-    value = request.args.get(name)
+def _parsed_id(name: str, value: str | None):
     if value is None:
         return None
     parsed = parse_task_id(value)
@@ -31,13 +31,16 @@ def _id_arg(name: str):
 
 
 @bp.get("/deliveries")
+@operation(operation_id="listWebhookDeliveries", summary="Delivery attempts of the key's webhook events",
+           query=DeliveryQuery, replies={200: Reply("Newest first", DeliveryList)}, errors=(400, 401, 503))
 def list_deliveries():
     """?task_id=... or ?batch_id=... (else the key's latest); newest first."""
-    limit = request.args.get("limit", "100")
-    if not limit.isdigit() or not 1 <= int(limit) <= 1000:
-        raise ApiError(400, "'limit' must be 1 to 1000.", param="limit", code="invalid_value")
-    rows = services().webhooks.deliveries(g.api_key_id, task_id=_id_arg("task_id"),
-                                                  batch_id=_id_arg("batch_id"), limit=int(limit))
+    try:
+        query = DeliveryQuery.model_validate(request.args.to_dict())
+    except ValidationError as exc:
+        raise from_validation_error(exc) from None
+    rows = services().webhooks.deliveries(g.api_key_id, task_id=_parsed_id("task_id", query.task_id),
+                                                  batch_id=_parsed_id("batch_id", query.batch_id), limit=query.limit)
     return DeliveryList(data=[
         DeliveryView(id=str(delivery.id), event_id=event.id, type=event.type,
                      task_id=str(event.task_id) if event.task_id else None,
@@ -62,6 +65,8 @@ def _redeliver_limit():
 
 
 @bp.post("/deliveries/<delivery_id>/redeliver")
+@operation(operation_id="redeliverWebhook", summary="Send a delivery's event again",
+           replies={202: Reply("Queued", RedeliveryQueued)}, errors=(401, 404, 429, 503))
 def redeliver(delivery_id: str):
     svc = services()
     limiter, rate = _redeliver_limit()
@@ -82,6 +87,6 @@ def redeliver(delivery_id: str):
         raise ApiError(404, f"No delivery found with id '{delivery_id}'.", param="delivery_id",
                        code="delivery_not_found")
     svc.after_end.send([event_id])
-    return {"event_id": event_id, "status": EventStatus.PENDING}, 202
+    return RedeliveryQueued(event_id=event_id).model_dump(mode="json"), 202
 
 
