@@ -230,8 +230,9 @@ def test_local_renders_the_requested_number_size_and_format():
     assert generation.images[0].data != generation.images[1].data  # each index drawn apart
 
 
-def test_local_refuses_a_size_past_its_limit_with_the_enum_code():
+@pytest.mark.parametrize("size", ["5000x5000", "8k"])
+def test_local_refuses_a_size_past_its_limit_with_the_enum_code(size):
     adapter = LocalAdapter(ModelConfig(name="local", adapter="local"), mock_client(), None)
     with pytest.raises(UpstreamError) as caught:
-        adapter.generate(request(size="5000x5000"))
+        adapter.generate(request(size=size))
     assert caught.value.code is ErrorCode.UPSTREAM_REJECTED and not caught.value.retryable

@@ -20,6 +20,7 @@ NAMED_SIZES = {"auto": (1024, 1024), "1k": (1024, 1024), "2k": (2048, 2048), "4k
 
 
 def parse_size(size: str | None) -> tuple[int, int]:
+    """(width, height); ValueError for a size this adapter cannot draw (intake lets `8k` through)."""
     size = (size or "auto").lower()
     if size in NAMED_SIZES:
         return NAMED_SIZES[size]
@@ -51,7 +52,10 @@ class LocalAdapter:
         self.config = config
 
     def generate(self, request: GenerationRequest) -> Generation:
-        width, height = parse_size(request.size)
+        try:
+            width, height = parse_size(request.size)
+        except ValueError:
+            width = height = 0  # refused just below, in the same words
         if not (1 <= width <= MAX_SIDE and 1 <= height <= MAX_SIDE):
             raise UpstreamError(ErrorCode.UPSTREAM_REJECTED, f"size must be at most {MAX_SIDE}x{MAX_SIDE}",
                                 retryable=False)
