@@ -157,10 +157,9 @@ def api(host: str, port: int, workers: int, connections: int) -> None:
 @_providers_guard
 def worker(pool: str, concurrency: int, loglevel: str, hostname: str | None) -> None:
     """Run a Celery worker (an I/O-bound pool keeps many upstream calls in flight)."""
+    from app.os_limits import allow_open_files
     from app.queue import WORKER_QUEUES
     from workers.celery_app import make_worker_app
-
-    from app.os_limits import allow_open_files
 
     # A socket per call in flight (and per download), plus the database and broker pools.
     allow_open_files(2 * concurrency + 256)

@@ -12,14 +12,14 @@ from celery import Celery
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.batches import BatchStore
+from app.after_end import AfterEnd
 from app.db import make_engine, make_sessionmaker
-from app.endings import Endings
-from app.events import TaskEvents, make_task_events
 from app.queue import make_celery
 from app.settings import Settings
-from app.store import TaskStore
-from app.webhook_events import WebhookStore
+from app.stores.batches import BatchStore
+from app.stores.tasks import TaskStore
+from app.stores.webhooks import WebhookStore
+from app.wakeups import Wakeups, make_wakeups
 
 
 @dataclass(frozen=True)
@@ -28,11 +28,11 @@ class Runtime:
     engine: Engine
     sessions: sessionmaker[Session]
     celery: Celery
-    wakeups: TaskEvents
+    wakeups: Wakeups
     tasks: TaskStore
     batches: BatchStore
     webhooks: WebhookStore
-    after_end: Endings
+    after_end: AfterEnd
 
 
 def build_runtime(settings: Settings, *, pool_size: int = 10) -> Runtime:
@@ -40,8 +40,8 @@ def build_runtime(settings: Settings, *, pool_size: int = 10) -> Runtime:
     the pool then drops them all, and the caller retries or the sweeper recovers what it was doing."""
     engine = make_engine(settings.database_url, pool_size=pool_size, pre_ping=False)
     sessions = make_sessionmaker(engine)
-    celery, wakeups = make_celery(settings), make_task_events(settings.broker_url)
+    celery, wakeups = make_celery(settings), make_wakeups(settings.broker_url)
     batches, webhooks = BatchStore(sessions), WebhookStore(sessions)
     return Runtime(settings=settings, engine=engine, sessions=sessions, celery=celery, wakeups=wakeups,
                    tasks=TaskStore(sessions), batches=batches, webhooks=webhooks,
-                   after_end=Endings(wakeups, webhooks, batches, celery))
+                   after_end=AfterEnd(wakeups, webhooks, batches, celery))

@@ -24,20 +24,27 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from collections.abc import Callable
 from typing import Any
-
 
 from sqlalchemy import func, select
 
+from app.ids import parse_id
 from app.models import Task, utcnow
-from app.queue import BATCH_QUEUE, QUEUE, WEBHOOK_QUEUE, messages_queued, messages_unacked, publish_run
+from app.queue import (
+    BATCH_QUEUE,
+    QUEUE,
+    WEBHOOK_QUEUE,
+    messages_queued,
+    messages_unacked,
+    publish_run,
+)
 from app.runtime import Runtime, build_runtime
 from app.settings import Settings
 from app.state.tasks import is_overdue_pending, republish_overdue
-from app.store import Requeued, parse_task_id
+from app.stores.tasks import Requeued
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +121,7 @@ class Sweeper:
                    for lane, in_lane in lanes.items()}
 
             def still_due(lane: str, ids: list[str]) -> int:
-                parsed = [task_id for task_id in map(parse_task_id, ids) if task_id is not None]
+                parsed = [task_id for task_id in map(parse_id, ids) if task_id is not None]
                 return session.scalar(select(func.count()).select_from(Task).where(
                     Task.id.in_(parsed), *overdue, lanes[lane])) if parsed else 0
 

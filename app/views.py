@@ -5,12 +5,19 @@ from __future__ import annotations
 
 import base64
 
+from app.image_urls import signed_image_url
 from app.models import Batch
-from app.schemas import AttemptView, BatchCounts, BatchView, ImageData, TaskError, TaskView
+from app.schemas import (
+    AttemptView,
+    BatchCounts,
+    BatchView,
+    ImageData,
+    TaskError,
+    TaskView,
+)
 from app.settings import Settings
-from app.signing import signed_image_url
 from app.state.tasks import TaskStatus
-from app.store import TaskRecord
+from app.stores.tasks import TaskRecord
 
 
 def timestamp(record: TaskRecord) -> int:

@@ -19,7 +19,15 @@ import redis
 from app.settings import Settings
 from tests.fake_chat import FakeChat
 from tests.fake_upstream import FakeUpstream
-from tests.services import MissingService, free_port, http_ok, reachable, start_postgres, start_redis, wait_until
+from tests.services import (
+    MissingService,
+    free_port,
+    http_ok,
+    reachable,
+    start_postgres,
+    start_redis,
+    wait_until,
+)
 
 IMAGEGATE = [str(Path(sys.executable).with_name("imagegate"))]  # the console script, as users run it
 LOCK_KEY = "imagegate-test:lock"

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from tests.fake_http import JsonHandler, ScriptedServer, png_bytes
 
+
 @dataclass
 class Step:
     """One scripted reply. status 200 answers images; `hang` never answers."""

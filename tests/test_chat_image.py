@@ -8,10 +8,10 @@ import uuid
 
 import pytest
 
+from app.failures import ErrorCode
 from app.providers import ModelConfig
 from app.schemas import GenerationRequest
 from app.settings import Settings
-from app.failures import ErrorCode
 from tests.fake_chat import ChatStep, FakeChat, png_bytes
 from workers import http
 from workers.adapters.base import UpstreamError

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from app.image_urls import signed_image_url, verify
 from app.providers import ProvidersFileError, installed_adapters, load_models
 from app.queue import celery_config
 from app.settings import Settings, SettingsError
-from app.signing import signed_image_url, verify
 from workers.retry import backoff_s
 
 ADAPTERS = {"local", "openai"}

@@ -5,7 +5,14 @@ from __future__ import annotations
 
 import pytest
 
-from app.families import CONSTRAINT_KEYS, FAMILIES, RequestRefused, check_request, constraints, known_families
+from app.families import (
+    CONSTRAINT_KEYS,
+    FAMILIES,
+    RequestRefused,
+    check_request,
+    constraints,
+    known_families,
+)
 from app.providers import ModelConfig
 from app.schemas import GenerationRequest
 from app.web import create_app

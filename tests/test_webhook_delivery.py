@@ -1,5 +1,5 @@
 """Webhook building blocks: SSRF checks (app.ssrf), Standard Webhooks signing (app.webhook_signing),
-the retry schedule (app.settings) and one delivery attempt (workers.webhooks) against a real
+the retry schedule (app.settings) and one delivery attempt (workers.webhook_post) against a real
 receiver on 127.0.0.1.
 
 No test sends traffic anywhere but 127.0.0.1: name lookups other than "localhost" are faked.
@@ -25,7 +25,7 @@ from app.settings import Settings, parse_retry_schedule
 from app.ssrf import UnsafeUrl, check_address, resolve_public
 from app.webhook_signing import new_secret, signature_header
 from workers import outbound
-from workers.webhooks import deliver
+from workers.webhook_post import deliver
 
 HUGE = 64 * 1024 * 1024  # larger than any loopback socket buffers, so a capped read must cut it short
 

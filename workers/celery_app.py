@@ -8,18 +8,18 @@ import os
 from celery import Celery
 from celery.signals import task_received, worker_ready, worker_shutting_down
 
-from app.attempt_store import AttemptStore
 from app.providers import load_models
 from app.queue import DELIVER_WEBHOOK, RUN_TASK, WEBHOOK_QUEUE, WORKER_QUEUES
 from app.runtime import build_runtime
 from app.settings import Settings
+from app.stores.attempts import AttemptStore
 from workers.adapters import load_adapters
 from workers.consumer_watchdog import ConsumerWatchdog, spawn
+from workers.grouped import Grouped
 from workers.http import make_client
 from workers.leases import LeaseKeeper
 from workers.runner import TaskRunner
-from workers.grouped import Grouped
-from workers.webhook_sender import WebhookSender
+from workers.webhook_delivery import WebhookSender
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ def make_worker_app(settings: Settings, *, concurrency: int = 1000) -> Celery:
         models=models,
         adapters=adapters,
         http=make_client(max_connections=max(20, concurrency * 2)),
-        endings=runtime.after_end,
+        after_end=runtime.after_end,
         celery=celery,
     )
     sender = WebhookSender(settings, runtime.webhooks, runtime.tasks, runtime.batches, celery)
@@ -56,7 +56,7 @@ def make_worker_app(settings: Settings, *, concurrency: int = 1000) -> Celery:
     def run_task(self, task_id: str, attempt: int, poll: int = 0) -> None:
         runner.run(task_id, attempt, poll, worker=self.request.hostname or "worker")
 
-    # Only a hand-over to the delivery lane: it returns at once (see workers/webhook_sender.py).
+    # Only a hand-over to the delivery lane: it returns at once (see workers/webhook_delivery.py).
     @celery.task(name=DELIVER_WEBHOOK, acks_late=True, reject_on_worker_lost=True, queue=WEBHOOK_QUEUE)
     def deliver_webhook(event_id: str) -> None:
         sender.run(event_id)

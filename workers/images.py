@@ -7,13 +7,13 @@ import binascii
 
 import httpx
 
+from app.failures import ErrorCode
 from app.providers import ModelConfig
 from app.settings import Settings
-from app.failures import ErrorCode
-from app.attempt_store import NewImage
+from app.stores.attempts import NewImage
 from workers import http
-from workers.outbound import CheckedClients, same_origin
 from workers.adapters.base import UpstreamError, UpstreamImage
+from workers.outbound import CheckedClients, same_origin
 
 
 def sniff_content_type(data: bytes) -> str | None:

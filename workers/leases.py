@@ -11,7 +11,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from app.attempt_store import AttemptStore, Claim
+from app.stores.attempts import AttemptStore, Claim
 
 log = logging.getLogger(__name__)
 

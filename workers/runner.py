@@ -21,24 +21,30 @@ from celery import Celery
 from pydantic import ValidationError
 from sqlalchemy.exc import InterfaceError, OperationalError
 
-from app.endings import Endings
+from app.after_end import AfterEnd
+from app.failures import ErrorCode, Failure
+from app.ids import parse_id
 from app.models import utcnow
 from app.providers import ModelConfig
 from app.queue import publish_run
 from app.schemas import GenerationRequest
 from app.settings import Settings
-from app.failures import ErrorCode, Failure
-from app.attempt_store import AttemptStore, CallOutcome, Claim, NewImage, Success
 from app.state.refused import Outcome, Refused
-from app.store import parse_task_id
-from workers.http import current_call
+from app.stores.attempts import AttemptStore, CallOutcome, Claim, NewImage, Success
 from workers.adapters import Upstream, resolve_upstreams
-from workers.adapters.base import Adapter, Generation, ImageAdapter, PollingAdapter, UpstreamError
+from workers.adapters.base import (
+    Adapter,
+    Generation,
+    ImageAdapter,
+    PollingAdapter,
+    UpstreamError,
+)
 from workers.fanout import merge_usage, slot_counts
-from workers.images import fetch_images
-from workers.outbound import CheckedClients
-from workers.leases import LeaseKeeper
 from workers.grouped import Grouped
+from workers.http import current_call
+from workers.images import fetch_images
+from workers.leases import LeaseKeeper
+from workers.outbound import CheckedClients
 from workers.redaction import Redactor
 from workers.retry import backoff_s
 
@@ -83,7 +89,7 @@ class TaskRunner:
     models: dict[str, ModelConfig]
     adapters: dict[str, type[Adapter]]
     http: httpx.Client
-    endings: Endings
+    after_end: AfterEnd
     celery: Celery
     # For image URLs off the model's own origin (see workers.images).
     checked: CheckedClients = dataclasses.field(default_factory=CheckedClients)
@@ -99,7 +105,7 @@ class TaskRunner:
                 log.warning("model %r cannot be served: %s", name, upstream.unavailable)
 
     def run(self, task_id: str, attempt: int, poll: int = 0, *, worker: str) -> None:
-        parsed = parse_task_id(task_id)
+        parsed = parse_id(task_id)
         if parsed is None:
             return
         lease_s = self.settings.lease_s
@@ -212,7 +218,7 @@ class TaskRunner:
         else:
             self._stop_if_cancelled(claim, written)
 
-    # -- endings ------------------------------------------------------------------------------
+    # -- ends ---------------------------------------------------------------------------------
     def _failed(self, claim: Claim, config: ModelConfig, request: GenerationRequest, exc: UpstreamError,
                 outcomes: list[CallOutcome], *, images: list[NewImage], usage: dict | None) -> None:
         failure = self._failure(exc)
@@ -274,7 +280,7 @@ class TaskRunner:
                 pause = min(pause * 2, 2.0)
 
     def _announce(self, claim: Claim) -> None:
-        self.endings.task_ended(claim.task_id, claim.batch_id, has_callback=claim.callback_url is not None)
+        self.after_end.task_ended(claim.task_id, claim.batch_id, has_callback=claim.callback_url is not None)
 
     def _failure(self, exc: UpstreamError) -> Failure:
         """What is stored (and served, sent in webhooks, logged) of an upstream error: every one

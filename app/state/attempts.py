@@ -19,8 +19,19 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import (Connection, ColumnElement, Integer, Row, Uuid, bindparam, column, select, tuple_, update,
-                        values)
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    Integer,
+    Row,
+    Uuid,
+    bindparam,
+    column,
+    select,
+    tuple_,
+    update,
+    values,
+)
 
 from app.failures import CANCELLED, Failure
 from app.models import Task

@@ -16,7 +16,17 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import ColumnElement, Connection, Row, and_, bindparam, case, insert, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    Row,
+    and_,
+    bindparam,
+    case,
+    insert,
+    select,
+    update,
+)
 
 from app.failures import CANCELLED, ErrorCode, Failure
 from app.models import Task, utcnow

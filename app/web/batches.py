@@ -14,18 +14,24 @@ from flask import Blueprint, Response, g, request
 from pydantic import ValidationError
 from pydantic_core import from_json
 
-from app.batches import NewLine
 from app.idempotency import IdempotencyMismatch
+from app.ids import parse_id
+from app.image_urls import signed_image_url
 from app.queue import publish_runs
 from app.schemas import BatchCreate, BatchLine, BatchView
 from app.state.tasks import TaskStatus
-from app.store import parse_task_id
+from app.stores.batches import NewLine
 from app.views import batch_view
-from app.signing import signed_image_url
 from app.web.auth import require_api_key
 from app.web.errors import ApiError, from_error_details, from_validation_error
+from app.web.intake import (
+    IDEMPOTENCY_HEADER,
+    checked_callback,
+    checked_model,
+    default_callback,
+    idempotency,
+)
 from app.web.limits import read_body
-from app.web.intake import IDEMPOTENCY_HEADER, checked_callback, checked_model, default_callback, idempotency
 from app.web.operations import Reply, operation
 from app.web.services import Services, services
 
@@ -184,7 +190,7 @@ def create_batch():
 
 
 def _owned(batch_id: str):
-    parsed = parse_task_id(batch_id)
+    parsed = parse_id(batch_id)
     found = services().batches.get(parsed, g.api_key_id) if parsed else None
     if found is None:
         raise ApiError(404, f"No batch found with id '{batch_id}'.", param="batch_id", code="batch_not_found")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from flask import Blueprint, Response, request
 
-from app.signing import verify
-from app.store import parse_task_id
+from app.ids import parse_id
+from app.image_urls import verify
 from app.web.errors import ApiError
 from app.web.operations import Reply, operation
 from app.web.services import services
@@ -20,7 +20,7 @@ bp = Blueprint("files", __name__, url_prefix="/files")
            errors=(404, 503))
 def image(image_file: str):
     svc = services()
-    image_id = parse_task_id(image_file.rsplit(".", 1)[0])
+    image_id = parse_id(image_file.rsplit(".", 1)[0])
     valid = image_id is not None and verify(svc.settings.secret_key, image_id, request.args.get("expires", ""),
                                             request.args.get("signature", ""))
     found = svc.tasks.image(image_id) if valid else None

@@ -10,19 +10,26 @@ from flask import Blueprint, g
 from pydantic import ValidationError
 from werkzeug.routing import BaseConverter
 
+from app.failures import http_status_of_failure
+from app.idempotency import IdempotencyMismatch
+from app.ids import parse_id
 from app.queue import publish_run
 from app.schemas import GenerationRequest, ImagesResponse, TaskAccepted, TaskView
-from app.failures import http_status_of_failure
 from app.state.refused import Refused
 from app.state.tasks import ENDED, CancelOutcome, TaskStatus
-from app.store import TaskRecord, parse_task_id
+from app.stores.tasks import TaskRecord
 from app.views import image_items, task_view, timestamp
 from app.web.auth import require_api_key
-from app.idempotency import IdempotencyMismatch
 from app.web.errors import ApiError, error_response, from_validation_error
+from app.web.intake import (
+    IDEMPOTENCY_HEADER,
+    checked_callback,
+    checked_model,
+    default_callback,
+    idempotency,
+)
 from app.web.limits import read_body
 from app.web.operations import Reply, operation
-from app.web.intake import IDEMPOTENCY_HEADER, checked_callback, checked_model, default_callback, idempotency
 from app.web.services import Services, services
 
 log = logging.getLogger(__name__)
@@ -148,7 +155,7 @@ def _sync_reply(svc: Services, record: TaskRecord):
 
 def _owned_record(task_id: str) -> TaskRecord:
     svc = services()
-    parsed = parse_task_id(task_id)
+    parsed = parse_id(task_id)
     record = svc.tasks.get(parsed, api_key_id=g.api_key_id, with_bytes=True) if parsed else None
     if record is None:  # missing, malformed and another key's: one answer, nothing to tell them apart
         raise ApiError(404, f"No task found with id '{task_id}'.", param="task_id", code="task_not_found")
@@ -172,7 +179,7 @@ def cancel_task(task_id: str):
     """A pending task fails `cancelled` at once; a running one stops before its next upstream call
     and before storing anything; a finished one answers 409."""
     svc = services()
-    parsed = parse_task_id(task_id)
+    parsed = parse_id(task_id)
     result = svc.tasks.cancel(parsed, g.api_key_id) if parsed else Refused.NOT_FOUND
     if result is Refused.ALREADY_ENDED:
         raise ApiError(409, "The task has already ended; there is nothing to cancel.", param="task_id",

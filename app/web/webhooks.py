@@ -9,8 +9,8 @@ import time
 from flask import Blueprint, current_app, g, request
 from pydantic import ValidationError
 
+from app.ids import parse_id
 from app.schemas import DeliveryList, DeliveryQuery, DeliveryView, RedeliveryQueued
-from app.store import parse_task_id
 from app.web.auth import require_api_key
 from app.web.errors import ApiError, error_response, from_validation_error
 from app.web.operations import Reply, operation
@@ -24,7 +24,7 @@ bp.before_request(require_api_key)
 def _parsed_id(name: str, value: str | None):
     if value is None:
         return None
-    parsed = parse_task_id(value)
+    parsed = parse_id(value)
     if parsed is None:
         raise ApiError(400, f"'{name}' is not a valid id.", param=name, code="invalid_value")
     return parsed
@@ -81,7 +81,7 @@ def redeliver(delivery_id: str):
                                   type="rate_limit_error", code="rate_limit_exceeded")
         response.headers["Retry-After"] = str(max(1, math.ceil(reset_at - time.time())))
         return response
-    parsed = parse_task_id(delivery_id)
+    parsed = parse_id(delivery_id)
     event_id = svc.webhooks.redeliver(g.api_key_id, parsed) if parsed else None
     if event_id is None:
         raise ApiError(404, f"No delivery found with id '{delivery_id}'.", param="delivery_id",

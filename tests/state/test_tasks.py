@@ -15,7 +15,7 @@ from app.models import Task, WebhookEvent, utcnow
 from app.state import tasks as transitions
 from app.state.refused import Refused
 from app.state.tasks import CancelOutcome, TaskStatus
-from app.store import TaskStore
+from app.stores.tasks import TaskStore
 from tests.state.rows import make_task, new_key, task_row
 
 

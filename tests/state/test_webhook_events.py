@@ -14,7 +14,7 @@ from app.models import WebhookDelivery, WebhookEvent, utcnow
 from app.state import webhook_events as transitions
 from app.state.refused import Refused
 from app.state.webhook_events import EventStatus
-from app.webhook_events import WebhookStore
+from app.stores.webhooks import WebhookStore
 
 
 @pytest.fixture(scope="module")

@@ -10,9 +10,9 @@ import httpx
 import pytest
 from PIL import Image
 
+from app.failures import ErrorCode
 from app.providers import ModelConfig
 from app.schemas import GenerationRequest
-from app.failures import ErrorCode
 from workers.adapters.base import UpstreamError
 from workers.adapters.chat_image import ChatImageAdapter
 from workers.adapters.geekai_async import GeekAIAsyncAdapter

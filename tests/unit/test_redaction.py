@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from app.providers import ModelConfig
 from app.failures import ErrorCode
+from app.providers import ModelConfig
 from workers.adapters import load_adapters
 from workers.adapters.base import UpstreamError
 from workers.redaction import REDACTED, Redactor
@@ -51,7 +51,7 @@ def test_details_are_redacted_too():
 def runner(models: dict[str, ModelConfig]) -> TaskRunner:
     """A runner for its pure parts only: nothing it would call is given."""
     return TaskRunner(settings=None, store=None, leases=None, successes=None, models=models,
-                      adapters=load_adapters(), http=None, endings=None, celery=None)
+                      adapters=load_adapters(), http=None, after_end=None, celery=None)
 
 
 def test_the_runner_stores_upstream_errors_redacted_and_cut_after(monkeypatch):

@@ -13,9 +13,9 @@ from typing import Any, ClassVar, Protocol
 
 import httpx
 
+from app.failures import ErrorCode
 from app.providers import ModelConfig
 from app.schemas import GenerationRequest
-from app.failures import ErrorCode
 
 
 @dataclass(frozen=True)

@@ -17,10 +17,16 @@ from __future__ import annotations
 import re
 from typing import Any, ClassVar
 
+from app.failures import ErrorCode
 from app.providers import ModelConfig
 from app.schemas import GenerationRequest
-from app.failures import ErrorCode
-from workers.adapters.base import Capabilities, Generation, HttpAdapter, UpstreamError, UpstreamImage
+from workers.adapters.base import (
+    Capabilities,
+    Generation,
+    HttpAdapter,
+    UpstreamError,
+    UpstreamImage,
+)
 from workers.adapters.openai import call
 
 NO_IMAGE = ErrorCode.NO_IMAGE

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from app.schemas import GenerationRequest
 from app.failures import ErrorCode
+from app.schemas import GenerationRequest
 from workers.adapters.base import Capabilities, Generation, HttpAdapter, UpstreamError
 from workers.adapters.openai import call, images_body, images_of
 

@@ -10,9 +10,9 @@ from typing import ClassVar
 import httpx
 from PIL import Image, ImageDraw, ImageFont
 
+from app.failures import ErrorCode
 from app.providers import ModelConfig
 from app.schemas import GenerationRequest
-from app.failures import ErrorCode
 from workers.adapters.base import Capabilities, Generation, UpstreamError, UpstreamImage
 
 MAX_SIDE = 4096

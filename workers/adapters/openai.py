@@ -10,11 +10,18 @@ from typing import Any, ClassVar
 
 import httpx
 
+from app.failures import ErrorCode
 from app.providers import ModelConfig
 from app.schemas import GenerationRequest
-from app.failures import ErrorCode
 from workers import http
-from workers.adapters.base import Capabilities, Generation, HttpAdapter, UpstreamError, UpstreamImage, error_for_status
+from workers.adapters.base import (
+    Capabilities,
+    Generation,
+    HttpAdapter,
+    UpstreamError,
+    UpstreamImage,
+    error_for_status,
+)
 
 CONTENT_POLICY_CODES = {"content_policy_violation", "moderation_blocked", "content_filter"}
 

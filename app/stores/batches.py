@@ -19,7 +19,7 @@ from app.state import tasks as task_transitions
 from app.state.batches import OPEN
 from app.state.refused import Outcome
 from app.state.tasks import TaskStatus
-from app.webhook_events import enqueue_batch_event, enqueue_task_events
+from app.stores.webhooks import enqueue_batch_event, enqueue_task_events
 
 
 @dataclass(frozen=True)

@@ -25,13 +25,13 @@ class Wakeup(Protocol):
     def wait(self, timeout: float) -> bool: ...
 
 
-class TaskEvents(Protocol):
+class Wakeups(Protocol):
     def announce(self, task_id: str) -> None: ...
     def subscription(self, task_id: str) -> AbstractContextManager[Wakeup]: ...
     def close(self) -> None: ...
 
 
-class RedisTaskEvents:
+class RedisWakeups:
     def __init__(self, redis_url: str):
         import redis  # imported here so the embedded mode never needs a Redis client
 
@@ -113,7 +113,7 @@ class _ClearingEvent:
         return woken
 
 
-class PollingTaskEvents:
+class PollingWakeups:
     """For brokers without pub/sub: wake waiters on a growing interval (0.1 s up to 1 s)."""
 
     def announce(self, task_id: str) -> None:
@@ -137,7 +137,7 @@ class _Interval:
         return True
 
 
-def announce_quietly(events: TaskEvents, task_id: object) -> None:
+def announce_quietly(events: Wakeups, task_id: object) -> None:
     """Announce a task's end; a broker outage only delays waiters, who re-read the task on reconnect."""
     try:
         events.announce(str(task_id))
@@ -145,7 +145,7 @@ def announce_quietly(events: TaskEvents, task_id: object) -> None:
         log.warning("could not announce the end of task %s: %s", task_id, exc)
 
 
-def make_task_events(broker_url: str) -> RedisTaskEvents | PollingTaskEvents:
+def make_wakeups(broker_url: str) -> RedisWakeups | PollingWakeups:
     if broker_url.startswith(("redis://", "rediss://")):
-        return RedisTaskEvents(broker_url)
-    return PollingTaskEvents()
+        return RedisWakeups(broker_url)
+    return PollingWakeups()

@@ -8,16 +8,16 @@ import uuid
 
 from celery import Celery
 
-from app.batches import BatchStore
-from app.events import TaskEvents, announce_quietly
 from app.queue import publish_webhook
-from app.webhook_events import WebhookStore
+from app.stores.batches import BatchStore
+from app.stores.webhooks import WebhookStore
+from app.wakeups import Wakeups, announce_quietly
 
 log = logging.getLogger(__name__)
 
 
-class Endings:
-    def __init__(self, events: TaskEvents, webhooks: WebhookStore, batches: BatchStore, celery: Celery):
+class AfterEnd:
+    def __init__(self, events: Wakeups, webhooks: WebhookStore, batches: BatchStore, celery: Celery):
         self._events, self._webhooks, self._batches, self._celery = events, webhooks, batches, celery
 
     def task_ended(self, task_id: uuid.UUID, batch_id: uuid.UUID | None = None, *, has_callback: bool = True) -> None:

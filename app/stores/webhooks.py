@@ -13,7 +13,15 @@ from sqlalchemy import Connection, Engine, delete, func, insert, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.idempotency import insert_ignoring_conflict
-from app.models import ApiKey, Batch, DisabledCallback, Task, WebhookDelivery, WebhookEvent, utcnow
+from app.models import (
+    ApiKey,
+    Batch,
+    DisabledCallback,
+    Task,
+    WebhookDelivery,
+    WebhookEvent,
+    utcnow,
+)
 from app.state import webhook_events as transitions
 from app.state.refused import Outcome, Refused
 from app.state.tasks import ENDED as TASK_ENDED

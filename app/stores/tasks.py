@@ -1,6 +1,6 @@
 """Tasks for intake, cancel, the sweeper and the readers: each unit of work is one transaction around
 one transition of app.state.tasks (and the records that go with it: the idempotency key, the webhook
-events, the attempts an end closes). The worker's side is app.attempt_store.
+events, the attempts an end closes). The worker's side is app.stores.attempts.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from app.models import Attempt, IdempotencyKey, Image, Task, utcnow
 from app.state import tasks as transitions
 from app.state.refused import Refused
 from app.state.tasks import CancelOutcome, TaskStatus
-from app.webhook_events import enqueue_task_events
+from app.stores.webhooks import enqueue_task_events
 
 TASK_TABLE, ATTEMPT_TABLE = Task.__table__, Attempt.__table__
 # Built once: a prepared Core statement skips the ORM and the per-call compile cache key.
@@ -58,13 +58,6 @@ class Requeued(NamedTuple):
     task_id: uuid.UUID
     attempt: int
     batch_id: uuid.UUID | None
-
-
-def parse_task_id(text: str) -> uuid.UUID | None:
-    try:
-        return uuid.UUID(text)
-    except (ValueError, TypeError, AttributeError):
-        return None
 
 
 def _after(seconds: float) -> datetime:

@@ -28,15 +28,15 @@ from datetime import datetime, timedelta, timezone
 import httpx
 from celery import Celery
 
-from app.batches import BatchStore
 from app.queue import publish_webhook
 from app.settings import Settings
-from app.store import TaskStore
 from app.state.webhook_events import EventStatus
+from app.stores.batches import BatchStore
+from app.stores.tasks import TaskStore
+from app.stores.webhooks import ClaimedEvent, WebhookStore
 from app.views import batch_view, task_view
-from app.webhook_events import ClaimedEvent, WebhookStore
 from workers import outbound
-from workers.webhooks import deliver
+from workers.webhook_post import deliver
 
 log = logging.getLogger(__name__)
 

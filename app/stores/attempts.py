@@ -17,7 +17,7 @@ from app.failures import Failure
 from app.models import Attempt, Image, Task, utcnow
 from app.state import attempts as transitions
 from app.state.refused import Outcome, Refused
-from app.webhook_events import enqueue_task_events
+from app.stores.webhooks import enqueue_task_events
 
 tasks, attempts, images = Task.__table__, Attempt.__table__, Image.__table__
 
