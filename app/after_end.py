@@ -8,10 +8,10 @@ import uuid
 
 from celery import Celery
 
-from app.queue import publish_webhook
-from app.stores.batches import BatchStore
-from app.stores.webhooks import WebhookStore
-from app.wakeups import Wakeups, announce_quietly
+from imagegate.app.queue import publish_webhook
+from imagegate.app.stores.batches import BatchStore
+from imagegate.app.stores.webhooks import WebhookStore
+from imagegate.app.wakeups import Wakeups, announce_quietly
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> None:
         from gevent import monkey
 
         monkey.patch_all()
-    from app.commands import cli
+    from imagegate.app.commands import cli
 
     cli.main(args=argv, prog_name="imagegate")
 

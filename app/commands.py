@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 from pydantic import ValidationError
 
-from app.settings import Settings, SettingsError
+from imagegate.app.settings import Settings, SettingsError
 
 
 def imagegate_command() -> list[str]:
@@ -22,7 +22,7 @@ def imagegate_command() -> list[str]:
     Never `python -m ...`, which puts the working directory first on the path, so that a directory
     holding a package of the same name (any project's `app/`) would be imported instead of ours."""
     script = Path(sys.executable).with_name("imagegate")
-    return [str(script)] if script.exists() else [sys.executable, "-c", "from app.cli import main; main()"]
+    return [str(script)] if script.exists() else [sys.executable, "-c", "from imagegate.app.cli import main; main()"]
 
 
 def load_settings(**overrides) -> Settings:
@@ -36,7 +36,7 @@ def _providers_guard(func):
     """Show a bad providers file as one clear line, not a traceback."""
     from functools import wraps
 
-    from app.providers import ProvidersFileError
+    from imagegate.app.providers import ProvidersFileError
 
     @wraps(func)
     def wrapper(*args, **kwargs):
@@ -63,7 +63,7 @@ def db() -> None:
 @db.command("upgrade")
 def db_upgrade() -> None:
     """Migrate the database to the newest schema (Alembic head)."""
-    from app.migrate import upgrade
+    from imagegate.app.migrate import upgrade
 
     upgrade(load_settings().database_url)
     click.echo("database is at head")
@@ -75,13 +75,13 @@ def keys() -> None:
 
 
 def _key_sessions():
-    from app.db import make_engine, make_sessionmaker
+    from imagegate.app.db import make_engine, make_sessionmaker
 
     return make_sessionmaker(make_engine(load_settings().database_url, pool_size=1))
 
 
 def _checked_callback(url: str | None) -> str | None:
-    from app.ssrf import UnsafeUrl, resolve_public
+    from imagegate.app.ssrf import UnsafeUrl, resolve_public
 
     if url:
         try:
@@ -96,7 +96,7 @@ def _checked_callback(url: str | None) -> str | None:
 @click.option("--callback-url", default=None, help="Default webhook URL for this key's tasks and batches.")
 def keys_create(name: str, callback_url: str | None) -> None:
     """Create an API key; the key is printed once, alone on the last line."""
-    from app.keys import create_key
+    from imagegate.app.keys import create_key
 
     created = create_key(_key_sessions(), name, _checked_callback(callback_url))
     click.echo(f"Webhook signing secret (verify webhook-signature with it): {created.webhook_secret}")
@@ -110,7 +110,7 @@ def keys_create(name: str, callback_url: str | None) -> None:
               help="How long the previous secret keeps signing too.")
 def keys_rotate_webhook_secret(name: str, overlap_s: float) -> None:
     """Give the key a new webhook signing secret; both sign during the overlap."""
-    from app.keys import rotate_webhook_secret
+    from imagegate.app.keys import rotate_webhook_secret
 
     secret = rotate_webhook_secret(_key_sessions(), name, overlap_s)
     if secret is None:
@@ -123,7 +123,7 @@ def keys_rotate_webhook_secret(name: str, overlap_s: float) -> None:
 @click.option("--url", default=None, help="The default callback URL; omit to remove it.")
 def keys_set_callback(name: str, url: str | None) -> None:
     """Set (or remove) the key's default webhook URL."""
-    from app.keys import set_callback_url
+    from imagegate.app.keys import set_callback_url
 
     if not set_callback_url(_key_sessions(), name, _checked_callback(url)):
         raise click.ClickException(f"no live key named {name!r}")
@@ -139,8 +139,8 @@ def keys_set_callback(name: str, url: str | None) -> None:
 @_providers_guard
 def api(host: str, port: int, workers: int, connections: int) -> None:
     """Serve the intake API with gunicorn (gevent workers)."""
-    from app.providers import load_models
-    from app.web.server import serve
+    from imagegate.app.providers import load_models
+    from imagegate.app.web.server import serve
 
     settings = load_settings()
     load_models(settings.providers_file)  # fail here, once, with a clear message
@@ -157,9 +157,9 @@ def api(host: str, port: int, workers: int, connections: int) -> None:
 @_providers_guard
 def worker(pool: str, concurrency: int, loglevel: str, hostname: str | None) -> None:
     """Run a Celery worker (an I/O-bound pool keeps many upstream calls in flight)."""
-    from app.os_limits import allow_open_files
-    from app.queue import WORKER_QUEUES
-    from workers.celery_app import make_worker_app
+    from imagegate.app.os_limits import allow_open_files
+    from imagegate.app.queue import WORKER_QUEUES
+    from imagegate.workers.celery_app import make_worker_app
 
     # A socket per call in flight (and per download), plus the database and broker pools.
     allow_open_files(2 * concurrency + 256)
@@ -179,7 +179,7 @@ def sweeper(once: bool) -> None:
     import signal
     import threading
 
-    from app.sweeper import make_sweeper
+    from imagegate.app.sweeper import make_sweeper
 
     sweep = make_sweeper(load_settings())
     if once:
@@ -199,11 +199,11 @@ def sweeper(once: bool) -> None:
 @_providers_guard
 def up(host: str, port: int, data_dir: Path) -> None:
     """Everything on one machine with no servers: SQLite file, filesystem broker, API and worker."""
-    from app.db import make_engine, make_sessionmaker
-    from app.keys import create_key
-    from app.migrate import upgrade
-    from app.providers import load_models
-    from app.web.server import serve
+    from imagegate.app.db import make_engine, make_sessionmaker
+    from imagegate.app.keys import create_key
+    from imagegate.app.migrate import upgrade
+    from imagegate.app.providers import load_models
+    from imagegate.app.web.server import serve
 
     data_dir = data_dir.resolve()
     (data_dir / "broker").mkdir(parents=True, exist_ok=True)
@@ -266,7 +266,7 @@ def batch() -> None:
 def batch_submit(file: Path, url: str, key: str, out: Path, wait: bool, chunk_size: int) -> None:
     """Submit FILE (JSONL: {"custom_id", "body"} per line, or OpenAI Batch API lines).
     Running the same command again resumes and never submits anything twice."""
-    from client.batch import submit
+    from imagegate.client.batch import submit
 
     sys.exit(submit(file, url, key, out, wait, chunk_size))
 
@@ -278,7 +278,7 @@ def batch_submit(file: Path, url: str, key: str, out: Path, wait: bool, chunk_si
 @click.option("--json", "as_json", is_flag=True, help="Print the batch object as JSON.")
 def batch_status(batch_id: str, url: str, key: str, as_json: bool) -> None:
     """Show a batch's progress."""
-    from client.batch import status
+    from imagegate.client.batch import status
 
     sys.exit(status(batch_id, url, key, as_json))
 
@@ -289,6 +289,6 @@ def batch_status(batch_id: str, url: str, key: str, as_json: bool) -> None:
 @click.option("--key", required=True, envvar="IMAGEGATE_KEY", show_envvar=True, help="An API key.")
 def batch_results(batch_id: str, url: str, key: str) -> None:
     """Print a batch's results JSONL (one line per request, in file order)."""
-    from client.batch import results
+    from imagegate.client.batch import results
 
     sys.exit(results(batch_id, url, key))

@@ -13,8 +13,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # type hints only, so app/providers.py can import this module without a cycle
-    from app.providers import ModelConfig
-    from app.schemas import GenerationRequest
+    from imagegate.app.providers import ModelConfig
+    from imagegate.app.schemas import GenerationRequest
 
 # The ModelConfig fields a family may set.
 CONSTRAINT_KEYS = ("sizes", "aspect_ratios", "size_range", "min_pixels", "max_pixels", "max_prompt_chars",

@@ -17,7 +17,7 @@ from sqlalchemy import Connection, Row, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from app.models import IdempotencyKey, utcnow
+from imagegate.app.models import IdempotencyKey, utcnow
 
 
 class IdempotencyMismatch(Exception):

@@ -17,8 +17,8 @@ from datetime import timedelta
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.models import ApiKey, utcnow
-from app.webhook_signing import new_secret
+from imagegate.app.models import ApiKey, utcnow
+from imagegate.app.webhook_signing import new_secret
 
 KEY_PREFIX = "ig_"
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from alembic import command
 from alembic.config import Config
 
-import migrations
+from imagegate import migrations
 
 
 def alembic_config(database_url: str) -> Config:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from app.families import known_families
+from imagegate.app.families import known_families
 
 ADAPTER_ENTRY_POINTS = "imagegate.adapters"
 LOCAL_MODEL = "local"

@@ -15,7 +15,7 @@ from typing import Any
 
 from celery import Celery
 
-from app.settings import Settings
+from imagegate.app.settings import Settings
 
 RUN_TASK = "imagegate.run_task"
 DELIVER_WEBHOOK = "imagegate.deliver_webhook"

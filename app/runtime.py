@@ -12,14 +12,14 @@ from celery import Celery
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.after_end import AfterEnd
-from app.db import make_engine, make_sessionmaker
-from app.queue import make_celery
-from app.settings import Settings
-from app.stores.batches import BatchStore
-from app.stores.tasks import TaskStore
-from app.stores.webhooks import WebhookStore
-from app.wakeups import Wakeups, make_wakeups
+from imagegate.app.after_end import AfterEnd
+from imagegate.app.db import make_engine, make_sessionmaker
+from imagegate.app.queue import make_celery
+from imagegate.app.settings import Settings
+from imagegate.app.stores.batches import BatchStore
+from imagegate.app.stores.tasks import TaskStore
+from imagegate.app.stores.webhooks import WebhookStore
+from imagegate.app.wakeups import Wakeups, make_wakeups
 
 
 @dataclass(frozen=True)

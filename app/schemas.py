@@ -8,8 +8,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 
-from app.state.batches import BatchStatus
-from app.state.tasks import TaskStatus
+from imagegate.app.state.batches import BatchStatus
+from imagegate.app.state.tasks import TaskStatus
 
 MAX_PROMPT_CHARS = 32000  # gpt-image's limit, the largest of any model family
 MAX_N = 10

@@ -31,9 +31,9 @@ from typing import Any
 
 from sqlalchemy import func, select
 
-from app.ids import parse_id
-from app.models import Task, utcnow
-from app.queue import (
+from imagegate.app.ids import parse_id
+from imagegate.app.models import Task, utcnow
+from imagegate.app.queue import (
     BATCH_QUEUE,
     QUEUE,
     WEBHOOK_QUEUE,
@@ -41,10 +41,10 @@ from app.queue import (
     messages_unacked,
     publish_run,
 )
-from app.runtime import Runtime, build_runtime
-from app.settings import Settings
-from app.state.tasks import is_overdue_pending, republish_overdue
-from app.stores.tasks import Requeued
+from imagegate.app.runtime import Runtime, build_runtime
+from imagegate.app.settings import Settings
+from imagegate.app.state.tasks import is_overdue_pending, republish_overdue
+from imagegate.app.stores.tasks import Requeued
 
 log = logging.getLogger(__name__)
 

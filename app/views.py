@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import base64
 
-from app.image_urls import signed_image_url
-from app.models import Batch
-from app.schemas import (
+from imagegate.app.image_urls import signed_image_url
+from imagegate.app.models import Batch
+from imagegate.app.schemas import (
     AttemptView,
     BatchCounts,
     BatchView,
@@ -15,9 +15,9 @@ from app.schemas import (
     TaskError,
     TaskView,
 )
-from app.settings import Settings
-from app.state.tasks import TaskStatus
-from app.stores.tasks import TaskRecord
+from imagegate.app.settings import Settings
+from imagegate.app.state.tasks import TaskStatus
+from imagegate.app.stores.tasks import TaskRecord
 
 
 def timestamp(record: TaskRecord) -> int:

@@ -1,7 +1,7 @@
 from alembic import context
 from sqlalchemy import engine_from_config, pool
 
-from app.models import Base
+from imagegate.app.models import Base
 
 config = context.config
 

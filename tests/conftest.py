@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import signal
-import subprocess
-import sys
 import uuid
 from pathlib import Path
 
@@ -16,10 +13,17 @@ import psycopg
 import pytest
 import redis
 
-from app.settings import Settings
-from tests.fake_chat import FakeChat
-from tests.fake_upstream import FakeUpstream
-from tests.services import (
+from imagegate.app.settings import Settings
+from tests.support.databases import drop_database, fresh_database
+from tests.support.fake_chat import FakeChat
+from tests.support.fake_upstream import FakeUpstream
+from tests.support.processes import (
+    create_key,
+    run_cli,
+    start_process,
+    stop_process,
+)
+from tests.support.services import (
     MissingService,
     free_port,
     http_ok,
@@ -29,12 +33,7 @@ from tests.services import (
     wait_until,
 )
 
-IMAGEGATE = [str(Path(sys.executable).with_name("imagegate"))]  # the console script, as users run it
 LOCK_KEY = "imagegate-test:lock"
-
-
-def run_cli(args: list[str], env: dict[str, str], **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run(IMAGEGATE + args, env=env, capture_output=True, text=True, timeout=120, **kwargs)
 
 
 def _service(port: int, local_url: str, start_throwaway):
@@ -220,36 +219,20 @@ def migrated(env):
     return True
 
 
-def _start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
-    handle = log.open("w")
-    return subprocess.Popen(IMAGEGATE + args, env=env, stdout=handle, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-
-
-def _stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-
-
 @pytest.fixture(scope="session")
 def worker(migrated, env, run_dir):
     log = run_dir / "worker.log"
-    process = _start(["worker", "--concurrency", "100"], env, log)
+    process = start_process(["worker", "--concurrency", "100"], env, log)
     wait_until(lambda: process.poll() is not None or "ready" in log.read_text(), 60, "the Celery worker")
     assert process.poll() is None, log.read_text()
     yield process
-    _stop(process)
+    stop_process(process)
 
 
 @pytest.fixture(scope="session")
 def api_url(migrated, env, api_port, run_dir):
     log = run_dir / "api.log"
-    process = _start(["api", "--host", "127.0.0.1", "--port", str(api_port), "--workers", "1"], env, log)
+    process = start_process(["api", "--host", "127.0.0.1", "--port", str(api_port), "--workers", "1"], env, log)
     url = f"http://127.0.0.1:{api_port}"
 
     def healthy() -> bool:
@@ -258,23 +241,17 @@ def api_url(migrated, env, api_port, run_dir):
 
     wait_until(healthy, 60, "the API server")
     yield url
-    _stop(process)
-
-
-def _create_key(env, name: str) -> str:
-    result = run_cli(["keys", "create", "--name", name], env)
-    assert result.returncode == 0, result.stderr
-    return result.stdout.strip().splitlines()[-1]
+    stop_process(process)
 
 
 @pytest.fixture(scope="session")
 def api_key(migrated, env) -> str:
-    return _create_key(env, "tests")
+    return create_key(env, "tests")
 
 
 @pytest.fixture(scope="session")
 def other_key(migrated, env) -> str:
-    return _create_key(env, "someone-else")
+    return create_key(env, "someone-else")
 
 
 @pytest.fixture
@@ -292,7 +269,7 @@ def prompt() -> str:
 @pytest.fixture(scope="session")
 def app_client(settings, redis_dbs, migrated):
     """The Flask app in this process, publishing to the Redis db index no worker consumes."""
-    from app.web import create_app
+    from imagegate.app.web import create_app
 
     return create_app(settings.model_copy(update={"broker_url": redis_dbs[1]})).test_client()
 
@@ -302,7 +279,7 @@ def count_tasks(database_url):
     """How many task rows exist: a refused request must not add one."""
     from sqlalchemy import create_engine, func, select
 
-    from app.models import Task
+    from imagegate.app.models import Task
 
     engine = create_engine(database_url)
 
@@ -312,3 +289,22 @@ def count_tasks(database_url):
 
     yield count
     engine.dispose()
+
+
+@pytest.fixture
+def own_redis():
+    """A redis-server of this test's own, for tests that stop it, flush it or count all of it."""
+    server = start_redis()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def own_database(postgres_url):
+    """A migrated database of this test's own, beside the session's."""
+    from imagegate.app.migrate import upgrade
+
+    url = fresh_database(postgres_url)
+    upgrade(url)
+    yield url
+    drop_database(url)

@@ -8,18 +8,18 @@ import os
 from celery import Celery
 from celery.signals import task_received, worker_ready, worker_shutting_down
 
-from app.providers import load_models
-from app.queue import DELIVER_WEBHOOK, RUN_TASK, WEBHOOK_QUEUE, WORKER_QUEUES
-from app.runtime import build_runtime
-from app.settings import Settings
-from app.stores.attempts import AttemptStore
-from workers.adapters import load_adapters
-from workers.consumer_watchdog import ConsumerWatchdog, spawn
-from workers.grouped import Grouped
-from workers.http import make_client
-from workers.leases import LeaseKeeper
-from workers.runner import TaskRunner
-from workers.webhook_delivery import WebhookSender
+from imagegate.app.providers import load_models
+from imagegate.app.queue import DELIVER_WEBHOOK, RUN_TASK, WEBHOOK_QUEUE, WORKER_QUEUES
+from imagegate.app.runtime import build_runtime
+from imagegate.app.settings import Settings
+from imagegate.app.stores.attempts import AttemptStore
+from imagegate.workers.adapters import load_adapters
+from imagegate.workers.consumer_watchdog import ConsumerWatchdog, spawn
+from imagegate.workers.grouped import Grouped
+from imagegate.workers.http import make_client
+from imagegate.workers.leases import LeaseKeeper
+from imagegate.workers.runner import TaskRunner
+from imagegate.workers.webhook_delivery import WebhookSender
 
 log = logging.getLogger(__name__)
 

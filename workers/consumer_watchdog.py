@@ -51,7 +51,7 @@ class ConsumerWatchdog:
         return waiting > 0 and busy < self.concurrency and now - self.last_received >= self.stall_s
 
     def run(self) -> None:
-        from app.queue import messages_queued
+        from imagegate.app.queue import messages_queued
 
         waiting_since: float | None = None
         while not self.stopping:

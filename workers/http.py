@@ -12,9 +12,9 @@ from email.utils import parsedate_to_datetime
 
 import httpx
 
-from app.failures import ErrorCode
-from app.ssrf import UnsafeUrl
-from workers.adapters.base import UpstreamError
+from imagegate.app.failures import ErrorCode
+from imagegate.app.ssrf import UnsafeUrl
+from imagegate.workers.adapters.base import UpstreamError
 
 MAX_REPLY_BYTES = 64 * 1024 * 1024  # an upstream's JSON reply may carry several base64 images
 

@@ -7,13 +7,13 @@ import binascii
 
 import httpx
 
-from app.failures import ErrorCode
-from app.providers import ModelConfig
-from app.settings import Settings
-from app.stores.attempts import NewImage
-from workers import http
-from workers.adapters.base import UpstreamError, UpstreamImage
-from workers.outbound import CheckedClients, same_origin
+from imagegate.app.failures import ErrorCode
+from imagegate.app.providers import ModelConfig
+from imagegate.app.settings import Settings
+from imagegate.app.stores.attempts import NewImage
+from imagegate.workers import http
+from imagegate.workers.adapters.base import UpstreamError, UpstreamImage
+from imagegate.workers.outbound import CheckedClients, same_origin
 
 
 def sniff_content_type(data: bytes) -> str | None:

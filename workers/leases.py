@@ -11,7 +11,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from app.stores.attempts import AttemptStore, Claim
+from imagegate.app.stores.attempts import AttemptStore, Claim
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ import typing
 import httpcore
 import httpx
 
-from app.ssrf import resolve_host
+from imagegate.app.ssrf import resolve_host
 
 
 class CheckedBackend(httpcore.SyncBackend):

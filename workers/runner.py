@@ -21,32 +21,32 @@ from celery import Celery
 from pydantic import ValidationError
 from sqlalchemy.exc import InterfaceError, OperationalError
 
-from app.after_end import AfterEnd
-from app.failures import ErrorCode, Failure
-from app.ids import parse_id
-from app.models import utcnow
-from app.providers import ModelConfig
-from app.queue import publish_run
-from app.schemas import GenerationRequest
-from app.settings import Settings
-from app.state.refused import Outcome, Refused
-from app.stores.attempts import AttemptStore, CallOutcome, Claim, NewImage, Success
-from workers.adapters import Upstream, resolve_upstreams
-from workers.adapters.base import (
+from imagegate.app.after_end import AfterEnd
+from imagegate.app.failures import ErrorCode, Failure
+from imagegate.app.ids import parse_id
+from imagegate.app.models import utcnow
+from imagegate.app.providers import ModelConfig
+from imagegate.app.queue import publish_run
+from imagegate.app.schemas import GenerationRequest
+from imagegate.app.settings import Settings
+from imagegate.app.state.refused import Outcome, Refused
+from imagegate.app.stores.attempts import AttemptStore, CallOutcome, Claim, NewImage, Success
+from imagegate.workers.adapters import Upstream, resolve_upstreams
+from imagegate.workers.adapters.base import (
     Adapter,
     Generation,
     ImageAdapter,
     PollingAdapter,
     UpstreamError,
 )
-from workers.fanout import merge_usage, slot_counts
-from workers.grouped import Grouped
-from workers.http import current_call
-from workers.images import fetch_images
-from workers.leases import LeaseKeeper
-from workers.outbound import CheckedClients
-from workers.redaction import Redactor
-from workers.retry import backoff_s
+from imagegate.workers.fanout import merge_usage, slot_counts
+from imagegate.workers.grouped import Grouped
+from imagegate.workers.http import current_call
+from imagegate.workers.images import fetch_images
+from imagegate.workers.leases import LeaseKeeper
+from imagegate.workers.outbound import CheckedClients
+from imagegate.workers.redaction import Redactor
+from imagegate.workers.retry import backoff_s
 
 log = logging.getLogger(__name__)
 

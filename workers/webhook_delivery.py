@@ -28,15 +28,15 @@ from datetime import datetime, timedelta, timezone
 import httpx
 from celery import Celery
 
-from app.queue import publish_webhook
-from app.settings import Settings
-from app.state.webhook_events import EventStatus
-from app.stores.batches import BatchStore
-from app.stores.tasks import TaskStore
-from app.stores.webhooks import ClaimedEvent, WebhookStore
-from app.views import batch_view, task_view
-from workers import outbound
-from workers.webhook_post import deliver
+from imagegate.app.queue import publish_webhook
+from imagegate.app.settings import Settings
+from imagegate.app.state.webhook_events import EventStatus
+from imagegate.app.stores.batches import BatchStore
+from imagegate.app.stores.tasks import TaskStore
+from imagegate.app.stores.webhooks import ClaimedEvent, WebhookStore
+from imagegate.app.views import batch_view, task_view
+from imagegate.workers import outbound
+from imagegate.workers.webhook_post import deliver
 
 log = logging.getLogger(__name__)
 

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import httpx
 
-from app.ssrf import UnsafeUrl
-from app.webhook_signing import signature_header
+from imagegate.app.ssrf import UnsafeUrl
+from imagegate.app.webhook_signing import signature_header
 
 USER_AGENT = "imagegate-webhooks"
 

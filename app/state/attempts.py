@@ -33,10 +33,10 @@ from sqlalchemy import (
     values,
 )
 
-from app.failures import CANCELLED, Failure
-from app.models import Task
-from app.state.refused import Outcome, Refused
-from app.state.tasks import ENDED, TaskStatus
+from imagegate.app.failures import CANCELLED, Failure
+from imagegate.app.models import Task
+from imagegate.app.state.refused import Outcome, Refused
+from imagegate.app.state.tasks import ENDED, TaskStatus
 
 tasks = Task.__table__
 

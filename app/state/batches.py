@@ -16,9 +16,9 @@ from typing import Any
 
 from sqlalchemy import Connection, Row, case, insert, select, update
 
-from app.models import Batch, Task
-from app.state.refused import Outcome, Refused
-from app.state.tasks import UNFINISHED
+from imagegate.app.models import Batch, Task
+from imagegate.app.state.refused import Outcome, Refused
+from imagegate.app.state.tasks import UNFINISHED
 
 
 class BatchStatus(StrEnum):

@@ -28,9 +28,9 @@ from sqlalchemy import (
     update,
 )
 
-from app.failures import CANCELLED, ErrorCode, Failure
-from app.models import Task, utcnow
-from app.state.refused import Refused
+from imagegate.app.failures import CANCELLED, ErrorCode, Failure
+from imagegate.app.models import Task, utcnow
+from imagegate.app.state.refused import Refused
 
 
 class TaskStatus(StrEnum):

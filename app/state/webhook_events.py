@@ -17,8 +17,8 @@ from typing import Any
 
 from sqlalchemy import ColumnElement, Connection, Row, insert, or_, select, update
 
-from app.models import WebhookEvent
-from app.state.refused import Outcome, Refused
+from imagegate.app.models import WebhookEvent
+from imagegate.app.state.refused import Outcome, Refused
 
 
 class EventStatus(StrEnum):

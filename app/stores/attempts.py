@@ -13,11 +13,11 @@ from typing import Any
 
 from sqlalchemy import Engine, bindparam, insert, select, update
 
-from app.failures import Failure
-from app.models import Attempt, Image, Task, utcnow
-from app.state import attempts as transitions
-from app.state.refused import Outcome, Refused
-from app.stores.webhooks import enqueue_task_events
+from imagegate.app.failures import Failure
+from imagegate.app.models import Attempt, Image, Task, utcnow
+from imagegate.app.state import attempts as transitions
+from imagegate.app.state.refused import Outcome, Refused
+from imagegate.app.stores.webhooks import enqueue_task_events
 
 tasks, attempts, images = Task.__table__, Attempt.__table__, Image.__table__
 

@@ -11,15 +11,15 @@ from typing import Any
 from sqlalchemy import Engine, Row, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.idempotency import reserve
-from app.models import Batch, Image, Task, utcnow
-from app.schemas import GenerationRequest
-from app.state import batches as transitions
-from app.state import tasks as task_transitions
-from app.state.batches import OPEN
-from app.state.refused import Outcome
-from app.state.tasks import TaskStatus
-from app.stores.webhooks import enqueue_batch_event, enqueue_task_events
+from imagegate.app.idempotency import reserve
+from imagegate.app.models import Batch, Image, Task, utcnow
+from imagegate.app.schemas import GenerationRequest
+from imagegate.app.state import batches as transitions
+from imagegate.app.state import tasks as task_transitions
+from imagegate.app.state.batches import OPEN
+from imagegate.app.state.refused import Outcome
+from imagegate.app.state.tasks import TaskStatus
+from imagegate.app.stores.webhooks import enqueue_batch_event, enqueue_task_events
 
 
 @dataclass(frozen=True)

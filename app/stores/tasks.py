@@ -13,13 +13,13 @@ from typing import Any, NamedTuple
 from sqlalchemy import Connection, Engine, bindparam, delete, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.failures import ErrorCode, Failure
-from app.idempotency import reserve
-from app.models import Attempt, IdempotencyKey, Image, Task, utcnow
-from app.state import tasks as transitions
-from app.state.refused import Refused
-from app.state.tasks import CancelOutcome, TaskStatus
-from app.stores.webhooks import enqueue_task_events
+from imagegate.app.failures import ErrorCode, Failure
+from imagegate.app.idempotency import reserve
+from imagegate.app.models import Attempt, IdempotencyKey, Image, Task, utcnow
+from imagegate.app.state import tasks as transitions
+from imagegate.app.state.refused import Refused
+from imagegate.app.state.tasks import CancelOutcome, TaskStatus
+from imagegate.app.stores.webhooks import enqueue_task_events
 
 TASK_TABLE, ATTEMPT_TABLE = Task.__table__, Attempt.__table__
 # Built once: a prepared Core statement skips the ORM and the per-call compile cache key.

@@ -12,8 +12,8 @@ from datetime import datetime
 from sqlalchemy import Connection, Engine, delete, func, insert, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.idempotency import insert_ignoring_conflict
-from app.models import (
+from imagegate.app.idempotency import insert_ignoring_conflict
+from imagegate.app.models import (
     ApiKey,
     Batch,
     DisabledCallback,
@@ -22,10 +22,10 @@ from app.models import (
     WebhookEvent,
     utcnow,
 )
-from app.state import webhook_events as transitions
-from app.state.refused import Outcome, Refused
-from app.state.tasks import ENDED as TASK_ENDED
-from app.state.webhook_events import EventStatus
+from imagegate.app.state import webhook_events as transitions
+from imagegate.app.state.refused import Outcome, Refused
+from imagegate.app.state.tasks import ENDED as TASK_ENDED
+from imagegate.app.state.webhook_events import EventStatus
 
 BATCH_COMPLETED = "image.batch.completed"
 

@@ -2,23 +2,27 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from flask import Flask
 from sqlalchemy import text
 
-from app.keys import KeyCache
-from app.providers import load_models
-from app.queue import reuse_publish_client
-from app.runtime import build_runtime
-from app.settings import Settings
-from app.web import batches, files, images, openapi, webhooks
-from app.web.errors import error_response, register_error_handlers
-from app.web.limits import ClientLimit
-from app.web.services import Services, services
+from imagegate.app.keys import KeyCache
+from imagegate.app.providers import load_models
+from imagegate.app.queue import reuse_publish_client
+from imagegate.app.runtime import build_runtime
+from imagegate.app.settings import Settings
+from imagegate.app.web import batches, files, images, openapi, webhooks
+from imagegate.app.web.errors import error_response, register_error_handlers
+from imagegate.app.web.limits import ClientLimit
+from imagegate.app.web.services import Services, services
 
 
 def create_app(settings: Settings | None = None) -> Flask:
     settings = (settings or Settings()).check()
-    app = Flask(__name__)
+    # An explicit instance path (never used): Flask's search for one fails on the `imagegate`
+    # namespace package of an editable install.
+    app = Flask(__name__, instance_path=str(Path(__file__).with_name("instance")))
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.json.sort_keys = False
 

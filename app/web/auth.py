@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from flask import g, request
 
-from app.web.errors import ApiError
-from app.web.services import services
+from imagegate.app.web.errors import ApiError
+from imagegate.app.web.services import services
 
 
 def require_api_key() -> None:

@@ -14,26 +14,26 @@ from flask import Blueprint, Response, g, request
 from pydantic import ValidationError
 from pydantic_core import from_json
 
-from app.idempotency import IdempotencyMismatch
-from app.ids import parse_id
-from app.image_urls import signed_image_url
-from app.queue import publish_runs
-from app.schemas import BatchCreate, BatchLine, BatchView
-from app.state.tasks import TaskStatus
-from app.stores.batches import NewLine
-from app.views import batch_view
-from app.web.auth import require_api_key
-from app.web.errors import ApiError, from_error_details, from_validation_error
-from app.web.intake import (
+from imagegate.app.idempotency import IdempotencyMismatch
+from imagegate.app.ids import parse_id
+from imagegate.app.image_urls import signed_image_url
+from imagegate.app.queue import publish_runs
+from imagegate.app.schemas import BatchCreate, BatchLine, BatchView
+from imagegate.app.state.tasks import TaskStatus
+from imagegate.app.stores.batches import NewLine
+from imagegate.app.views import batch_view
+from imagegate.app.web.auth import require_api_key
+from imagegate.app.web.errors import ApiError, from_error_details, from_validation_error
+from imagegate.app.web.intake import (
     IDEMPOTENCY_HEADER,
     checked_callback,
     checked_model,
     default_callback,
     idempotency,
 )
-from app.web.limits import read_body
-from app.web.operations import Reply, operation
-from app.web.services import Services, services
+from imagegate.app.web.limits import read_body
+from imagegate.app.web.operations import Reply, operation
+from imagegate.app.web.services import Services, services
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from pydantic_core import ErrorDetails
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from werkzeug.exceptions import HTTPException
 
-from app.schemas import ErrorDetail, ErrorResponse
+from imagegate.app.schemas import ErrorDetail, ErrorResponse
 
 log = logging.getLogger(__name__)
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from flask import Blueprint, Response, request
 
-from app.ids import parse_id
-from app.image_urls import verify
-from app.web.errors import ApiError
-from app.web.operations import Reply, operation
-from app.web.services import services
+from imagegate.app.ids import parse_id
+from imagegate.app.image_urls import verify
+from imagegate.app.web.errors import ApiError
+from imagegate.app.web.operations import Reply, operation
+from imagegate.app.web.services import services
 
 bp = Blueprint("files", __name__, url_prefix="/files")
 

@@ -10,27 +10,27 @@ from flask import Blueprint, g
 from pydantic import ValidationError
 from werkzeug.routing import BaseConverter
 
-from app.failures import http_status_of_failure
-from app.idempotency import IdempotencyMismatch
-from app.ids import parse_id
-from app.queue import publish_run
-from app.schemas import GenerationRequest, ImagesResponse, TaskAccepted, TaskView
-from app.state.refused import Refused
-from app.state.tasks import ENDED, CancelOutcome, TaskStatus
-from app.stores.tasks import TaskRecord
-from app.views import image_items, task_view, timestamp
-from app.web.auth import require_api_key
-from app.web.errors import ApiError, error_response, from_validation_error
-from app.web.intake import (
+from imagegate.app.failures import http_status_of_failure
+from imagegate.app.idempotency import IdempotencyMismatch
+from imagegate.app.ids import parse_id
+from imagegate.app.queue import publish_run
+from imagegate.app.schemas import GenerationRequest, ImagesResponse, TaskAccepted, TaskView
+from imagegate.app.state.refused import Refused
+from imagegate.app.state.tasks import ENDED, CancelOutcome, TaskStatus
+from imagegate.app.stores.tasks import TaskRecord
+from imagegate.app.views import image_items, task_view, timestamp
+from imagegate.app.web.auth import require_api_key
+from imagegate.app.web.errors import ApiError, error_response, from_validation_error
+from imagegate.app.web.intake import (
     IDEMPOTENCY_HEADER,
     checked_callback,
     checked_model,
     default_callback,
     idempotency,
 )
-from app.web.limits import read_body
-from app.web.operations import Reply, operation
-from app.web.services import Services, services
+from imagegate.app.web.limits import read_body
+from imagegate.app.web.operations import Reply, operation
+from imagegate.app.web.services import Services, services
 
 log = logging.getLogger(__name__)
 

@@ -7,13 +7,13 @@ from typing import Any
 
 from flask import g, request
 
-from app.families import RequestRefused, check_request
-from app.idempotency import fingerprint
-from app.providers import ModelConfig
-from app.schemas import GenerationRequest
-from app.ssrf import UnsafeUrl, resolve_public
-from app.web.errors import ApiError
-from app.web.services import Services
+from imagegate.app.families import RequestRefused, check_request
+from imagegate.app.idempotency import fingerprint
+from imagegate.app.providers import ModelConfig
+from imagegate.app.schemas import GenerationRequest
+from imagegate.app.ssrf import UnsafeUrl, resolve_public
+from imagegate.app.web.errors import ApiError
+from imagegate.app.web.services import Services
 
 MAX_IDEMPOTENCY_KEY = 255
 IDEMPOTENCY_HEADER = {"Idempotency-Key": {"type": "string", "minLength": 1, "maxLength": MAX_IDEMPOTENCY_KEY}}

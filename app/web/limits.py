@@ -16,7 +16,7 @@ from typing import Any
 from flask import request
 from werkzeug.wsgi import ClosingIterator
 
-from app.web.errors import ApiError
+from imagegate.app.web.errors import ApiError
 
 
 class BodyTimeout(Exception):

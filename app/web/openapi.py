@@ -11,8 +11,8 @@ from flask_swagger_ui import get_swaggerui_blueprint
 from pydantic.json_schema import models_json_schema
 from werkzeug.routing import Rule
 
-from app.schemas import ErrorResponse
-from app.web.operations import Operation, operation_of
+from imagegate.app.schemas import ErrorResponse
+from imagegate.app.web.operations import Operation, operation_of
 
 bp = Blueprint("openapi", __name__)
 # Swagger UI's files come with the package and are served from here: the page works offline.

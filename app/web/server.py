@@ -7,8 +7,8 @@ from typing import Any
 
 from gunicorn.app.base import BaseApplication
 
-from app.os_limits import allow_open_files
-from app.settings import Settings
+from imagegate.app.os_limits import allow_open_files
+from imagegate.app.settings import Settings
 
 
 class ApiServer(BaseApplication):
@@ -22,7 +22,7 @@ class ApiServer(BaseApplication):
             self.cfg.set(key, value)
 
     def load(self):
-        from app.web import create_app  # after gevent patched this worker process
+        from imagegate.app.web import create_app  # after gevent patched this worker process
 
         return create_app(self._settings)
 

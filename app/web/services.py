@@ -6,9 +6,9 @@ from dataclasses import dataclass, fields
 
 from flask import current_app
 
-from app.keys import KeyCache
-from app.providers import ModelConfig
-from app.runtime import Runtime
+from imagegate.app.keys import KeyCache
+from imagegate.app.providers import ModelConfig
+from imagegate.app.runtime import Runtime
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -9,12 +9,12 @@ import time
 from flask import Blueprint, current_app, g, request
 from pydantic import ValidationError
 
-from app.ids import parse_id
-from app.schemas import DeliveryList, DeliveryQuery, DeliveryView, RedeliveryQueued
-from app.web.auth import require_api_key
-from app.web.errors import ApiError, error_response, from_validation_error
-from app.web.operations import Reply, operation
-from app.web.services import services
+from imagegate.app.ids import parse_id
+from imagegate.app.schemas import DeliveryList, DeliveryQuery, DeliveryView, RedeliveryQueued
+from imagegate.app.web.auth import require_api_key
+from imagegate.app.web.errors import ApiError, error_response, from_validation_error
+from imagegate.app.web.operations import Reply, operation
+from imagegate.app.web.services import services
 
 log = logging.getLogger(__name__)
 bp = Blueprint("webhooks", __name__, url_prefix="/v1/webhooks")

@@ -11,7 +11,7 @@ import httpx
 import psycopg
 
 from benchlib import loadgen
-from benchlib.environment import MODEL, LITELLM_KEY, Environment, log_errors, wait_ready
+from benchlib.environment import LITELLM_KEY, MODEL, Environment, log_errors, wait_ready
 from benchlib.services import Proc, wait_until
 
 MB = 1024 * 1024

@@ -21,14 +21,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import httpx
-import psycopg
 from sqlalchemy import create_engine, text
 
-from app.db import make_engine, make_sessionmaker
-from app.keys import create_key
-from app.migrate import upgrade
-from tests.fake_upstream import FakeUpstream
-from tests.services import free_port, http_ok, wait_until
+from imagegate.app.db import make_engine, make_sessionmaker
+from imagegate.app.keys import create_key
+from imagegate.app.migrate import upgrade
+from tests.support.fake_upstream import FakeUpstream
+from tests.support.services import free_port, http_ok, wait_until
 
 IMAGEGATE = [str(Path(sys.executable).with_name("imagegate"))]  # the console script, as users run it
 REPORT_ENV = "IMAGEGATE_FAULTS_REPORT"  # a JSON-lines file the figures are appended to, if set
@@ -56,24 +55,6 @@ class Figures:
         if os.environ.get(REPORT_ENV):
             with open(os.environ[REPORT_ENV], "a") as report:
                 report.write(json.dumps(asdict(self) | extra) + "\n")
-
-
-def fresh_database(server_url: str) -> str:
-    name = f"imagegate_fault_{uuid.uuid4().hex[:10]}"
-    admin = server_url.replace("postgresql+psycopg://", "postgresql://") + "/postgres"
-    with psycopg.connect(admin, autocommit=True) as connection:
-        connection.execute(f'CREATE DATABASE "{name}"')
-    return f"{server_url}/{name}"
-
-
-def drop_database(database_url: str) -> None:
-    server, name = database_url.rsplit("/", 1)
-    admin = server.replace("postgresql+psycopg://", "postgresql://") + "/postgres"
-    try:
-        with psycopg.connect(admin, autocommit=True, connect_timeout=5) as connection:
-            connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    except psycopg.OperationalError:
-        pass  # a throwaway server already gone takes its databases with it
 
 
 class Cluster:

@@ -17,24 +17,18 @@ import pytest
 import redis
 from sqlalchemy import text
 
-from tests.fake_upstream import Step
-from tests.faults.harness import Cluster, Figures, drop_database, fresh_database
-from tests.services import start_postgres, start_redis, wait_until
+from tests.faults.harness import Cluster, Figures
+from tests.support.databases import drop_database, fresh_database
+from tests.support.fake_upstream import Step
+from tests.support.services import start_postgres, wait_until
 
 pytestmark = pytest.mark.faults
 
 
 @pytest.fixture
-def redis_server():
-    server = start_redis()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def cluster(tmp_path, postgres_url, redis_server, upstream):
+def cluster(tmp_path, postgres_url, own_redis, upstream):
     database = fresh_database(postgres_url)
-    running = Cluster(tmp_path, database, redis_server.url, upstream)
+    running = Cluster(tmp_path, database, own_redis.url, upstream)
     yield running
     running.close()
     drop_database(database)
@@ -58,7 +52,7 @@ def test_kill_9_mid_call_with_200_in_flight(cluster, upstream):
     assert figures.succeed == 200
 
 
-def test_messages_are_acknowledged_at_the_claim_and_a_kill_9_still_loses_nothing(cluster, redis_server, upstream):
+def test_messages_are_acknowledged_at_the_claim_and_a_kill_9_still_loses_nothing(cluster, own_redis, upstream):
     """A worker acknowledges a message when it starts it: with 80 calls in flight the broker holds no
     unacknowledged message, and a kill -9 then is recovered from the leases in Postgres alone."""
     cluster.start_api()
@@ -66,7 +60,7 @@ def test_messages_are_acknowledged_at_the_claim_and_a_kill_9_still_loses_nothing
     victim = cluster.start_worker(concurrency=100)
     tasks = cluster.submit(80, "early-ack", steps=(Step(delay_s=4),))
     wait_until(lambda: calls_for(upstream, tasks) >= 80, 30, "80 calls in flight")
-    broker = redis.Redis.from_url(f"{redis_server.url}/0")
+    broker = redis.Redis.from_url(f"{own_redis.url}/0")
     assert broker.hlen("unacked") == 0 and broker.llen("imagegate") == 0
     victim.send_signal(signal.SIGKILL)
     cluster.start_worker(concurrency=100)
@@ -75,12 +69,12 @@ def test_messages_are_acknowledged_at_the_claim_and_a_kill_9_still_loses_nothing
     assert figures.succeed == 80
 
 
-def test_a_postgres_outage_at_the_final_write_buys_no_image_twice(tmp_path, throwaway_postgres, redis_server,
+def test_a_postgres_outage_at_the_final_write_buys_no_image_twice(tmp_path, throwaway_postgres, own_redis,
                                                                   upstream):
     """The upstream answers while Postgres is down: the worker keeps the images and retries its final
     write while its lease holds, instead of letting the attempt expire and paying for it again."""
     database = fresh_database(throwaway_postgres.url)
-    cluster = Cluster(tmp_path, database, redis_server.url, upstream, lease_s="30")
+    cluster = Cluster(tmp_path, database, own_redis.url, upstream, lease_s="30")
     try:
         cluster.start_api()
         cluster.start("sweeper")
@@ -100,17 +94,17 @@ def test_a_postgres_outage_at_the_final_write_buys_no_image_twice(tmp_path, thro
 
 
 @pytest.mark.parametrize("fault", ["flushall", "restart"])
-def test_redis_loses_200_queued_tasks(cluster, redis_server, fault):
+def test_redis_loses_200_queued_tasks(cluster, own_redis, fault):
     cluster.start_api()
     tasks = cluster.submit(200, f"redis-{fault}")
-    broker = redis.Redis.from_url(f"{redis_server.url}/0")
+    broker = redis.Redis.from_url(f"{own_redis.url}/0")
     assert broker.llen("imagegate") == 200
     if fault == "flushall":
         broker.flushall()
     else:
-        redis_server.pause()
-        redis_server.resume()
-    assert redis.Redis.from_url(f"{redis_server.url}/0").llen("imagegate") == 0
+        own_redis.pause()
+        own_redis.resume()
+    assert redis.Redis.from_url(f"{own_redis.url}/0").llen("imagegate") == 0
     cluster.start("sweeper")
     cluster.start_worker()
     cluster.wait_all_ended(tasks, 90)
@@ -125,9 +119,9 @@ def throwaway_postgres():
     server.stop()
 
 
-def test_postgres_stopped_during_intake(tmp_path, throwaway_postgres, redis_server, upstream):
+def test_postgres_stopped_during_intake(tmp_path, throwaway_postgres, own_redis, upstream):
     database = fresh_database(throwaway_postgres.url)
-    cluster = Cluster(tmp_path, database, redis_server.url, upstream)
+    cluster = Cluster(tmp_path, database, own_redis.url, upstream)
     try:
         cluster.start_api()
         cluster.start("sweeper")
@@ -170,10 +164,10 @@ def test_postgres_stopped_during_intake(tmp_path, throwaway_postgres, redis_serv
         drop_database(database)
 
 
-def test_every_message_delivered_twice(cluster, redis_server, upstream):
+def test_every_message_delivered_twice(cluster, own_redis, upstream):
     cluster.start_api()
     tasks = cluster.submit(100, "twice") | cluster.submit(100, "twice-retry", steps=(Step(status=500),), retries=1)
-    broker = redis.Redis.from_url(f"{redis_server.url}/0")
+    broker = redis.Redis.from_url(f"{own_redis.url}/0")
     for message in broker.lrange("imagegate", 0, -1):
         broker.rpush("imagegate", message)
     assert broker.llen("imagegate") == 400

@@ -7,7 +7,7 @@ import uuid
 
 import pytest
 
-from app.db import make_engine
+from imagegate.app.db import make_engine
 from tests.state.rows import new_key
 
 

@@ -7,10 +7,10 @@ from typing import Any
 
 from sqlalchemy import Engine, insert, select
 
-from app.db import make_sessionmaker
-from app.keys import create_key
-from app.models import ApiKey, Task, utcnow
-from app.state.tasks import new_task
+from imagegate.app.db import make_sessionmaker
+from imagegate.app.keys import create_key
+from imagegate.app.models import ApiKey, Task, utcnow
+from imagegate.app.state.tasks import new_task
 
 
 def new_key(engine: Engine) -> uuid.UUID:

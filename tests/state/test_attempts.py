@@ -11,11 +11,11 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from sqlalchemy import select, update
 
-from app.failures import ErrorCode, Failure
-from app.models import Attempt, Image, Task
-from app.state.refused import Refused
-from app.state.tasks import TaskStatus
-from app.stores.attempts import AttemptStore, NewImage, Success
+from imagegate.app.failures import ErrorCode, Failure
+from imagegate.app.models import Attempt, Image, Task
+from imagegate.app.state.refused import Refused
+from imagegate.app.state.tasks import TaskStatus
+from imagegate.app.stores.attempts import AttemptStore, NewImage, Success
 from tests.state.rows import make_task, task_row
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"x" * 64

@@ -8,13 +8,13 @@ import uuid
 import pytest
 from sqlalchemy import select
 
-from app.db import make_sessionmaker
-from app.failures import ErrorCode
-from app.models import Batch, WebhookEvent
-from app.state.batches import BatchStatus
-from app.state.refused import Refused
-from app.state.tasks import TaskStatus
-from app.stores.batches import BatchStore
+from imagegate.app.db import make_sessionmaker
+from imagegate.app.failures import ErrorCode
+from imagegate.app.models import Batch, WebhookEvent
+from imagegate.app.state.batches import BatchStatus
+from imagegate.app.state.refused import Refused
+from imagegate.app.state.tasks import TaskStatus
+from imagegate.app.stores.batches import BatchStore
 from tests.state.rows import make_task, new_key, task_row
 
 

@@ -10,9 +10,9 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError
 
-from app.state.batches import BatchStatus
-from app.state.tasks import TaskStatus
-from app.state.webhook_events import EventStatus
+from imagegate.app.state.batches import BatchStatus
+from imagegate.app.state.tasks import TaskStatus
+from imagegate.app.state.webhook_events import EventStatus
 from tests.state.rows import make_task
 
 MACHINES = {"tasks": TaskStatus, "batches": BatchStatus, "webhook_events": EventStatus}

@@ -9,13 +9,13 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import select
 
-from app.db import make_sessionmaker
-from app.failures import ErrorCode, Failure
-from app.models import Task, WebhookEvent, utcnow
-from app.state import tasks as transitions
-from app.state.refused import Refused
-from app.state.tasks import CancelOutcome, TaskStatus
-from app.stores.tasks import TaskStore
+from imagegate.app.db import make_sessionmaker
+from imagegate.app.failures import ErrorCode, Failure
+from imagegate.app.models import Task, WebhookEvent, utcnow
+from imagegate.app.state import tasks as transitions
+from imagegate.app.state.refused import Refused
+from imagegate.app.state.tasks import CancelOutcome, TaskStatus
+from imagegate.app.stores.tasks import TaskStore
 from tests.state.rows import make_task, new_key, task_row
 
 

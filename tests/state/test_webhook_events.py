@@ -9,12 +9,12 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import select
 
-from app.db import make_sessionmaker
-from app.models import WebhookDelivery, WebhookEvent, utcnow
-from app.state import webhook_events as transitions
-from app.state.refused import Refused
-from app.state.webhook_events import EventStatus
-from app.stores.webhooks import WebhookStore
+from imagegate.app.db import make_sessionmaker
+from imagegate.app.models import WebhookDelivery, WebhookEvent, utcnow
+from imagegate.app.state import webhook_events as transitions
+from imagegate.app.state.refused import Refused
+from imagegate.app.state.webhook_events import EventStatus
+from imagegate.app.stores.webhooks import WebhookStore
 
 
 @pytest.fixture(scope="module")

@@ -10,14 +10,14 @@ import httpx
 import pytest
 from PIL import Image
 
-from app.failures import ErrorCode
-from app.providers import ModelConfig
-from app.schemas import GenerationRequest
-from workers.adapters.base import UpstreamError
-from workers.adapters.chat_image import ChatImageAdapter
-from workers.adapters.geekai_async import GeekAIAsyncAdapter
-from workers.adapters.local import LocalAdapter
-from workers.adapters.openai import OpenAIAdapter
+from imagegate.app.failures import ErrorCode
+from imagegate.app.providers import ModelConfig
+from imagegate.app.schemas import GenerationRequest
+from imagegate.workers.adapters.base import UpstreamError
+from imagegate.workers.adapters.chat_image import ChatImageAdapter
+from imagegate.workers.adapters.geekai_async import GeekAIAsyncAdapter
+from imagegate.workers.adapters.local import LocalAdapter
+from imagegate.workers.adapters.openai import OpenAIAdapter
 
 BASE_URL = "https://upstream.example/v1"
 KEY = "sk-test-upstream-key-0123456789"

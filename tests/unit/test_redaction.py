@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from app.failures import ErrorCode
-from app.providers import ModelConfig
-from workers.adapters import load_adapters
-from workers.adapters.base import UpstreamError
-from workers.redaction import REDACTED, Redactor
-from workers.runner import MAX_MESSAGE_CHARS, TaskRunner
+from imagegate.app.failures import ErrorCode
+from imagegate.app.providers import ModelConfig
+from imagegate.workers.adapters import load_adapters
+from imagegate.workers.adapters.base import UpstreamError
+from imagegate.workers.redaction import REDACTED, Redactor
+from imagegate.workers.runner import MAX_MESSAGE_CHARS, TaskRunner
 
 KEY = "plain0upstream0key0without0prefix"
 

@@ -8,10 +8,10 @@ from typing import ClassVar
 
 import pytest
 
-from app.providers import ModelConfig, installed_adapters
-from workers.adapters import checked, load_adapters, resolve_upstreams
-from workers.adapters.base import Capabilities, HttpAdapter
-from workers.runner import plan_calls
+from imagegate.app.providers import ModelConfig, installed_adapters
+from imagegate.workers.adapters import checked, load_adapters, resolve_upstreams
+from imagegate.workers.adapters.base import Capabilities, HttpAdapter
+from imagegate.workers.runner import plan_calls
 
 
 def model(name: str, adapter: str, **values) -> ModelConfig:

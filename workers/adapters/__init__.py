@@ -10,9 +10,9 @@ from importlib.metadata import entry_points
 
 import httpx
 
-from app.families import constraints
-from app.providers import ADAPTER_ENTRY_POINTS, ModelConfig
-from workers.adapters.base import REQUIRED_METHODS, Adapter, Capabilities
+from imagegate.app.families import constraints
+from imagegate.app.providers import ADAPTER_ENTRY_POINTS, ModelConfig
+from imagegate.workers.adapters.base import REQUIRED_METHODS, Adapter, Capabilities
 
 
 def load_adapters() -> dict[str, type[Adapter]]:
@@ -25,7 +25,7 @@ def checked(name: str, adapter: type) -> type[Adapter]:
     capabilities = getattr(adapter, "capabilities", None)
     if not isinstance(capabilities, Capabilities):
         raise TypeError(f"adapter {name!r} ({adapter.__qualname__}): `capabilities` must be a "
-                        f"workers.adapters.base.Capabilities")
+                        f"imagegate.workers.adapters.base.Capabilities")
     missing = [method for method in REQUIRED_METHODS[capabilities.polling]
                if not callable(getattr(adapter, method, None))]
     if missing:

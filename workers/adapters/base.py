@@ -13,9 +13,9 @@ from typing import Any, ClassVar, Protocol
 
 import httpx
 
-from app.failures import ErrorCode
-from app.providers import ModelConfig
-from app.schemas import GenerationRequest
+from imagegate.app.failures import ErrorCode
+from imagegate.app.providers import ModelConfig
+from imagegate.app.schemas import GenerationRequest
 
 
 @dataclass(frozen=True)

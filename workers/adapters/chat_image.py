@@ -17,17 +17,17 @@ from __future__ import annotations
 import re
 from typing import Any, ClassVar
 
-from app.failures import ErrorCode
-from app.providers import ModelConfig
-from app.schemas import GenerationRequest
-from workers.adapters.base import (
+from imagegate.app.failures import ErrorCode
+from imagegate.app.providers import ModelConfig
+from imagegate.app.schemas import GenerationRequest
+from imagegate.workers.adapters.base import (
     Capabilities,
     Generation,
     HttpAdapter,
     UpstreamError,
     UpstreamImage,
 )
-from workers.adapters.openai import call
+from imagegate.workers.adapters.openai import call
 
 NO_IMAGE = ErrorCode.NO_IMAGE
 

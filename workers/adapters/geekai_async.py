@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from app.failures import ErrorCode
-from app.schemas import GenerationRequest
-from workers.adapters.base import Capabilities, Generation, HttpAdapter, UpstreamError
-from workers.adapters.openai import call, images_body, images_of
+from imagegate.app.failures import ErrorCode
+from imagegate.app.schemas import GenerationRequest
+from imagegate.workers.adapters.base import Capabilities, Generation, HttpAdapter, UpstreamError
+from imagegate.workers.adapters.openai import call, images_body, images_of
 
 REFUSAL_WORDS = ("policy", "sensitive", "moderation", "safety")
 

@@ -10,10 +10,10 @@ from typing import ClassVar
 import httpx
 from PIL import Image, ImageDraw, ImageFont
 
-from app.failures import ErrorCode
-from app.providers import ModelConfig
-from app.schemas import GenerationRequest
-from workers.adapters.base import Capabilities, Generation, UpstreamError, UpstreamImage
+from imagegate.app.failures import ErrorCode
+from imagegate.app.providers import ModelConfig
+from imagegate.app.schemas import GenerationRequest
+from imagegate.workers.adapters.base import Capabilities, Generation, UpstreamError, UpstreamImage
 
 MAX_SIDE = 4096
 NAMED_SIZES = {"auto": (1024, 1024), "1k": (1024, 1024), "2k": (2048, 2048), "4k": (4096, 4096)}

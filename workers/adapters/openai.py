@@ -10,11 +10,11 @@ from typing import Any, ClassVar
 
 import httpx
 
-from app.failures import ErrorCode
-from app.providers import ModelConfig
-from app.schemas import GenerationRequest
-from workers import http
-from workers.adapters.base import (
+from imagegate.app.failures import ErrorCode
+from imagegate.app.providers import ModelConfig
+from imagegate.app.schemas import GenerationRequest
+from imagegate.workers import http
+from imagegate.workers.adapters.base import (
     Capabilities,
     Generation,
     HttpAdapter,

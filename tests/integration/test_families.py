@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from app.families import (
+from imagegate.app.families import (
     CONSTRAINT_KEYS,
     FAMILIES,
     RequestRefused,
@@ -13,9 +13,9 @@ from app.families import (
     constraints,
     known_families,
 )
-from app.providers import ModelConfig
-from app.schemas import GenerationRequest
-from app.web import create_app
+from imagegate.app.providers import ModelConfig
+from imagegate.app.schemas import GenerationRequest
+from imagegate.app.web import create_app
 
 
 def config(family: str | None = None, **keys) -> ModelConfig:

@@ -8,33 +8,14 @@ import time
 import uuid
 from datetime import timedelta
 
-import pytest
 import redis
 from sqlalchemy import create_engine, text
 
-from app.db import make_engine, make_sessionmaker
-from app.keys import create_key
-from app.migrate import upgrade
-from app.models import utcnow
-from app.queue import QUEUE, make_celery, publish_runs
-from app.sweeper import make_sweeper
-from tests.faults.harness import drop_database, fresh_database
-from tests.services import start_redis
-
-
-@pytest.fixture
-def own_redis():
-    server = start_redis()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def own_database(postgres_url):
-    url = fresh_database(postgres_url)
-    upgrade(url)
-    yield url
-    drop_database(url)
+from imagegate.app.db import make_engine, make_sessionmaker
+from imagegate.app.keys import create_key
+from imagegate.app.models import utcnow
+from imagegate.app.queue import QUEUE, make_celery, publish_runs
+from imagegate.app.sweeper import make_sweeper
 
 
 def pending_tasks(database_url: str, count: int, overdue_s: float) -> list[uuid.UUID]:

@@ -19,16 +19,16 @@ import httpcore
 import httpx
 import pytest
 
-from app.providers import ModelConfig
-from app.settings import Settings
-from app.ssrf import UnsafeUrl
-from tests.conftest import IMAGEGATE, _stop
-from tests.fake_http import png_bytes
-from tests.fake_upstream import Step
-from tests.services import start_redis, wait_until
-from workers import http, outbound
-from workers.adapters.base import UpstreamError, UpstreamImage
-from workers.images import fetch_images
+from imagegate.app.providers import ModelConfig
+from imagegate.app.settings import Settings
+from imagegate.app.ssrf import UnsafeUrl
+from imagegate.workers import http, outbound
+from imagegate.workers.adapters.base import UpstreamError, UpstreamImage
+from imagegate.workers.images import fetch_images
+from tests.support.fake_http import png_bytes
+from tests.support.fake_upstream import Step
+from tests.support.processes import IMAGEGATE, stop_process
+from tests.support.services import start_redis, wait_until
 
 PUBLIC = "93.184.216.34"  # passes the check; connections to it are refused by the `network` fixture
 
@@ -235,12 +235,12 @@ base_url = "http://localhost:{upstream.port}/v1"
     worker = _start_worker(env | {"IMAGEGATE_BROKER_URL": broker_url, "IMAGEGATE_PROVIDERS_FILE": str(providers)},
                            log)
     try:
-        from app.web import create_app
+        from imagegate.app.web import create_app
 
         app = create_app(settings.model_copy(update={"broker_url": broker_url, "providers_file": providers}))
         yield app.test_client(), {"Authorization": f"Bearer {api_key}"}
     finally:
-        _stop(worker)
+        stop_process(worker)
         redis_server.stop()
 
 

@@ -17,7 +17,7 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from tests.fake_http import JsonHandler, ScriptedServer, png_bytes
+from tests.support.fake_http import JsonHandler, ScriptedServer, png_bytes
 
 STYLES = ("geekai", "openrouter", "markdown_data", "no_image")
 

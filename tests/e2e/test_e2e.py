@@ -12,28 +12,11 @@ import openai
 import pytest
 from PIL import Image
 
-from app.queue import make_celery, publish_run
-from tests.fake_upstream import Step
+from imagegate.app.queue import make_celery, publish_run
+from tests.support.fake_upstream import Step
+from tests.support.flows import submit_async, wait_for_end
 
 pytestmark = pytest.mark.e2e
-
-
-def wait_for_end(client: httpx.Client, task_id: str, timeout_s: float = 60) -> dict:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        body = client.get(f"/v1/images/{task_id}").json()
-        if body["task_status"] in ("succeed", "failed"):
-            return body
-        time.sleep(0.1)
-    raise AssertionError(f"task {task_id} did not end within {timeout_s} s: {body}")
-
-
-def submit_async(client: httpx.Client, **fields) -> str:
-    response = client.post("/v1/images/generations", json={"async": True} | fields)
-    assert response.status_code == 202, response.text
-    body = response.json()
-    assert body["task_status"] == "pending" and body["data"] == [] and isinstance(body["created"], int)
-    return body["task_id"]
 
 
 @pytest.fixture
@@ -147,12 +130,12 @@ def test_a_message_delivered_twice_makes_one_upstream_call(client, upstream, pro
 
 def test_sync_wait_past_the_timeout_answers_202_and_the_task_goes_on(api_url, api_key, worker, env, upstream,
                                                                      prompt, run_dir):
-    from tests.conftest import _start, _stop
-    from tests.services import free_port, http_ok, wait_until
+    from tests.support.processes import start_process, stop_process
+    from tests.support.services import free_port, http_ok, wait_until
 
     port = free_port()
     short = env | {"IMAGEGATE_SYNC_TIMEOUT_S": "1"}
-    process = _start(["api", "--port", str(port), "--workers", "1"], short, run_dir / "api-short.log")
+    process = start_process(["api", "--port", str(port), "--workers", "1"], short, run_dir / "api-short.log")
     try:
         base = f"http://127.0.0.1:{port}"
         wait_until(lambda: http_ok(f"{base}/healthz"), 60, "second API server")
@@ -167,7 +150,7 @@ def test_sync_wait_past_the_timeout_answers_202_and_the_task_goes_on(api_url, ap
         with httpx.Client(base_url=base, headers=headers) as http:
             assert wait_for_end(http, body["task_id"])["task_status"] == "succeed"
     finally:
-        _stop(process)
+        stop_process(process)
 
 
 def test_another_keys_task_is_a_404_like_a_missing_one(client, api_url, other_key):

@@ -12,9 +12,9 @@ import uuid
 import pytest
 import redis
 
-from app.queue import QUEUE
-from tests.conftest import IMAGEGATE
-from tests.services import start_redis, wait_until
+from imagegate.app.queue import QUEUE
+from tests.support.processes import IMAGEGATE
+from tests.support.services import wait_until
 
 
 def start_worker(env: dict[str, str], log, *extra: str) -> subprocess.Popen:
@@ -41,16 +41,9 @@ def test_sigterm_stops_an_idle_worker_cleanly(tmp_path, env, redis_dbs, migrated
     assert "Traceback" not in output and "BlockingSwitchOutError" not in output, output
 
 
-@pytest.fixture
-def own_redis():
-    server = start_redis()
-    yield server
-    server.stop()
-
-
 def _publish_probe(settings) -> str:
     """A run message for a task that does not exist: a worker takes it, claims nothing, acknowledges."""
-    from app.queue import make_celery, publish_run
+    from imagegate.app.queue import make_celery, publish_run
 
     publish_run(make_celery(settings), uuid.uuid4(), 1)
     return QUEUE
@@ -65,7 +58,7 @@ def test_a_worker_whose_consumer_stops_while_messages_wait_exits_for_a_restart(t
     process = start_worker(env | {"IMAGEGATE_BROKER_URL": broker_url, "IMAGEGATE_CONSUMER_STALL_S": "3"}, log,
                            "--hostname", "stalled@test")
     try:
-        from app.queue import WORKER_QUEUES, make_celery
+        from imagegate.app.queue import WORKER_QUEUES, make_celery
 
         control = make_celery(settings.model_copy(update={"broker_url": broker_url})).control
         for queue in WORKER_QUEUES:

@@ -14,11 +14,11 @@ import httpx
 import pytest
 from standardwebhooks import Webhook
 
-from tests.conftest import run_cli
-from tests.fake_http import JsonHandler, ScriptedServer
-from tests.fake_upstream import Step
-from tests.services import wait_until
-from tests.test_e2e import submit_async, wait_for_end
+from tests.support.fake_http import JsonHandler, ScriptedServer
+from tests.support.fake_upstream import Step
+from tests.support.flows import submit_async, wait_for_end
+from tests.support.processes import run_cli
+from tests.support.services import wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -155,7 +155,7 @@ UNSAFE = ["http://127.0.0.1/", "http://[::1]/", "http://169.254.169.254/", "http
 
 @pytest.mark.parametrize("url", UNSAFE)
 def test_private_callback_urls_are_refused_at_intake(settings, redis_dbs, api_key, count_tasks, url):
-    from app.web import create_app
+    from imagegate.app.web import create_app
 
     strict = settings.model_copy(update={"webhook_allow_private": False, "broker_url": redis_dbs[1]})
     client = create_app(strict).test_client()

@@ -8,7 +8,6 @@ import re
 import signal
 import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import httpx
@@ -16,13 +15,14 @@ import pytest
 from PIL import Image
 from sqlalchemy import create_engine, text
 
-from tests.services import wait_until
+from tests.support.processes import IMAGEGATE
+from tests.support.services import wait_until
 
 STATE_FILE = ".imagegate-batch.json"
 
 
 def batch_cli(args: list, env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "app.cli", "batch", *map(str, args)], env=env, check=False,
+    return subprocess.run([*IMAGEGATE, "batch", *map(str, args)], env=env, check=False,
                           capture_output=True, text=True, timeout=300)
 
 
@@ -80,7 +80,7 @@ def test_a_killed_run_resumes_without_submitting_or_downloading_twice(tmp_path, 
     batches_before = count_batches(database_url)
 
     with (tmp_path / "first-run.log").open("w") as log:
-        process = subprocess.Popen([sys.executable, "-m", "app.cli", "batch", *map(str, command)], env=env,
+        process = subprocess.Popen([*IMAGEGATE, "batch", *map(str, command)], env=env,
                                    stdout=log, stderr=subprocess.STDOUT)
     try:
         wait_until(lambda: process.poll() is not None or len(list(out.glob("*.png"))) >= 3, 120,

@@ -8,16 +8,16 @@ import uuid
 
 import pytest
 
-from app.failures import ErrorCode
-from app.providers import ModelConfig
-from app.schemas import GenerationRequest
-from app.settings import Settings
-from tests.fake_chat import ChatStep, FakeChat, png_bytes
-from workers import http
-from workers.adapters.base import UpstreamError
-from workers.adapters.chat_image import ChatImageAdapter
-from workers.images import fetch_images
-from workers.outbound import CheckedClients
+from imagegate.app.failures import ErrorCode
+from imagegate.app.providers import ModelConfig
+from imagegate.app.schemas import GenerationRequest
+from imagegate.app.settings import Settings
+from imagegate.workers import http
+from imagegate.workers.adapters.base import UpstreamError
+from imagegate.workers.adapters.chat_image import ChatImageAdapter
+from imagegate.workers.images import fetch_images
+from imagegate.workers.outbound import CheckedClients
+from tests.support.fake_chat import ChatStep, FakeChat, png_bytes
 
 SYSTEM_PROMPT = "你是一个AI画图机器人"
 
@@ -127,7 +127,7 @@ def test_a_bad_request_is_not_retryable(fake, adapter, chat_prompt):
 
 
 def test_image_urls_reads_every_place_a_relay_puts_the_image():
-    from workers.adapters.chat_image import image_urls
+    from imagegate.workers.adapters.chat_image import image_urls
 
     document = {"choices": [{"message": {
         "image": {"url": "https://cdn/a.png"},

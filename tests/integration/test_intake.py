@@ -8,8 +8,8 @@ import json
 import pytest
 import redis
 
-from app.queue import QUEUE
-from app.web import create_app
+from imagegate.app.queue import QUEUE
+from imagegate.app.web import create_app
 
 
 @pytest.fixture(scope="module")

@@ -15,11 +15,11 @@ from openapi_spec_validator import validate
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 from sqlalchemy import create_engine
 
-from app.migrate import alembic_config, upgrade
-from app.models import Base
-from app.schemas import BatchCreate, BatchLine, GenerationRequest
-from app.web import create_app
-from app.web.openapi import openapi_document
+from imagegate.app.migrate import alembic_config, upgrade
+from imagegate.app.models import Base
+from imagegate.app.schemas import BatchCreate, BatchLine, GenerationRequest
+from imagegate.app.web import create_app
+from imagegate.app.web.openapi import openapi_document
 
 
 def diff(database_url: str) -> list:

@@ -14,8 +14,8 @@ import httpx
 import psycopg
 import pytest
 
-from tests.conftest import _start, _stop
-from tests.services import free_port, http_ok, wait_until
+from tests.support.processes import start_process, stop_process
+from tests.support.services import free_port, http_ok, wait_until
 
 BODY_TIMEOUT_S = 1.5
 PER_CLIENT = 3
@@ -29,13 +29,13 @@ def quiet_api(migrated, env, redis_dbs, run_dir, database_url):
     port = free_port()
     quiet = env | {"IMAGEGATE_BROKER_URL": redis_dbs[1], "IMAGEGATE_BODY_TIMEOUT_S": str(BODY_TIMEOUT_S),
                    "IMAGEGATE_MAX_REQUESTS_PER_CLIENT": str(PER_CLIENT)}
-    process = _start(["api", "--port", str(port), "--workers", "1"], quiet, run_dir / "api-quiet.log")
+    process = start_process(["api", "--port", str(port), "--workers", "1"], quiet, run_dir / "api-quiet.log")
     base = f"http://127.0.0.1:{port}"
     try:
         wait_until(lambda: http_ok(f"{base}/healthz"), 60, "the quiet API server")
         yield base, port
     finally:
-        _stop(process)
+        stop_process(process)
         with psycopg.connect(database_url.replace("postgresql+psycopg://", "postgresql://"), autocommit=True) as db:
             db.execute("UPDATE tasks SET status = 'failed', error_code = 'cancelled', finished_at = now() "
                        "WHERE status = 'pending' AND request->>'prompt' = %s", (NORMAL_PROMPT,))

@@ -15,8 +15,8 @@ import pytest
 from PIL import Image
 from sqlalchemy import create_engine, text
 
-from tests.conftest import IMAGEGATE, _stop, run_cli
-from tests.services import free_port, http_ok, wait_until
+from tests.support.processes import IMAGEGATE, run_cli, stop_process
+from tests.support.services import free_port, http_ok, wait_until
 
 
 def clean_env() -> dict[str, str]:
@@ -49,7 +49,7 @@ def test_up_serves_the_local_model_with_no_servers(tmp_path):
         assert png.headers["content-type"] == "image/png" and Image.open(io.BytesIO(png.content)).size == (128, 96)
         assert (tmp_path / "imagegate-data" / "imagegate.db").exists()
     finally:
-        _stop(process)
+        stop_process(process)
 
 
 @pytest.mark.parametrize("command", [["api", "--port", "1"], ["worker"]])
@@ -79,21 +79,21 @@ def test_keys_create_prints_the_key_last_and_stores_only_its_hash(env, database_
 
 
 CHECK_WEB = """
-from app.settings import Settings
-from app.web import create_app
+from imagegate.app.settings import Settings
+from imagegate.app.web import create_app
 app = create_app(Settings())
 app.test_client().get('/healthz')
 import sys
-loaded = sorted(m for m in sys.modules if m == 'httpx' or m.startswith(('workers', 'httpx.')))
+loaded = sorted(m for m in sys.modules if m == 'httpx' or m.startswith(('imagegate.workers', 'httpx.')))
 assert not loaded, loaded
 """
 
 CHECK_WORKER = """
-from app.settings import Settings
-from workers.celery_app import make_worker_app
+from imagegate.app.settings import Settings
+from imagegate.workers.celery_app import make_worker_app
 make_worker_app(Settings())
 import sys
-loaded = sorted(m for m in sys.modules if m == 'flask' or m == 'app.web' or m.startswith(('flask.', 'app.web.', 'werkzeug')))
+loaded = sorted(m for m in sys.modules if m == 'flask' or m == 'imagegate.app.web' or m.startswith(('flask.', 'imagegate.app.web.', 'werkzeug')))
 assert not loaded, loaded
 """
 

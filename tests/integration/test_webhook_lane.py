@@ -11,11 +11,11 @@ import httpx
 import pytest
 from sqlalchemy import create_engine, text
 
-from app.models import utcnow
-from app.queue import make_celery, publish_webhook
-from tests.conftest import _create_key
-from tests.services import wait_until
-from tests.test_e2e import submit_async, wait_for_end
+from imagegate.app.models import utcnow
+from imagegate.app.queue import make_celery, publish_webhook
+from tests.support.flows import submit_async, wait_for_end
+from tests.support.processes import create_key
+from tests.support.services import wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -59,7 +59,7 @@ def hung_receiver():
 def test_250_deliveries_to_a_receiver_that_never_answers_do_not_delay_an_image(
         api_url, env, settings, database_url, worker, client, hung_receiver):
     # A key of its own whose receiver hangs: one finished task, and 250 events about it.
-    hung_key = _create_key(env, f"hung-{uuid.uuid4().hex[:8]}")
+    hung_key = create_key(env, f"hung-{uuid.uuid4().hex[:8]}")
     with httpx.Client(base_url=api_url, headers={"Authorization": f"Bearer {hung_key}"}, timeout=60) as hung:
         task_id = submit_async(hung, model="local", prompt="announced 250 times", size="32x32")
         wait_for_end(hung, task_id)
@@ -105,10 +105,10 @@ def test_250_deliveries_to_a_receiver_that_never_answers_do_not_delay_an_image(
 
 
 def test_redeliver_is_rate_limited_per_key(settings, redis_dbs, migrated, env):
-    from app.web import create_app
+    from imagegate.app.web import create_app
 
     app = create_app(settings.model_copy(update={"broker_url": redis_dbs[1], "redeliver_rate": "3/minute"}))
-    limited, other = (_create_key(env, f"redeliver-{uuid.uuid4().hex[:8]}") for _ in range(2))
+    limited, other = (create_key(env, f"redeliver-{uuid.uuid4().hex[:8]}") for _ in range(2))
     with app.test_client() as http:
         def redeliver(key: str):
             return http.post(f"/v1/webhooks/deliveries/{uuid.uuid4()}/redeliver",

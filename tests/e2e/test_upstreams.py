@@ -12,9 +12,9 @@ import pytest
 from PIL import Image
 from sqlalchemy import create_engine, text
 
-from app.queue import make_celery, publish_run
-from tests.fake_upstream import Step
-from tests.test_e2e import submit_async, wait_for_end
+from imagegate.app.queue import make_celery, publish_run
+from tests.support.fake_upstream import Step
+from tests.support.flows import submit_async, wait_for_end
 
 pytestmark = pytest.mark.e2e
 
@@ -144,7 +144,7 @@ def test_image_urls_on_the_upstreams_own_private_origin_are_downloaded(client, u
 
 
 def test_chat_model_image_from_the_seed_reply_is_rehosted(client, chat_upstream, prompt):
-    from tests.fake_chat import ChatStep
+    from tests.support.fake_chat import ChatStep
 
     chat_upstream.script(prompt, ChatStep(style="geekai"))
     body = client.post("/v1/images/generations", json={"model": "fake-chat", "prompt": prompt,
@@ -157,7 +157,7 @@ def test_chat_model_image_from_the_seed_reply_is_rehosted(client, chat_upstream,
 
 
 def test_chat_model_edit_fans_out_and_retries_a_reply_without_an_image(client, chat_upstream, prompt):
-    from tests.fake_chat import ChatStep
+    from tests.support.fake_chat import ChatStep
 
     chat_upstream.script(prompt, ChatStep(style="no_image"), ChatStep(style="openrouter"))
     task_id = submit_async(client, model="fake-chat", prompt=prompt, n=2, retries=1,

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from app.image_urls import signed_image_url, verify
-from app.providers import ProvidersFileError, installed_adapters, load_models
-from app.queue import celery_config
-from app.settings import Settings, SettingsError
-from workers.retry import backoff_s
+from imagegate.app.image_urls import signed_image_url, verify
+from imagegate.app.providers import ProvidersFileError, installed_adapters, load_models
+from imagegate.app.queue import celery_config
+from imagegate.app.settings import Settings, SettingsError
+from imagegate.workers.retry import backoff_s
 
 ADAPTERS = {"local", "openai"}
 
@@ -109,7 +109,7 @@ def test_settings_that_would_redeliver_a_running_task_are_refused():
 
 
 def test_the_readme_providers_example_loads_with_one_model_per_adapter(tmp_path):
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     section = readme[readme.index("### The providers file"):]
     example = section.split("```toml\n", 1)[1].split("```", 1)[0]
     models = load_models(write(tmp_path, example), installed_adapters())

@@ -21,11 +21,11 @@ import pytest
 from standardwebhooks import Webhook, WebhookVerificationError
 from standardwebhooks.webhooks import EmptyWebhookSecretError
 
-from app.settings import Settings, parse_retry_schedule
-from app.ssrf import UnsafeUrl, check_address, resolve_public
-from app.webhook_signing import new_secret, signature_header
-from workers import outbound
-from workers.webhook_post import deliver
+from imagegate.app.settings import Settings, parse_retry_schedule
+from imagegate.app.ssrf import UnsafeUrl, check_address, resolve_public
+from imagegate.app.webhook_signing import new_secret, signature_header
+from imagegate.workers import outbound
+from imagegate.workers.webhook_post import deliver
 
 HUGE = 64 * 1024 * 1024  # larger than any loopback socket buffers, so a capped read must cut it short
 

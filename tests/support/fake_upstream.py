@@ -12,7 +12,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from tests.fake_http import JsonHandler, ScriptedServer, png_bytes
+from tests.support.fake_http import JsonHandler, ScriptedServer, png_bytes
 
 
 @dataclass

@@ -12,12 +12,12 @@ import pytest
 import redis
 from sqlalchemy import create_engine, text
 
-from app.models import utcnow
-from app.queue import QUEUE, celery_config
-from app.sweeper import make_sweeper
-from app.web import create_app
-from tests.fake_upstream import Step
-from tests.test_e2e import submit_async, wait_for_end
+from imagegate.app.models import utcnow
+from imagegate.app.queue import QUEUE, celery_config
+from imagegate.app.sweeper import make_sweeper
+from imagegate.app.web import create_app
+from tests.support.fake_upstream import Step
+from tests.support.flows import submit_async, wait_for_end
 
 # -- cancel -------------------------------------------------------------------------------------
 
@@ -178,7 +178,7 @@ def test_tasks_past_the_deadline_fail(sweeper_settings, make_tasks, idle_queue):
 
 
 def test_postgres_down_answers_503_and_publishes_nothing(settings, redis_dbs, api_key, idle_queue):
-    from tests.services import free_port
+    from tests.support.services import free_port
 
     down = settings.model_copy(update={"broker_url": redis_dbs[1],
                                        "database_url": f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/x"})
@@ -192,7 +192,7 @@ def test_postgres_down_answers_503_and_publishes_nothing(settings, redis_dbs, ap
 
 def test_redis_down_still_accepts_and_the_sweeper_publishes_once_it_is_back(settings, sweeper_settings, api_key,
                                                                          make_tasks, idle_queue):
-    from tests.services import free_port
+    from tests.support.services import free_port
 
     down = settings.model_copy(update={"broker_url": f"redis://127.0.0.1:{free_port()}/0"})
     client = create_app(down).test_client()
@@ -209,7 +209,7 @@ def test_redis_down_still_accepts_and_the_sweeper_publishes_once_it_is_back(sett
 
 
 def test_every_time_limit_and_countdown_stays_below_the_visibility_timeout(settings):
-    from workers.runner import MAX_POLL_INTERVAL_S
+    from imagegate.workers.runner import MAX_POLL_INTERVAL_S
 
     config = celery_config(settings)
     visibility = config["broker_transport_options"]["visibility_timeout"]

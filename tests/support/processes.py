@@ -1,0 +1,37 @@
+"""The imagegate processes under test, started as users start them: through the console script."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+IMAGEGATE = [str(Path(sys.executable).with_name("imagegate"))]  # the console script, as users run it
+
+
+def run_cli(args: list[str], env: dict[str, str], **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(IMAGEGATE + args, env=env, capture_output=True, text=True, timeout=120, **kwargs)
+
+
+def start_process(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    handle = log.open("w")
+    return subprocess.Popen(IMAGEGATE + args, env=env, stdout=handle, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def stop_process(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def create_key(env, name: str) -> str:
+    result = run_cli(["keys", "create", "--name", name], env)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip().splitlines()[-1]
