@@ -51,8 +51,9 @@ def _providers_guard(func):
 @click.group()
 def cli() -> None:
     """imagegate: OpenAI-compatible image generation as durable jobs."""
-    logging.basicConfig(level=os.environ.get("IMAGEGATE_LOG_LEVEL", "INFO"),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=os.environ.get("IMAGEGATE_LOG_LEVEL", "INFO"), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
 
 
 @cli.group()
@@ -106,8 +107,7 @@ def keys_create(name: str, callback_url: str | None) -> None:
 
 @keys.command("rotate-webhook-secret")
 @click.option("--name", required=True, help="The key's name.")
-@click.option("--overlap-s", default=86400.0, show_default=True,
-              help="How long the previous secret keeps signing too.")
+@click.option("--overlap-s", default=86400.0, show_default=True, help="How long the previous secret keeps signing too.")
 def keys_rotate_webhook_secret(name: str, overlap_s: float) -> None:
     """Give the key a new webhook signing secret; both sign during the overlap."""
     from imagegate.app.keys import rotate_webhook_secret
@@ -133,9 +133,14 @@ def keys_set_callback(name: str, url: str | None) -> None:
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True, type=int)
 @click.option("--workers", default=2, show_default=True, type=int, help="gunicorn worker processes.")
-@click.option("--connections", default=4000, show_default=True, type=int,
-              help="Concurrent connections per process (greenlets); one client address may hold "
-                   "IMAGEGATE_MAX_REQUESTS_PER_CLIENT of them.")
+@click.option(
+    "--connections",
+    default=4000,
+    show_default=True,
+    type=int,
+    help="Concurrent connections per process (greenlets); one client address may hold "
+    "IMAGEGATE_MAX_REQUESTS_PER_CLIENT of them.",
+)
 @_providers_guard
 def api(host: str, port: int, workers: int, connections: int) -> None:
     """Serve the intake API with gunicorn (gevent workers)."""
@@ -148,10 +153,12 @@ def api(host: str, port: int, workers: int, connections: int) -> None:
 
 
 @cli.command()
-@click.option("--pool", "-P", default="gevent", show_default=True,
-              type=click.Choice(["gevent", "threads", "prefork", "solo"]))
-@click.option("--concurrency", "-c", default=1000, show_default=True, type=int,
-              help="Tasks in flight per worker process.")
+@click.option(
+    "--pool", "-P", default="gevent", show_default=True, type=click.Choice(["gevent", "threads", "prefork", "solo"])
+)
+@click.option(
+    "--concurrency", "-c", default=1000, show_default=True, type=int, help="Tasks in flight per worker process."
+)
 @click.option("--loglevel", "-l", default="INFO", show_default=True)
 @click.option("--hostname", "-n", default=None, help="Worker name (default: imagegate-PID@HOST).")
 @_providers_guard
@@ -164,11 +171,18 @@ def worker(pool: str, concurrency: int, loglevel: str, hostname: str | None) -> 
     # A socket per call in flight (and per download), plus the database and broker pools.
     allow_open_files(2 * concurrency + 256)
     celery = make_worker_app(load_settings(), concurrency=concurrency)
-    celery.worker_main([
-        "worker", f"--pool={pool}", f"--concurrency={concurrency}", f"--loglevel={loglevel}",
-        f"--queues={','.join(WORKER_QUEUES)}", f"--hostname={hostname or f'imagegate-{os.getpid()}@%h'}",
-        "--without-gossip", "--without-mingle",
-    ])
+    celery.worker_main(
+        [
+            "worker",
+            f"--pool={pool}",
+            f"--concurrency={concurrency}",
+            f"--loglevel={loglevel}",
+            f"--queues={','.join(WORKER_QUEUES)}",
+            f"--hostname={hostname or f'imagegate-{os.getpid()}@%h'}",
+            "--without-gossip",
+            "--without-mingle",
+        ]
+    )
 
 
 @cli.command()
@@ -194,8 +208,9 @@ def sweeper(once: bool) -> None:
 @cli.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True, type=int)
-@click.option("--data-dir", default="imagegate-data", show_default=True,
-              type=click.Path(file_okay=False, path_type=Path))
+@click.option(
+    "--data-dir", default="imagegate-data", show_default=True, type=click.Path(file_okay=False, path_type=Path)
+)
 @_providers_guard
 def up(host: str, port: int, data_dir: Path) -> None:
     """Everything on one machine with no servers: SQLite file, filesystem broker, API and worker."""
@@ -226,15 +241,20 @@ def up(host: str, port: int, data_dir: Path) -> None:
     upgrade(settings.database_url)
     key = create_key(make_sessionmaker(make_engine(settings.database_url)), "embedded").key
 
-    helpers = [subprocess.Popen(imagegate_command() + ["worker", "--concurrency", "8"]),
-               subprocess.Popen(imagegate_command() + ["sweeper"])]
+    helpers = [
+        subprocess.Popen(imagegate_command() + ["worker", "--concurrency", "8"]),
+        subprocess.Popen(imagegate_command() + ["sweeper"]),
+    ]
     model = next(iter(models))
     body = '{"model": "%s", "prompt": "a lighthouse at dusk", "response_format": "b64_json"}' % model
     click.echo(f"\nimagegate is up at {settings.public_url} (data in {data_dir})")
     click.echo(f"API key (shown once): {key}")
     click.echo("Try it:")
-    click.echo(f"  curl -s {settings.public_url}/v1/images/generations -H 'Authorization: Bearer {key}' "
-               f"-H 'Content-Type: application/json' -d {shlex.quote(body)}\n", nl=True)
+    click.echo(
+        f"  curl -s {settings.public_url}/v1/images/generations -H 'Authorization: Bearer {key}' "
+        f"-H 'Content-Type: application/json' -d {shlex.quote(body)}\n",
+        nl=True,
+    )
     sys.stdout.flush()
     try:
         serve(settings, host=host, port=port, workers=1, connections=1000)
@@ -258,11 +278,14 @@ def batch() -> None:
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--url", required=True, envvar="IMAGEGATE_URL", show_envvar=True, help="The server's base URL.")
 @click.option("--key", required=True, envvar="IMAGEGATE_KEY", show_envvar=True, help="An API key.")
-@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Where images and the resume state (.imagegate-batch.json) go.")
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Where images and the resume state (.imagegate-batch.json) go.",
+)
 @click.option("--wait", is_flag=True, help="Follow the batches and download every image; exit 1 if any failed.")
-@click.option("--chunk-size", default=5000, show_default=True, type=click.IntRange(1, 10000),
-              help="Lines per batch.")
+@click.option("--chunk-size", default=5000, show_default=True, type=click.IntRange(1, 10000), help="Lines per batch.")
 def batch_submit(file: Path, url: str, key: str, out: Path, wait: bool, chunk_size: int) -> None:
     """Submit FILE (JSONL: {"custom_id", "body"} per line, or OpenAI Batch API lines).
     Running the same command again resumes and never submits anything twice."""

@@ -26,8 +26,14 @@ def make_engine(database_url: str, *, pool_size: int = 10, pre_ping: bool = True
 
         return engine
     # A short connect timeout: with Postgres down, answer 503 quickly instead of hanging.
-    return create_engine(database_url, pool_size=pool_size, max_overflow=pool_size * 2, pool_pre_ping=pre_ping,
-                         pool_recycle=POOL_RECYCLE_S, connect_args={"connect_timeout": 5})
+    return create_engine(
+        database_url,
+        pool_size=pool_size,
+        max_overflow=pool_size * 2,
+        pool_pre_ping=pre_ping,
+        pool_recycle=POOL_RECYCLE_S,
+        connect_args={"connect_timeout": 5},
+    )
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:

@@ -11,19 +11,19 @@ from typing import Any
 class ErrorCode(StrEnum):
     """`error.code` of a failed task."""
 
-    UPSTREAM_REJECTED = "upstream_rejected"          # 400/404/422 from the upstream
-    CONTENT_POLICY = "content_policy_violation"     # the upstream refused the prompt
-    UPSTREAM_AUTH = "upstream_auth_failed"          # 401/403: the gateway's upstream key is wrong
-    UPSTREAM_ERROR = "upstream_error"               # 5xx, 408, 409, connection errors
+    UPSTREAM_REJECTED = "upstream_rejected"  # 400/404/422 from the upstream
+    CONTENT_POLICY = "content_policy_violation"  # the upstream refused the prompt
+    UPSTREAM_AUTH = "upstream_auth_failed"  # 401/403: the gateway's upstream key is wrong
+    UPSTREAM_ERROR = "upstream_error"  # 5xx, 408, 409, connection errors
     UPSTREAM_RATE_LIMITED = "upstream_rate_limited"  # 429
     UPSTREAM_TIMEOUT = "upstream_timeout"
     UPSTREAM_BAD_RESPONSE = "upstream_bad_response"  # a reply we cannot read images from
-    NO_IMAGE = "no_image_in_reply"                  # a chat model answered with text only
+    NO_IMAGE = "no_image_in_reply"  # a chat model answered with text only
     MISCONFIGURED = "model_misconfigured"
-    CANCELLED = "cancelled"                         # the client cancelled it
-    DEADLINE_EXCEEDED = "deadline_exceeded"         # not ended within IMAGEGATE_TASK_DEADLINE_S
-    ATTEMPTS_EXHAUSTED = "attempts_exhausted"       # IMAGEGATE_MAX_ATTEMPTS attempts, none ended it
-    WORKER_LOST = "worker_lost"                     # an attempt's worker stopped renewing its lease
+    CANCELLED = "cancelled"  # the client cancelled it
+    DEADLINE_EXCEEDED = "deadline_exceeded"  # not ended within IMAGEGATE_TASK_DEADLINE_S
+    ATTEMPTS_EXHAUSTED = "attempts_exhausted"  # IMAGEGATE_MAX_ATTEMPTS attempts, none ended it
+    WORKER_LOST = "worker_lost"  # an attempt's worker stopped renewing its lease
     INTERNAL = "internal_error"
 
 

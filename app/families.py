@@ -17,8 +17,16 @@ if TYPE_CHECKING:  # type hints only, so app/providers.py can import this module
     from imagegate.app.schemas import GenerationRequest
 
 # The ModelConfig fields a family may set.
-CONSTRAINT_KEYS = ("sizes", "aspect_ratios", "size_range", "min_pixels", "max_pixels", "max_prompt_chars",
-                   "max_n", "max_images_per_call")
+CONSTRAINT_KEYS = (
+    "sizes",
+    "aspect_ratios",
+    "size_range",
+    "min_pixels",
+    "max_pixels",
+    "max_prompt_chars",
+    "max_n",
+    "max_images_per_call",
+)
 
 FAMILIES: dict[str, dict[str, Any]] = {
     "gpt-image": {"sizes": ["1024x1024", "1024x1536", "1536x1024", "auto"], "max_prompt_chars": 32000},
@@ -26,22 +34,45 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "gpt-image-2": {"sizes": ["auto"], "size_range": (256, 4096), "max_prompt_chars": 32000},
     "dall-e-2": {"sizes": ["256x256", "512x512", "1024x1024"], "max_n": 10, "max_prompt_chars": 1000},
     # dall-e-3 makes one image per call: n=1 only, and one image per upstream call.
-    "dall-e-3": {"sizes": ["1024x1024", "1792x1024", "1024x1792"], "max_n": 1, "max_images_per_call": 1,
-                 "max_prompt_chars": 4000},
+    "dall-e-3": {
+        "sizes": ["1024x1024", "1792x1024", "1024x1792"],
+        "max_n": 1,
+        "max_images_per_call": 1,
+        "max_prompt_chars": 4000,
+    },
     # No size at all: the shape is chosen by aspect_ratio.
     "imagen": {"sizes": [], "aspect_ratios": ["1:1", "3:4", "4:3", "9:16", "16:9"]},
     # `size` carries a resolution here, not WIDTHxHEIGHT; compared case-insensitively ("1K" is fine).
-    "banana": {"sizes": ["1k", "2k", "4k"],
-               "aspect_ratios": ["1:1", "2:3", "3:2", "3:4", "4:3", "4:5", "5:4", "9:16", "16:9", "21:9"]},
+    "banana": {
+        "sizes": ["1k", "2k", "4k"],
+        "aspect_ratios": ["1:1", "2:3", "3:2", "3:4", "4:3", "4:5", "5:4", "9:16", "16:9", "21:9"],
+    },
     "cogview": {"sizes": ["1024x1024", "768x1344", "864x1152", "1344x768", "1152x864", "1440x720", "720x1440"]},
     "wanx": {"size_range": (768, 1440), "max_pixels": 2_000_000},
     "kling": {"sizes": [], "aspect_ratios": ["16:9", "9:16", "1:1", "4:3", "3:4", "3:2", "2:3"]},
     "jimeng": {"sizes": ["512x512", "512x384", "384x512", "512x341", "341x512", "512x288", "288x512"]},
     "stability": {"size_range": (64, 16384), "min_pixels": 4096},
-    "grok": {"sizes": ["960x960", "720x1280", "1280x720", "1168x784", "784x1168"],
-             "aspect_ratios": ["1:1", "3:4", "4:3", "9:16", "16:9", "2:3", "3:2", "9:19.5", "19.5:9", "9:20",
-                               "20:9", "1:2", "2:1", "auto"],
-             "max_prompt_chars": 1000, "max_n": 10},
+    "grok": {
+        "sizes": ["960x960", "720x1280", "1280x720", "1168x784", "784x1168"],
+        "aspect_ratios": [
+            "1:1",
+            "3:4",
+            "4:3",
+            "9:16",
+            "16:9",
+            "2:3",
+            "3:2",
+            "9:19.5",
+            "19.5:9",
+            "9:20",
+            "20:9",
+            "1:2",
+            "2:1",
+            "auto",
+        ],
+        "max_prompt_chars": 1000,
+        "max_n": 10,
+    },
 }
 
 
@@ -78,27 +109,36 @@ def check_request(request: GenerationRequest, config: ModelConfig) -> None:
 
     max_chars = limits.get("max_prompt_chars")
     if max_chars is not None and len(request.prompt) > max_chars:
-        raise RequestRefused("prompt", f"Invalid value for 'prompt': it is {len(request.prompt)} characters; "
-                                       f"model '{model}' takes at most {max_chars}.")
+        raise RequestRefused(
+            "prompt",
+            f"Invalid value for 'prompt': it is {len(request.prompt)} characters; "
+            f"model '{model}' takes at most {max_chars}.",
+        )
 
     max_n = limits.get("max_n")
     if max_n is not None and request.n > max_n:
-        raise RequestRefused("n", f"Invalid value for 'n': model '{model}' makes at most {max_n} image(s) per "
-                                  f"request.")
+        raise RequestRefused("n", f"Invalid value for 'n': model '{model}' makes at most {max_n} image(s) per request.")
 
     if request.size is not None and not _size_allowed(request.size, limits):
         ratios = limits.get("aspect_ratios")
         if limits.get("sizes") == [] and limits.get("size_range") is None:
             allowed = f"allowed aspect_ratio values: {', '.join(ratios)}" if ratios else "omit size"
-            raise RequestRefused("size", f"Invalid value for 'size': model '{model}' takes aspect_ratio, not size; "
-                                         f"{allowed}.")
-        raise RequestRefused("size", f"Invalid value for 'size': '{request.size}' is not supported by model "
-                                     f"'{model}'; allowed: {_describe_sizes(limits)}.")
+            raise RequestRefused(
+                "size", f"Invalid value for 'size': model '{model}' takes aspect_ratio, not size; {allowed}."
+            )
+        raise RequestRefused(
+            "size",
+            f"Invalid value for 'size': '{request.size}' is not supported by model "
+            f"'{model}'; allowed: {_describe_sizes(limits)}.",
+        )
 
     ratios = limits.get("aspect_ratios")
     if request.aspect_ratio is not None and ratios is not None and request.aspect_ratio not in ratios:
-        raise RequestRefused("aspect_ratio", f"Invalid value for 'aspect_ratio': '{request.aspect_ratio}' is not "
-                                             f"supported by model '{model}'; allowed: {', '.join(ratios) or 'none'}.")
+        raise RequestRefused(
+            "aspect_ratio",
+            f"Invalid value for 'aspect_ratio': '{request.aspect_ratio}' is not "
+            f"supported by model '{model}'; allowed: {', '.join(ratios) or 'none'}.",
+        )
 
 
 def _parse_size(size: str) -> tuple[int, int] | None:

@@ -39,16 +39,30 @@ def insert_ignoring_conflict(session: Session | Connection, model: type, values:
     return session.execute(statement).first() is not None
 
 
-def reserve(session: Session | Connection, api_key_id: uuid.UUID, key: str, print_: str, *, task_id: uuid.UUID | None = None,
-            batch_id: uuid.UUID | None = None) -> Row | None:
+def reserve(
+    session: Session | Connection,
+    api_key_id: uuid.UUID,
+    key: str,
+    print_: str,
+    *,
+    task_id: uuid.UUID | None = None,
+    batch_id: uuid.UUID | None = None,
+) -> Row | None:
     """None when this request now owns the key (go on and create); else the earlier request's row.
     Raises IdempotencyMismatch when the earlier request had another body."""
-    values = {"api_key_id": api_key_id, "key": key, "fingerprint": print_, "task_id": task_id,
-              "batch_id": batch_id, "created_at": utcnow()}
+    values = {
+        "api_key_id": api_key_id,
+        "key": key,
+        "fingerprint": print_,
+        "task_id": task_id,
+        "batch_id": batch_id,
+        "created_at": utcnow(),
+    }
     if insert_ignoring_conflict(session, IdempotencyKey, values):
         return None
-    earlier = session.execute(select(IdempotencyKey.__table__).where(IdempotencyKey.api_key_id == api_key_id,
-                                                                     IdempotencyKey.key == key)).one()
+    earlier = session.execute(
+        select(IdempotencyKey.__table__).where(IdempotencyKey.api_key_id == api_key_id, IdempotencyKey.key == key)
+    ).one()
     if earlier.fingerprint != print_:
         raise IdempotencyMismatch(key)
     return earlier

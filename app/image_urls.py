@@ -21,12 +21,15 @@ def _signature(secret: str, image_id: uuid.UUID, expires: int) -> str:
     return base64.urlsafe_b64encode(mac).rstrip(b"=").decode()
 
 
-def signed_image_url(public_url: str, secret: str, image_id: uuid.UUID, content_type: str,
-                     ttl_s: int, now: float | None = None) -> str:
+def signed_image_url(
+    public_url: str, secret: str, image_id: uuid.UUID, content_type: str, ttl_s: int, now: float | None = None
+) -> str:
     expires = int((now or time.time()) + ttl_s)
     extension = EXTENSIONS.get(content_type, "bin")
-    return (f"{public_url.rstrip('/')}/files/images/{image_id}.{extension}"
-            f"?expires={expires}&signature={_signature(secret, image_id, expires)}")
+    return (
+        f"{public_url.rstrip('/')}/files/images/{image_id}.{extension}"
+        f"?expires={expires}&signature={_signature(secret, image_id, expires)}"
+    )
 
 
 def verify(secret: str, image_id: uuid.UUID, expires: str, signature: str, now: float | None = None) -> bool:

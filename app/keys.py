@@ -46,8 +46,16 @@ def create_key(sessions: sessionmaker[Session], name: str, callback_url: str | N
     key = KEY_PREFIX + secrets.token_urlsafe(32)
     secret = new_secret()
     with sessions.begin() as session:
-        session.add(ApiKey(id=uuid.uuid4(), name=name, prefix=key[:10], key_hash=hash_key(key),
-                           callback_url=callback_url, webhook_secret=secret))
+        session.add(
+            ApiKey(
+                id=uuid.uuid4(),
+                name=name,
+                prefix=key[:10],
+                key_hash=hash_key(key),
+                callback_url=callback_url,
+                webhook_secret=secret,
+            )
+        )
     return NewKey(key, secret)
 
 
@@ -56,17 +64,29 @@ def rotate_webhook_secret(sessions: sessionmaker[Session], name: str, overlap_s:
     secret = new_secret()
     with sessions.begin() as session:
         rows = session.execute(
-            update(ApiKey).where(ApiKey.name == name, ApiKey.revoked_at.is_(None))
-            .values(webhook_secret_previous=ApiKey.webhook_secret, webhook_secret=secret,
-                    webhook_secret_previous_until=utcnow() + timedelta(seconds=overlap_s))
-            .execution_options(synchronize_session=False)).rowcount
+            update(ApiKey)
+            .where(ApiKey.name == name, ApiKey.revoked_at.is_(None))
+            .values(
+                webhook_secret_previous=ApiKey.webhook_secret,
+                webhook_secret=secret,
+                webhook_secret_previous_until=utcnow() + timedelta(seconds=overlap_s),
+            )
+            .execution_options(synchronize_session=False)
+        ).rowcount
     return secret if rows else None
 
 
 def set_callback_url(sessions: sessionmaker[Session], name: str, url: str | None) -> bool:
     with sessions.begin() as session:
-        return session.execute(update(ApiKey).where(ApiKey.name == name, ApiKey.revoked_at.is_(None))
-                               .values(callback_url=url).execution_options(synchronize_session=False)).rowcount > 0
+        return (
+            session.execute(
+                update(ApiKey)
+                .where(ApiKey.name == name, ApiKey.revoked_at.is_(None))
+                .values(callback_url=url)
+                .execution_options(synchronize_session=False)
+            ).rowcount
+            > 0
+        )
 
 
 def authenticate(sessions: sessionmaker[Session], presented: str) -> Caller | None:
@@ -76,8 +96,9 @@ def authenticate(sessions: sessionmaker[Session], presented: str) -> Caller | No
     digest = hash_key(presented)
     with sessions() as session:
         row = session.execute(
-            select(ApiKey.id, ApiKey.key_hash, ApiKey.callback_url)
-            .where(ApiKey.key_hash == digest, ApiKey.revoked_at.is_(None))
+            select(ApiKey.id, ApiKey.key_hash, ApiKey.callback_url).where(
+                ApiKey.key_hash == digest, ApiKey.revoked_at.is_(None)
+            )
         ).one_or_none()
     if row is None or not hmac.compare_digest(row.key_hash, digest):
         return None

@@ -42,9 +42,9 @@ class ModelConfig(BaseModel):
     # What a request may ask of this model, checked at intake (app/families.py). A family sets
     # them all at once; a key given here overrides the family's value.
     family: str | None = None
-    sizes: list[str] | None = None               # allowed `size` values; [] means no `size` at all
-    aspect_ratios: list[str] | None = None       # allowed `aspect_ratio` values
-    size_range: tuple[int, int] | None = None    # WIDTHxHEIGHT with both sides in [min, max]
+    sizes: list[str] | None = None  # allowed `size` values; [] means no `size` at all
+    aspect_ratios: list[str] | None = None  # allowed `aspect_ratio` values
+    size_range: tuple[int, int] | None = None  # WIDTHxHEIGHT with both sides in [min, max]
     min_pixels: int | None = Field(None, gt=0)
     max_pixels: int | None = Field(None, gt=0)
     max_prompt_chars: int | None = Field(None, gt=0)
@@ -91,10 +91,12 @@ def load_models(path: Path | None, adapters: set[str] | None = None) -> dict[str
 
     unknown_tables = set(document) - {"models"}
     if unknown_tables:
-        raise ProvidersFileError(f"{path}: unknown top-level key {sorted(unknown_tables)[0]!r}; expected [models.\"NAME\"] tables")
+        raise ProvidersFileError(
+            f'{path}: unknown top-level key {sorted(unknown_tables)[0]!r}; expected [models."NAME"] tables'
+        )
     tables = document.get("models")
     if not isinstance(tables, dict) or not tables:
-        raise ProvidersFileError(f"{path}: no models; declare at least one [models.\"NAME\"] table")
+        raise ProvidersFileError(f'{path}: no models; declare at least one [models."NAME"] table')
 
     models: dict[str, ModelConfig] = {}
     for name, table in tables.items():
@@ -113,14 +115,17 @@ def load_models(path: Path | None, adapters: set[str] | None = None) -> dict[str
             known = ", ".join(sorted(adapters)) or "none installed"
             raise ProvidersFileError(f"{where}: key 'adapter': unknown adapter {config.adapter!r} (known: {known})")
         if config.family is not None and config.family not in known_families():
-            raise ProvidersFileError(f"{where}: key 'family': unknown family {config.family!r} "
-                                     f"(known: {', '.join(sorted(known_families()))})")
+            raise ProvidersFileError(
+                f"{where}: key 'family': unknown family {config.family!r} "
+                f"(known: {', '.join(sorted(known_families()))})"
+            )
         if config.adapter != "local" and not config.base_url:
             raise ProvidersFileError(f"{where}: key 'base_url': required for adapter {config.adapter!r}")
         models[name] = config
     for name, config in models.items():
         for fallback in config.fallbacks:
             if fallback not in models or fallback == name:
-                raise ProvidersFileError(f"{path}: model {name!r}: key 'fallbacks': {fallback!r} is not another "
-                                         f"model of this file")
+                raise ProvidersFileError(
+                    f"{path}: model {name!r}: key 'fallbacks': {fallback!r} is not another model of this file"
+                )
     return models

@@ -54,8 +54,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # With the broker down, give up publishing within a few seconds: the task is committed
         # pending, the client gets its id, and the sweeper publishes it once the broker is back.
         "broker_connection_timeout": 3,
-        "task_publish_retry_policy": {"max_retries": 2, "interval_start": 0, "interval_step": 0.5,
-                                      "interval_max": 1},
+        "task_publish_retry_policy": {"max_retries": 2, "interval_start": 0, "interval_step": 0.5, "interval_max": 1},
         "task_default_queue": QUEUE,
         "task_serializer": "json",
         "accept_content": ["json"],
@@ -83,22 +82,35 @@ def queue_of(batch_id: uuid.UUID | None) -> str:
     return BATCH_QUEUE if batch_id else QUEUE
 
 
-def publish_run(celery: Celery, task_id: uuid.UUID, attempt: int, countdown: float | None = None,
-                poll: int = 0, *, batch_id: uuid.UUID | None = None) -> None:
+def publish_run(
+    celery: Celery,
+    task_id: uuid.UUID,
+    attempt: int,
+    countdown: float | None = None,
+    poll: int = 0,
+    *,
+    batch_id: uuid.UUID | None = None,
+) -> None:
     """Ask a worker for attempt `attempt` of a task (or for poll step `poll` of that attempt)."""
     args = [str(task_id), attempt] + ([poll] if poll else [])
     celery.send_task(RUN_TASK, args=args, countdown=countdown, queue=queue_of(batch_id))
 
 
-def publish_runs(celery: Celery, task_ids: list[uuid.UUID], *, batch_id: uuid.UUID | None = None,
-                 chunk: int = 500, between_chunks: Callable[[], None] | None = None) -> None:
+def publish_runs(
+    celery: Celery,
+    task_ids: list[uuid.UUID],
+    *,
+    batch_id: uuid.UUID | None = None,
+    chunk: int = 500,
+    between_chunks: Callable[[], None] | None = None,
+) -> None:
     """First attempts of many tasks (a batch's thousands): one producer, and kombu's publish batch,
     which sends each chunk of messages to Redis in one pipeline instead of a round trip (and a new
     client) per message. between_chunks runs after each chunk (the API yields to other requests)."""
     with celery.producer_or_acquire() as producer:
         for start in range(0, len(task_ids), chunk):
             with producer.batch(max_size=chunk):
-                for task_id in task_ids[start:start + chunk]:
+                for task_id in task_ids[start : start + chunk]:
                     celery.send_task(RUN_TASK, args=[str(task_id), 1], queue=queue_of(batch_id), producer=producer)
             if between_chunks is not None:
                 between_chunks()
@@ -116,7 +128,7 @@ def messages_queued(broker: Any, queues: list[str]) -> dict[str, int]:
             pipe.llen(f"{queue}{_PRIORITY_SEPARATOR}{step}" if step else queue)
     lengths = pipe.execute()
     steps = len(_PRIORITY_STEPS)
-    return {queue: sum(lengths[i * steps:(i + 1) * steps]) for i, queue in enumerate(queues)}
+    return {queue: sum(lengths[i * steps : (i + 1) * steps]) for i, queue in enumerate(queues)}
 
 
 def messages_unacked(broker: Any, queues: list[str], *, delivered_within_s: float) -> dict[str, list[str]]:
@@ -128,7 +140,7 @@ def messages_unacked(broker: Any, queues: list[str], *, delivered_within_s: floa
     found: dict[str, list[str]] = {queue: [] for queue in queues}
     tags = broker.zrangebyscore(_UNACKED_INDEX, time.time() - delivered_within_s, "+inf")
     for start in range(0, len(tags), 1000):
-        for value in broker.hmget(_UNACKED_HASH, tags[start:start + 1000]):
+        for value in broker.hmget(_UNACKED_HASH, tags[start : start + 1000]):
             try:
                 message, _, routing_key = json.loads(value)
                 if routing_key in found:

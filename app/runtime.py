@@ -42,6 +42,14 @@ def build_runtime(settings: Settings, *, pool_size: int = 10) -> Runtime:
     sessions = make_sessionmaker(engine)
     celery, wakeups = make_celery(settings), make_wakeups(settings.broker_url)
     batches, webhooks = BatchStore(sessions), WebhookStore(sessions)
-    return Runtime(settings=settings, engine=engine, sessions=sessions, celery=celery, wakeups=wakeups,
-                   tasks=TaskStore(sessions), batches=batches, webhooks=webhooks,
-                   after_end=AfterEnd(wakeups, webhooks, batches, celery))
+    return Runtime(
+        settings=settings,
+        engine=engine,
+        sessions=sessions,
+        celery=celery,
+        wakeups=wakeups,
+        tasks=TaskStore(sessions),
+        batches=batches,
+        webhooks=webhooks,
+        after_end=AfterEnd(wakeups, webhooks, batches, celery),
+    )

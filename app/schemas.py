@@ -41,11 +41,16 @@ class RequestModel(BaseModel):
 class GenerationRequest(RequestModel):
     """POST /v1/images/generations: OpenAI's Images fields plus GeekAI's extensions."""
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True,
-                              json_schema_extra={"additionalProperties": False})
+    model_config = ConfigDict(
+        extra="forbid", populate_by_name=True, frozen=True, json_schema_extra={"additionalProperties": False}
+    )
 
-    model: str | None = Field(None, min_length=1, max_length=200,
-                              description="Model to use; defaults to the first model of the providers file.")
+    model: str | None = Field(
+        None,
+        min_length=1,
+        max_length=200,
+        description="Model to use; defaults to the first model of the providers file.",
+    )
     prompt: str = Field(..., min_length=1, max_length=MAX_PROMPT_CHARS, description="Text description of the image(s).")
     n: int = Field(1, ge=1, le=MAX_N, description="How many images to generate.")
     size: str | None = Field(None, pattern=SIZE_PATTERN, description="WIDTHxHEIGHT, `auto`, or 1k/2k/4k.")
@@ -70,8 +75,9 @@ class GenerationRequest(RequestModel):
     resolution: str | None = Field(None, max_length=16, description="Relay-specific resolution, e.g. 1k or 2k.")
     watermark: bool | None = None
     extra_body: dict[str, Any] | None = Field(None, description="Provider-specific parameters, forwarded as is.")
-    callback_url: str | None = Field(None, max_length=2048, pattern=r"^https?://",
-                                     description="Where the task's end is POSTed (Standard Webhooks).")
+    callback_url: str | None = Field(
+        None, max_length=2048, pattern=r"^https?://", description="Where the task's end is POSTed (Standard Webhooks)."
+    )
     async_: bool = Field(False, alias="async", description="Answer 202 with a task id at once.")
     retries: int = Field(0, ge=0, le=10, description="Automatic retries on retryable upstream errors.")
 
@@ -81,8 +87,9 @@ class GenerationRequest(RequestModel):
         # A Literal takes what compares equal to it: 0 for False; False and 0.0 for 0.
         expected = bool if info.field_name == "stream" else int
         if value is not None and type(value) is not expected:
-            raise PydanticCustomError("literal_error", "Input should be {expected}",
-                                      {"expected": "false" if expected is bool else "0"})
+            raise PydanticCustomError(
+                "literal_error", "Input should be {expected}", {"expected": "false" if expected is bool else "0"}
+            )
         return value
 
     @field_validator("prompt")
@@ -102,8 +109,12 @@ class GenerationRequest(RequestModel):
 
     def upstream_params(self) -> dict[str, Any]:
         """The fields the client sent that an upstream may see: all but the gateway's own controls."""
-        return self.model_dump(mode="json", exclude_unset=True, exclude_none=True,
-                               exclude={"async_", "retries", "stream", "partial_images", "callback_url"})
+        return self.model_dump(
+            mode="json",
+            exclude_unset=True,
+            exclude_none=True,
+            exclude={"async_", "retries", "stream", "partial_images", "callback_url"},
+        )
 
 
 class ImageData(BaseModel):

@@ -29,8 +29,10 @@ def parse_retry_schedule(text: str) -> list[float]:
         except ValueError:
             delay = math.nan
         if not math.isfinite(delay) or delay < 0:
-            raise ValueError(f"invalid webhook retry schedule {text!r}: expected comma-separated "
-                             f"non-negative numbers of seconds such as '5,300,1800', got {item.strip()!r}")
+            raise ValueError(
+                f"invalid webhook retry schedule {text!r}: expected comma-separated "
+                f"non-negative numbers of seconds such as '5,300,1800', got {item.strip()!r}"
+            )
         delays.append(delay)
     return delays
 
@@ -123,7 +125,7 @@ class Settings(BaseSettings):
     def webhook_retry_delays_s(self) -> list[float]:
         return parse_retry_schedule(self.webhook_retry_schedule)
 
-    def check(self) -> "Settings":
+    def check(self) -> Settings:
         """Refuse settings a server must not run with. Returns self for chaining."""
         if not self.embedded and self.secret_key in ("", DEFAULT_SECRET_KEY):
             raise SettingsError(

@@ -112,18 +112,26 @@ class Sweeper:
         lanes = {QUEUE: Task.batch_id.is_(None), BATCH_QUEUE: Task.batch_id.is_not(None)}
         with self.runtime.sessions.begin() as session:
             # One sweeper at a time counts and republishes, or two would both make up one deficit.
-            if session.get_bind().dialect.name == "postgresql" and \
-                    not session.scalar(select(func.pg_try_advisory_xact_lock(_REPUBLISH_LOCK))):
+            if session.get_bind().dialect.name == "postgresql" and not session.scalar(
+                select(func.pg_try_advisory_xact_lock(_REPUBLISH_LOCK))
+            ):
                 return []
             due_before = _ago(self.settings.republish_after_s)
             overdue = [is_overdue_pending(due_before)]
-            due = {lane: session.scalar(select(func.count()).select_from(Task).where(*overdue, in_lane))
-                   for lane, in_lane in lanes.items()}
+            due = {
+                lane: session.scalar(select(func.count()).select_from(Task).where(*overdue, in_lane))
+                for lane, in_lane in lanes.items()
+            }
 
             def still_due(lane: str, ids: list[str]) -> int:
                 parsed = [task_id for task_id in map(parse_id, ids) if task_id is not None]
-                return session.scalar(select(func.count()).select_from(Task).where(
-                    Task.id.in_(parsed), *overdue, lanes[lane])) if parsed else 0
+                return (
+                    session.scalar(
+                        select(func.count()).select_from(Task).where(Task.id.in_(parsed), *overdue, lanes[lane])
+                    )
+                    if parsed
+                    else 0
+                )
 
             found: list[Requeued] = []
             for lane, count in self._deficit(due, still_due).items():
@@ -138,8 +146,9 @@ class Sweeper:
             return WEBHOOK_RESEND_PER_PASS
         webhooks = self.runtime.webhooks
         due = webhooks.overdue_count(self.settings.republish_after_s)
-        lost = self._deficit({WEBHOOK_QUEUE: due},
-                             lambda _, ids: webhooks.overdue_count(self.settings.republish_after_s, among=ids))
+        lost = self._deficit(
+            {WEBHOOK_QUEUE: due}, lambda _, ids: webhooks.overdue_count(self.settings.republish_after_s, among=ids)
+        )
         return min(WEBHOOK_RESEND_PER_PASS, lost.get(WEBHOOK_QUEUE, 0))
 
     def _deficit(self, due: dict[str, int], still_due: Callable[[str, list[str]], int]) -> dict[str, int]:
@@ -155,8 +164,7 @@ class Sweeper:
             short = {lane: due[lane] - held[lane] for lane in due if due[lane] > held[lane]}
             if not short:
                 return {}
-            unacked = messages_unacked(self.broker, list(short),
-                                       delivered_within_s=self.settings.republish_after_s)
+            unacked = messages_unacked(self.broker, list(short), delivered_within_s=self.settings.republish_after_s)
         except Exception as exc:  # Redis is away: nothing could be published now anyway
             log.warning("could not count the broker's messages: %s", exc)
             return {}

@@ -27,33 +27,67 @@ def timestamp(record: TaskRecord) -> int:
 def image_items(record: TaskRecord, settings: Settings, *, as_urls: bool = False) -> list[ImageData]:
     """The images in the task's response_format, or as URLs when asked (webhooks never carry base64)."""
     if record.task.response_format == "b64_json" and not as_urls:
-        return [ImageData(b64_json=base64.b64encode(image.data or b"").decode(), revised_prompt=image.revised_prompt)
-                for image in record.images]
-    return [ImageData(url=signed_image_url(settings.public_url, settings.secret_key, image.id, image.content_type,
-                                           settings.image_url_ttl_s),
-                      revised_prompt=image.revised_prompt)
-            for image in record.images]
+        return [
+            ImageData(b64_json=base64.b64encode(image.data or b"").decode(), revised_prompt=image.revised_prompt)
+            for image in record.images
+        ]
+    return [
+        ImageData(
+            url=signed_image_url(
+                settings.public_url, settings.secret_key, image.id, image.content_type, settings.image_url_ttl_s
+            ),
+            revised_prompt=image.revised_prompt,
+        )
+        for image in record.images
+    ]
 
 
 def task_view(record: TaskRecord, settings: Settings, *, as_urls: bool = False) -> TaskView:
     task = record.task
-    view = TaskView(model=task.model, task_id=str(task.id), task_status=task.status, created=timestamp(record),
-                    attempts=task.attempts,
-                    attempt_log=[AttemptView(number=a.number, slot=a.slot, model=a.model, started_at=a.started_at,
-                                             ended_at=a.ended_at, upstream_status=a.upstream_status,
-                                             error_code=a.error_code) for a in record.attempts])
+    view = TaskView(
+        model=task.model,
+        task_id=str(task.id),
+        task_status=task.status,
+        created=timestamp(record),
+        attempts=task.attempts,
+        attempt_log=[
+            AttemptView(
+                number=a.number,
+                slot=a.slot,
+                model=a.model,
+                started_at=a.started_at,
+                ended_at=a.ended_at,
+                upstream_status=a.upstream_status,
+                error_code=a.error_code,
+            )
+            for a in record.attempts
+        ],
+    )
     if task.status == TaskStatus.SUCCEED:
         return view.model_copy(update={"data": image_items(record, settings, as_urls=as_urls), "usage": task.usage})
     if task.status == TaskStatus.FAILED:
-        return view.model_copy(update={"error": TaskError(code=task.error_code or "internal_error",
-                                                          message=task.error_message or "",
-                                                          details=task.error_details)})
+        return view.model_copy(
+            update={
+                "error": TaskError(
+                    code=task.error_code or "internal_error",
+                    message=task.error_message or "",
+                    details=task.error_details,
+                )
+            }
+        )
     if task.cancel_requested:
         return view.model_copy(update={"cancel_requested": True})
     return view
 
 
 def batch_view(batch: Batch, counts: dict[str, int]) -> BatchView:
-    return BatchView(id=str(batch.id), status=batch.status, created=int(batch.created_at.timestamp()),
-                     finished=int(batch.finished_at.timestamp()) if batch.finished_at else None, total=batch.total,
-                     counts=BatchCounts(**counts), metadata=batch.meta, callback_url=batch.callback_url)
+    return BatchView(
+        id=str(batch.id),
+        status=batch.status,
+        created=int(batch.created_at.timestamp()),
+        finished=int(batch.finished_at.timestamp()) if batch.finished_at else None,
+        total=batch.total,
+        counts=BatchCounts(**counts),
+        metadata=batch.meta,
+        callback_url=batch.callback_url,
+    )

@@ -120,7 +120,7 @@ class PollingWakeups:
         pass
 
     @contextmanager
-    def subscription(self, task_id: str) -> Iterator["_Interval"]:
+    def subscription(self, task_id: str) -> Iterator[_Interval]:
         yield _Interval()
 
     def close(self) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import base64
 import secrets as _secrets
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from standardwebhooks import Webhook
 
@@ -25,6 +25,6 @@ def signature_header(secrets: list[str], msg_id: str, timestamp: int, body: byte
     secret is rotated receivers holding either the old or the new one can verify."""
     if not secrets:
         raise ValueError("at least one webhook secret is needed to sign")
-    when = datetime.fromtimestamp(timestamp, timezone.utc)
+    when = datetime.fromtimestamp(timestamp, UTC)
     payload = body.decode()  # the library signs text; the body is UTF-8 JSON
     return " ".join(Webhook(secret).sign(msg_id, when, payload) for secret in secrets)

@@ -62,6 +62,7 @@ def file_stems(custom_id: str, body: dict) -> list[str]:
 
 # --- reading the file -------------------------------------------------------------------------
 
+
 def _check(item) -> str | None:
     if not isinstance(item, dict):
         return "not a JSON object"
@@ -98,8 +99,10 @@ def read_requests(path: Path) -> tuple[str, list[Line], list[str]]:
             # One image would overwrite the other, or be taken for it and skipped: refused before
             # anything is sent. Ids that sanitise alike clash so, as do "a" with n=2 (a-1, a-2) and "a-1".
             other = names[clash]
-            problem = (f"custom_id {item['custom_id']!r} and custom_id {other.custom_id!r} (line {other.number}) "
-                       f"would both save images as {clash}.*")
+            problem = (
+                f"custom_id {item['custom_id']!r} and custom_id {other.custom_id!r} (line {other.number}) "
+                f"would both save images as {clash}.*"
+            )
         if problem:
             problems.append(f"line {number}: {problem}")
             continue
@@ -114,6 +117,7 @@ def read_requests(path: Path) -> tuple[str, list[Line], list[str]]:
 
 # --- the server ---------------------------------------------------------------------------------
 
+
 class HttpError(ClientError):
     def __init__(self, response: httpx.Response):
         self.status = response.status_code
@@ -123,8 +127,9 @@ class HttpError(ClientError):
         except (ValueError, KeyError, TypeError):
             self.error = {}
             detail = " ".join(response.text.split())[:200] or response.reason_phrase
-        super().__init__(f"{response.request.method} {response.request.url} answered HTTP "
-                         f"{response.status_code}: {detail}")
+        super().__init__(
+            f"{response.request.method} {response.request.url} answered HTTP {response.status_code}: {detail}"
+        )
 
 
 class Api:
@@ -142,8 +147,13 @@ class Api:
         return response
 
     def submit(self, body: bytes, idempotency_key: str) -> dict:
-        return self._send(self.http, "POST", f"{self.url}/v1/images/batches", content=body,
-                          headers={"Content-Type": "application/jsonl", "Idempotency-Key": idempotency_key}).json()
+        return self._send(
+            self.http,
+            "POST",
+            f"{self.url}/v1/images/batches",
+            content=body,
+            headers={"Content-Type": "application/jsonl", "Idempotency-Key": idempotency_key},
+        ).json()
 
     def batch(self, batch_id: str) -> dict:
         return self._send(self.http, "GET", f"{self.url}/v1/images/batches/{batch_id}").json()
@@ -167,6 +177,7 @@ class Api:
 
 
 # --- submitting ---------------------------------------------------------------------------------
+
 
 def write_atomic(path: Path, data: bytes) -> None:
     """A killed process leaves the old file or the new one, never half of one."""
@@ -199,8 +210,9 @@ def load_state(out: Path, digest: str, chunk_size: int) -> dict:
 def chunk_body(lines: list[Line]) -> bytes:
     # Deterministic for the same file, as the idempotency key requires the same body. ASCII only:
     # a raw U+2028 inside a string is valid JSON but splits the line for some JSONL readers.
-    return "".join(json.dumps({"custom_id": line.custom_id, "body": line.body}, separators=(",", ":")) + "\n"
-                   for line in lines).encode()
+    return "".join(
+        json.dumps({"custom_id": line.custom_id, "body": line.body}, separators=(",", ":")) + "\n" for line in lines
+    ).encode()
 
 
 def submit_chunk(api: Api, lines: list[Line], key: str) -> str:
@@ -212,8 +224,11 @@ def submit_chunk(api: Api, lines: list[Line], key: str) -> str:
         if exc.error.get("code") != "invalid_batch":
             raise
         # The server numbers the chunk's lines; say which lines of the file they are.
-        details = [f"line {lines[bad['line'] - 1].number}: {bad.get('param') or 'line'}: {bad.get('message')}"
-                   for bad in exc.error.get("lines") or [] if 1 <= (bad.get("line") or 0) <= len(lines)]
+        details = [
+            f"line {lines[bad['line'] - 1].number}: {bad.get('param') or 'line'}: {bad.get('message')}"
+            for bad in exc.error.get("lines") or []
+            if 1 <= (bad.get("line") or 0) <= len(lines)
+        ]
         raise ClientError("\n".join([str(exc), *details])) from None
 
 
@@ -224,7 +239,7 @@ def submit_all(api: Api, lines: list[Line], digest: str, out: Path, chunk_size: 
     for index, start in enumerate(range(0, len(lines), size)):
         batch_id = state["batches"].get(str(index))
         if batch_id is None:
-            batch_id = submit_chunk(api, lines[start:start + size], f"imagegate-batch-{digest[:32]}-{index}")
+            batch_id = submit_chunk(api, lines[start : start + size], f"imagegate-batch-{digest[:32]}-{index}")
             state["batches"][str(index)] = batch_id
             write_atomic(out / STATE_FILE, json.dumps(state, indent=2).encode())
         ids.append(batch_id)
@@ -232,6 +247,7 @@ def submit_all(api: Api, lines: list[Line], digest: str, out: Path, chunk_size: 
 
 
 # --- following and downloading -----------------------------------------------------------------
+
 
 @dataclass
 class Saver:
@@ -282,8 +298,13 @@ def follow(api: Api, ids: list[str], out: Path) -> int:
         temp.unlink(missing_ok=True)  # what a killed run was writing
     saver = Saver(api, out)
     synced: dict[str, int] = {}  # batch id -> its ended count when all its images were last on disk
-    columns = (TextColumn("images"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[counts]}"),
-               TimeElapsedColumn())
+    columns = (
+        TextColumn("images"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[counts]}"),
+        TimeElapsedColumn(),
+    )
     with Progress(*columns, console=Console(stderr=True)) as progress:
         bar = progress.add_task("images", total=None, counts="")
         while True:
@@ -291,11 +312,15 @@ def follow(api: Api, ids: list[str], out: Path) -> int:
             for batch in batches:
                 if synced.get(batch["id"]) != _ended(batch) and saver.sync(batch["id"]):
                     synced[batch["id"]] = _ended(batch)
-            counts = {name: sum(b["counts"][name] for b in batches)
-                      for name in ("pending", "running", "succeed", "failed")}
-            progress.update(bar, total=sum(b["total"] for b in batches),
-                            completed=counts["succeed"] + counts["failed"],
-                            counts=" ".join(f"{k} {v}" for k, v in counts.items()) + f" saved {len(saver.saved)}")
+            counts = {
+                name: sum(b["counts"][name] for b in batches) for name in ("pending", "running", "succeed", "failed")
+            }
+            progress.update(
+                bar,
+                total=sum(b["total"] for b in batches),
+                completed=counts["succeed"] + counts["failed"],
+                counts=" ".join(f"{k} {v}" for k, v in counts.items()) + f" saved {len(saver.saved)}",
+            )
             if all(b["status"] in ENDED and synced.get(b["id"]) == _ended(b) for b in batches):
                 break
             time.sleep(POLL_S)
@@ -313,8 +338,10 @@ def summarise(batches: list[dict], failed: dict[str, dict]) -> int:
 
 # --- the commands (called by app/commands.py) ---------------------------------------------------
 
+
 def _command(func):
     """Errors as one line on stderr and exit 2, never a traceback."""
+
     def run(*args, **kwargs) -> int:
         logging.getLogger("httpx").setLevel(logging.WARNING)  # no log line per request
         try:
@@ -323,8 +350,10 @@ def _command(func):
             print(f"imagegate: {exc}", file=sys.stderr)
             return 2
         except httpx.HTTPError as exc:  # could not connect, timed out, connection dropped
-            print(f"imagegate: {exc.request.method} {exc.request.url} failed: {exc or type(exc).__name__}",
-                  file=sys.stderr)
+            print(
+                f"imagegate: {exc.request.method} {exc.request.url} failed: {exc or type(exc).__name__}",
+                file=sys.stderr,
+            )
             return 2
         except (KeyError, TypeError, ValueError) as exc:  # an answer not as the API documents it
             print(f"imagegate: unexpected answer from the server ({type(exc).__name__}: {exc})", file=sys.stderr)
@@ -332,6 +361,7 @@ def _command(func):
         except KeyboardInterrupt:
             print("imagegate: interrupted", file=sys.stderr)
             return 130
+
     return run
 
 
@@ -360,8 +390,10 @@ def status(batch_id: str, url: str, key: str, as_json: bool) -> int:
         return 0
     counts = batch["counts"]
     print(f"batch {batch['id']}: {batch['status']}")
-    print(f"  {batch['total']} requests: " + ", ".join(f"{counts[name]} {name}"
-                                                      for name in ("pending", "running", "succeed", "failed")))
+    print(
+        f"  {batch['total']} requests: "
+        + ", ".join(f"{counts[name]} {name}" for name in ("pending", "running", "succeed", "failed"))
+    )
     when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(batch["created"]))
     took = f", finished after {batch['finished'] - batch['created']} s" if batch.get("finished") else ""
     print(f"  created {when}{took}")

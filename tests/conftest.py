@@ -208,8 +208,9 @@ def env(database_url, redis_dbs, providers_file, api_port) -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def settings(env) -> Settings:
-    return Settings(**{name[len("IMAGEGATE_"):].lower(): value
-                       for name, value in env.items() if name.startswith("IMAGEGATE_")})
+    return Settings(
+        **{name[len("IMAGEGATE_") :].lower(): value for name, value in env.items() if name.startswith("IMAGEGATE_")}
+    )
 
 
 @pytest.fixture(scope="session")

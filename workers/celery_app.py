@@ -68,7 +68,11 @@ def make_worker_app(settings: Settings, *, concurrency: int = 1000) -> Celery:
 
         watchdog = ConsumerWatchdog(
             redis.Redis.from_url(settings.broker_url, socket_timeout=10, socket_connect_timeout=3),
-            list(WORKER_QUEUES), concurrency, settings.consumer_stall_s, busy=lambda: len(state.active_requests))
+            list(WORKER_QUEUES),
+            concurrency,
+            settings.consumer_stall_s,
+            busy=lambda: len(state.active_requests),
+        )
         task_received.connect(watchdog.received, weak=False)
 
         @worker_ready.connect(weak=False)

@@ -37,8 +37,9 @@ def spawn(function: Callable[[], None], delay_s: float = 0.0) -> None:
 
 
 class ConsumerWatchdog:
-    def __init__(self, broker, queues: list[str], concurrency: int, stall_s: float,
-                 busy: Callable[[], int], check_s: float = 1.0):
+    def __init__(
+        self, broker, queues: list[str], concurrency: int, stall_s: float, busy: Callable[[], int], check_s: float = 1.0
+    ):
         self.broker, self.queues, self.concurrency, self.stall_s = broker, queues, concurrency, stall_s
         self.busy, self.check_s = busy, check_s
         self.last_received = time.monotonic()
@@ -68,8 +69,13 @@ class ConsumerWatchdog:
             waiting_since = waiting_since or now
             # Messages must have waited the whole period, not only since the last one was received.
             if now - waiting_since >= self.stall_s and self.stalled(waiting, self.busy(), now) and not self.stopping:
-                log.critical("the broker consumer is dead: %d messages wait, %d of %d slots busy, nothing "
-                             "received for %.0f s; exiting for the supervisor to restart this worker",
-                             waiting, self.busy(), self.concurrency, now - self.last_received)
+                log.critical(
+                    "the broker consumer is dead: %d messages wait, %d of %d slots busy, nothing "
+                    "received for %.0f s; exiting for the supervisor to restart this worker",
+                    waiting,
+                    self.busy(),
+                    self.concurrency,
+                    now - self.last_received,
+                )
                 logging.shutdown()
                 os._exit(EXIT_CONSUMER_STALLED)

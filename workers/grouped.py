@@ -23,8 +23,9 @@ class Grouped(Generic[Item, Result]):
     from many greenlets or threads. `max_group` bounds a transaction's size (a group of successes
     carries its images); several writers so one slow commit does not hold every call behind it."""
 
-    def __init__(self, write_many: Callable[[list[Item]], list[Result]], *, name: str, max_group: int = 50,
-                 writers: int = 4):
+    def __init__(
+        self, write_many: Callable[[list[Item]], list[Result]], *, name: str, max_group: int = 50, writers: int = 4
+    ):
         self._write_many = write_many
         self._name = name
         self._max_group = max_group
@@ -66,7 +67,7 @@ class Grouped(Generic[Item, Result]):
                 for _, future in group:
                     future.set_exception(exc)
                 continue
-            for (_, future), result in zip(group, results):
+            for (_, future), result in zip(group, results, strict=True):
                 future.set_result(result)
 
 

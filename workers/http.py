@@ -47,8 +47,9 @@ class ShardedTransport(httpx.BaseTransport):
 
 
 def make_client(max_connections: int = 200) -> httpx.Client:
-    return httpx.Client(transport=ShardedTransport(max_connections), follow_redirects=False,
-                        headers={"User-Agent": "imagegate"})
+    return httpx.Client(
+        transport=ShardedTransport(max_connections), follow_redirects=False, headers={"User-Agent": "imagegate"}
+    )
 
 
 @dataclass(frozen=True)
@@ -58,8 +59,9 @@ class Reply:
     body: bytes
 
 
-def request(client: httpx.Client, method: str, url: str, *, deadline_s: float, max_bytes: int = MAX_REPLY_BYTES,
-            **kwargs) -> Reply:
+def request(
+    client: httpx.Client, method: str, url: str, *, deadline_s: float, max_bytes: int = MAX_REPLY_BYTES, **kwargs
+) -> Reply:
     """One call that ends within deadline_s however slowly the peer sends, or raises UpstreamError."""
     started = time.monotonic()
     if current_call.get():
@@ -70,18 +72,24 @@ def request(client: httpx.Client, method: str, url: str, *, deadline_s: float, m
             for chunk in response.iter_bytes():
                 size += len(chunk)
                 if size > max_bytes:
-                    raise UpstreamError(ErrorCode.UPSTREAM_BAD_RESPONSE, f"reply larger than {max_bytes} bytes",
-                                        retryable=False, upstream_status=response.status_code)
+                    raise UpstreamError(
+                        ErrorCode.UPSTREAM_BAD_RESPONSE,
+                        f"reply larger than {max_bytes} bytes",
+                        retryable=False,
+                        upstream_status=response.status_code,
+                    )
                 if time.monotonic() - started > deadline_s:
                     raise httpx.ReadTimeout("total deadline exceeded")
                 chunks.append(chunk)
             return Reply(response.status_code, response.headers, b"".join(chunks))
     except httpx.TimeoutException:
-        raise UpstreamError(ErrorCode.UPSTREAM_TIMEOUT, f"no complete reply within {deadline_s:g} s",
-                            retryable=True) from None
+        raise UpstreamError(
+            ErrorCode.UPSTREAM_TIMEOUT, f"no complete reply within {deadline_s:g} s", retryable=True
+        ) from None
     except httpx.TransportError as exc:
-        raise UpstreamError(ErrorCode.UPSTREAM_ERROR, f"connection failed: {type(exc).__name__}",
-                            retryable=True) from None
+        raise UpstreamError(
+            ErrorCode.UPSTREAM_ERROR, f"connection failed: {type(exc).__name__}", retryable=True
+        ) from None
 
 
 def retry_after_s(headers: httpx.Headers) -> float | None:
@@ -107,7 +115,10 @@ def download(client: httpx.Client, url: str, *, max_bytes: int, deadline_s: floa
     except (UnsafeUrl, httpx.InvalidURL) as exc:
         raise UpstreamError(ErrorCode.UPSTREAM_BAD_RESPONSE, f"image URL refused: {exc}", retryable=False) from None
     if reply.status != 200:
-        raise UpstreamError(ErrorCode.UPSTREAM_ERROR if reply.status >= 500 else ErrorCode.UPSTREAM_BAD_RESPONSE,
-                            f"image download answered {reply.status}", retryable=reply.status >= 500,
-                            upstream_status=reply.status)
+        raise UpstreamError(
+            ErrorCode.UPSTREAM_ERROR if reply.status >= 500 else ErrorCode.UPSTREAM_BAD_RESPONSE,
+            f"image download answered {reply.status}",
+            retryable=reply.status >= 500,
+            upstream_status=reply.status,
+        )
     return reply.body

@@ -34,11 +34,19 @@ def _decode_b64(text: str) -> bytes:
     try:
         return base64.b64decode(text, validate=False)
     except (binascii.Error, ValueError):
-        raise UpstreamError(ErrorCode.UPSTREAM_BAD_RESPONSE, "upstream b64_json is not base64", retryable=True) from None
+        raise UpstreamError(
+            ErrorCode.UPSTREAM_BAD_RESPONSE, "upstream b64_json is not base64", retryable=True
+        ) from None
 
 
-def fetch_images(images: list[UpstreamImage], *, client: httpx.Client, checked: CheckedClients,
-                 config: ModelConfig, settings: Settings) -> list[NewImage]:
+def fetch_images(
+    images: list[UpstreamImage],
+    *,
+    client: httpx.Client,
+    checked: CheckedClients,
+    config: ModelConfig,
+    settings: Settings,
+) -> list[NewImage]:
     """client: the upstreams' client, for images on the model's own origin; checked: for the rest."""
     stored = []
     for image in images:
@@ -50,12 +58,17 @@ def fetch_images(images: list[UpstreamImage], *, client: httpx.Client, checked: 
             data = _decode_b64(image.url)
         else:
             url = image.url or ""
-            data = http.download(_client_for(url, client, checked, config), url,
-                                 max_bytes=settings.max_download_bytes, deadline_s=settings.download_timeout_s)
+            data = http.download(
+                _client_for(url, client, checked, config),
+                url,
+                max_bytes=settings.max_download_bytes,
+                deadline_s=settings.download_timeout_s,
+            )
         content_type = sniff_content_type(data)
         if content_type is None:
-            raise UpstreamError(ErrorCode.UPSTREAM_BAD_RESPONSE, "upstream returned something that is not an image",
-                                retryable=True)
+            raise UpstreamError(
+                ErrorCode.UPSTREAM_BAD_RESPONSE, "upstream returned something that is not an image", retryable=True
+            )
         stored.append(NewImage(data=data, content_type=content_type, revised_prompt=image.revised_prompt))
     return stored
 

@@ -27,8 +27,14 @@ class CheckedBackend(httpcore.SyncBackend):
     def __init__(self, *, allow_private: bool):
         self.allow_private = allow_private
 
-    def connect_tcp(self, host: str, port: int, timeout: float | None = None, local_address: str | None = None,
-                    socket_options: typing.Iterable | None = None) -> httpcore.NetworkStream:
+    def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: typing.Iterable | None = None,
+    ) -> httpcore.NetworkStream:
         # Raises app.ssrf.UnsafeUrl, which httpx passes through to the caller unchanged.
         addresses = resolve_host(host, port, allow_private=self.allow_private)
         failure: httpcore.ConnectError | None = None
@@ -51,18 +57,23 @@ class CheckedTransport(httpx.HTTPTransport):
         # httpx takes no network backend: the pool it builds, with ours (tests/test_outbound.py
         # fails if this stops being the pool requests go through).
         self._pool = httpcore.ConnectionPool(
-            ssl_context=ssl_context, max_connections=limits.max_connections,
-            max_keepalive_connections=limits.max_keepalive_connections, keepalive_expiry=limits.keepalive_expiry,
-            network_backend=CheckedBackend(allow_private=allow_private))
+            ssl_context=ssl_context,
+            max_connections=limits.max_connections,
+            max_keepalive_connections=limits.max_keepalive_connections,
+            keepalive_expiry=limits.keepalive_expiry,
+            network_backend=CheckedBackend(allow_private=allow_private),
+        )
 
 
-def make_client(*, allow_private: bool, verify: ssl.SSLContext | bool = True,
-                max_connections: int = 200) -> httpx.Client:
+def make_client(
+    *, allow_private: bool, verify: ssl.SSLContext | bool = True, max_connections: int = 200
+) -> httpx.Client:
     """A client that connects only to checked addresses (any address when allow_private) and never
     follows redirects. A request it refuses raises app.ssrf.UnsafeUrl."""
     transport = CheckedTransport(allow_private=allow_private, verify=verify, max_connections=max_connections)
-    return httpx.Client(transport=transport, trust_env=False, follow_redirects=False,
-                        headers={"User-Agent": "imagegate"})
+    return httpx.Client(
+        transport=transport, trust_env=False, follow_redirects=False, headers={"User-Agent": "imagegate"}
+    )
 
 
 class CheckedClients:

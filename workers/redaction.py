@@ -18,8 +18,10 @@ REDACTED = "[redacted]"
 _TOKEN = r"""[^\s"',;&{}\[\]]+"""
 PATTERNS = (
     # An echoed header, in any shape: `Authorization: Bearer x`, `"authorization": "Basic x"`, `x-api-key=x`.
-    re.compile(rf"""((?:authorization|api[-_]?key|access[-_]?token)["']?\s*[:=]\s*["']?)(?:[A-Za-z-]+\s+)?{_TOKEN}""",
-               re.IGNORECASE),
+    re.compile(
+        rf"""((?:authorization|api[-_]?key|access[-_]?token)["']?\s*[:=]\s*["']?)(?:[A-Za-z-]+\s+)?{_TOKEN}""",
+        re.IGNORECASE,
+    ),
     # A bearer token wherever it appears.
     re.compile(rf"(bearer\s+){_TOKEN}", re.IGNORECASE),
     # Strings that look like API keys: OpenAI-style `sk-...`, this gateway's own `ig_...`.

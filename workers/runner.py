@@ -109,9 +109,13 @@ class TaskRunner:
         if parsed is None:
             return
         lease_s = self.settings.lease_s
-        claim = self.store.claim_poll(parsed, attempt, poll, lease_s=lease_s) if poll else \
-            self.store.claim(parsed, attempt, worker=worker, lease_s=lease_s,
-                             plan=functools.partial(plan_calls, self.upstreams))
+        claim = (
+            self.store.claim_poll(parsed, attempt, poll, lease_s=lease_s)
+            if poll
+            else self.store.claim(
+                parsed, attempt, worker=worker, lease_s=lease_s, plan=functools.partial(plan_calls, self.upstreams)
+            )
+        )
         if not claim:
             log.info("task %s attempt %s poll %s: not claimed (%s)", task_id, attempt, poll, claim)
             return
@@ -162,14 +166,21 @@ class TaskRunner:
         self._finish(claim, config, request, calls)
 
     def _stored(self, slot: int, generation: Generation, config: ModelConfig) -> Call:
-        images = fetch_images(generation.images, client=self.http, checked=self.checked, config=config,
-                              settings=self.settings)
-        return Call(slot, [dataclasses.replace(image, slot=slot) for image in images], generation.usage,
-                    generation.upstream_status)
+        images = fetch_images(
+            generation.images, client=self.http, checked=self.checked, config=config, settings=self.settings
+        )
+        return Call(
+            slot,
+            [dataclasses.replace(image, slot=slot) for image in images],
+            generation.usage,
+            generation.upstream_status,
+        )
 
     def _finish(self, claim: Claim, config: ModelConfig, request: GenerationRequest, calls: list[Call]) -> None:
-        outcomes = [CallOutcome(call.slot, call.upstream_status, self._failure(call.error) if call.error else None)
-                    for call in calls]
+        outcomes = [
+            CallOutcome(call.slot, call.upstream_status, self._failure(call.error) if call.error else None)
+            for call in calls
+        ]
         images = [image for call in calls for image in call.images]
         usage = claim.usage
         for call in calls:
@@ -187,8 +198,9 @@ class TaskRunner:
         self._failed(claim, config, request, fatal or errors[0], outcomes, images=images, usage=usage)
 
     # -- upstreams that are themselves asynchronous -------------------------------------------
-    def _run_polling(self, claim: Claim, config: ModelConfig, adapter: PollingAdapter,
-                     request: GenerationRequest) -> None:
+    def _run_polling(
+        self, claim: Claim, config: ModelConfig, adapter: PollingAdapter, request: GenerationRequest
+    ) -> None:
         current_call.set(f"imagegate-{claim.task_id}-{claim.attempt}-0-{claim.polls}")
         try:
             if claim.upstream_task_id is None:
@@ -198,10 +210,14 @@ class TaskRunner:
             if generation is None:
                 waited = (utcnow() - claim.started_at).total_seconds()
                 if waited > config.poll_deadline_s:
-                    raise UpstreamError(ErrorCode.UPSTREAM_TIMEOUT,
-                                        f"the upstream task did not end within {config.poll_deadline_s:g} s", False)
-                countdown = min(config.poll_interval_s * 1.5 ** claim.polls, MAX_POLL_INTERVAL_S,
-                                self.settings.retry_max_s)
+                    raise UpstreamError(
+                        ErrorCode.UPSTREAM_TIMEOUT,
+                        f"the upstream task did not end within {config.poll_deadline_s:g} s",
+                        False,
+                    )
+                countdown = min(
+                    config.poll_interval_s * 1.5**claim.polls, MAX_POLL_INTERVAL_S, self.settings.retry_max_s
+                )
                 self._wait_upstream(claim, claim.upstream_task_id, countdown, poll=claim.polls + 1)
                 return
             call = self._stored(0, generation, config)
@@ -211,22 +227,38 @@ class TaskRunner:
 
     def _wait_upstream(self, claim: Claim, upstream_task_id: str, countdown: float, poll: int) -> None:
         """Schedule poll step `poll`; the lease covers the wait, so a lost poll message is taken back."""
-        if written := self._durably(claim, self.store.wait_upstream, claim, upstream_task_id,
-                                    lease_s=countdown + self.settings.lease_s):
-            publish_run(self.celery, claim.task_id, claim.attempt, countdown=countdown, poll=poll,
-                        batch_id=claim.batch_id)
+        if written := self._durably(
+            claim, self.store.wait_upstream, claim, upstream_task_id, lease_s=countdown + self.settings.lease_s
+        ):
+            publish_run(
+                self.celery, claim.task_id, claim.attempt, countdown=countdown, poll=poll, batch_id=claim.batch_id
+            )
         else:
             self._stop_if_cancelled(claim, written)
 
     # -- ends ---------------------------------------------------------------------------------
-    def _failed(self, claim: Claim, config: ModelConfig, request: GenerationRequest, exc: UpstreamError,
-                outcomes: list[CallOutcome], *, images: list[NewImage], usage: dict | None) -> None:
+    def _failed(
+        self,
+        claim: Claim,
+        config: ModelConfig,
+        request: GenerationRequest,
+        exc: UpstreamError,
+        outcomes: list[CallOutcome],
+        *,
+        images: list[NewImage],
+        usage: dict | None,
+    ) -> None:
         failure = self._failure(exc)
         if exc.retryable and claim.retries_used < min(request.retries, config.max_retries):
-            delay = backoff_s(claim.retries_used + 1, base_s=self.settings.retry_base_s,
-                              max_s=self.settings.retry_max_s, retry_after_s=exc.retry_after_s)
-            self._retry(claim, failure, outcomes, images, usage, delay=delay, route=None,
-                        why=f"retrying in {delay:.1f} s")
+            delay = backoff_s(
+                claim.retries_used + 1,
+                base_s=self.settings.retry_base_s,
+                max_s=self.settings.retry_max_s,
+                retry_after_s=exc.retry_after_s,
+            )
+            self._retry(
+                claim, failure, outcomes, images, usage, delay=delay, route=None, why=f"retrying in {delay:.1f} s"
+            )
             return
         route = self._next_route(claim) if exc.retryable else None
         if route is None:
@@ -234,10 +266,29 @@ class TaskRunner:
             return
         self._retry(claim, failure, outcomes, images, usage, delay=0.0, route=route, why=f"falling back to {route}")
 
-    def _retry(self, claim: Claim, failure: Failure, outcomes: list[CallOutcome], images: list[NewImage],
-               usage: dict | None, *, delay: float, route: str | None, why: str) -> None:
-        if written := self._durably(claim, self.store.retry_later, claim, failure, outcomes, countdown_s=delay,
-                                    images_=images, usage=usage, route=route):
+    def _retry(
+        self,
+        claim: Claim,
+        failure: Failure,
+        outcomes: list[CallOutcome],
+        images: list[NewImage],
+        usage: dict | None,
+        *,
+        delay: float,
+        route: str | None,
+        why: str,
+    ) -> None:
+        if written := self._durably(
+            claim,
+            self.store.retry_later,
+            claim,
+            failure,
+            outcomes,
+            countdown_s=delay,
+            images_=images,
+            usage=usage,
+            route=route,
+        ):
             log.info("task %s attempt %s: %s; %s", claim.task_id, claim.attempt, failure.message, why)
             publish_run(self.celery, claim.task_id, claim.attempt + 1, countdown=delay, batch_id=claim.batch_id)
         else:
@@ -257,8 +308,7 @@ class TaskRunner:
 
     def _end_failed(self, claim: Claim, failure: Failure, outcomes: list[CallOutcome]) -> None:
         if self._durably(claim, self.store.fail, claim, failure, outcomes):
-            log.info("task %s attempt %s: failed (%s: %s)", claim.task_id, claim.attempt, failure.code,
-                     failure.message)
+            log.info("task %s attempt %s: failed (%s: %s)", claim.task_id, claim.attempt, failure.code, failure.message)
             self._announce(claim)
 
     def _durably(self, claim: Claim, write: Callable[..., Outcome], *args, **kwargs) -> Outcome:
@@ -274,8 +324,13 @@ class TaskRunner:
                 left = self.leases.valid_for_s(claim) - pause - 1.0
                 if left <= 0:
                     raise
-                log.warning("task %s attempt %s: database unavailable (%s); retrying for up to %.0f s",
-                            claim.task_id, claim.attempt, type(exc).__name__, left)
+                log.warning(
+                    "task %s attempt %s: database unavailable (%s); retrying for up to %.0f s",
+                    claim.task_id,
+                    claim.attempt,
+                    type(exc).__name__,
+                    left,
+                )
                 time.sleep(pause)
                 pause = min(pause * 2, 2.0)
 
@@ -285,5 +340,9 @@ class TaskRunner:
     def _failure(self, exc: UpstreamError) -> Failure:
         """What is stored (and served, sent in webhooks, logged) of an upstream error: every one
         passes here, so upstream text is redacted here."""
-        return Failure(exc.code, self.redact.text(exc.message)[:MAX_MESSAGE_CHARS], self.redact.value(exc.details),
-                       exc.upstream_status)
+        return Failure(
+            exc.code,
+            self.redact.text(exc.message)[:MAX_MESSAGE_CHARS],
+            self.redact.value(exc.details),
+            exc.upstream_status,
+        )

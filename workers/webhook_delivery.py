@@ -23,7 +23,7 @@ import uuid
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import httpx
 from celery import Celery
@@ -73,6 +73,7 @@ class DeliveryLane:
 
     def submit(self, api_key_id: uuid.UUID, work) -> None:
         """Run work() in the lane; the slot taken by enter() is given back when it ends."""
+
         def run() -> None:
             try:
                 work()
@@ -99,8 +100,9 @@ class WebhookSender:
         if self.lane is None:
             self.lane = DeliveryLane(self.settings.webhook_concurrency, self.settings.webhook_max_pending_per_key)
         if self.client is None:
-            self.client = outbound.make_client(allow_private=self.settings.webhook_allow_private,
-                                               max_connections=self.settings.webhook_concurrency)
+            self.client = outbound.make_client(
+                allow_private=self.settings.webhook_allow_private, max_connections=self.settings.webhook_concurrency
+            )
 
     def run(self, event_id: str) -> None:
         """The Celery task's body: hand the event to the lane, or leave it in the outbox if the lane
@@ -124,12 +126,25 @@ class WebhookSender:
     def deliver(self, event: ClaimedEvent) -> None:
         """One attempt of a claimed event, recorded; the next one scheduled if it failed."""
         if self.webhooks.is_disabled(event):
-            self.webhooks.record(event, status_code=None, latency_ms=0, outcome=EventStatus.DISABLED,
-                                 error="the callback URL answered 410 Gone earlier; redeliver to send again")
+            self.webhooks.record(
+                event,
+                status_code=None,
+                latency_ms=0,
+                outcome=EventStatus.DISABLED,
+                error="the callback URL answered 410 Gone earlier; redeliver to send again",
+            )
             return
         body = json.dumps(self._payload(event), separators=(",", ":")).encode()
-        result = deliver(self.client, event.url, body, {}, secrets=self.webhooks.secrets(event.api_key_id),
-                         msg_id=event.id, timestamp=int(time.time()), deadline_s=self.settings.webhook_timeout_s)
+        result = deliver(
+            self.client,
+            event.url,
+            body,
+            {},
+            secrets=self.webhooks.secrets(event.api_key_id),
+            msg_id=event.id,
+            timestamp=int(time.time()),
+            deadline_s=self.settings.webhook_timeout_s,
+        )
         schedule = self.settings.webhook_retry_delays_s
         delay = schedule[event.attempt - 1] if event.attempt <= len(schedule) else None
         if result.ok:
@@ -138,11 +153,23 @@ class WebhookSender:
             outcome = EventStatus.DISABLED
         else:
             outcome = EventStatus.PENDING if delay is not None else EventStatus.FAILED
-        retry_at = datetime.now(timezone.utc) + timedelta(seconds=delay) if outcome == EventStatus.PENDING else None
-        self.webhooks.record(event, status_code=result.status, latency_ms=result.latency_ms, error=result.error,
-                             outcome=outcome, retry_at=retry_at)
-        log.info("webhook %s attempt %s to %s: %s (%s)", event.id, event.attempt, event.url, outcome,
-                 result.status or result.error)
+        retry_at = datetime.now(UTC) + timedelta(seconds=delay) if outcome == EventStatus.PENDING else None
+        self.webhooks.record(
+            event,
+            status_code=result.status,
+            latency_ms=result.latency_ms,
+            error=result.error,
+            outcome=outcome,
+            retry_at=retry_at,
+        )
+        log.info(
+            "webhook %s attempt %s to %s: %s (%s)",
+            event.id,
+            event.attempt,
+            event.url,
+            outcome,
+            result.status or result.error,
+        )
         # Short waits go by countdown; longer ones than Redis keeps a message unacknowledged would
         # be delivered twice, so the sweeper sends those when they are due.
         if outcome == EventStatus.PENDING and delay < self.settings.visibility_timeout_s / 2:
@@ -154,5 +181,4 @@ class WebhookSender:
             data = task_view(record, self.settings, as_urls=True).model_dump(mode="json", exclude_none=True)
         else:
             data = batch_view(*self.batches.get(event.batch_id, event.api_key_id)).model_dump(mode="json")
-        return {"type": event.type, "timestamp": datetime.now(timezone.utc).isoformat().replace("+00:00", "Z"),
-                "data": data}
+        return {"type": event.type, "timestamp": datetime.now(UTC).isoformat().replace("+00:00", "Z"), "data": data}

@@ -21,11 +21,11 @@ USER_AGENT = "imagegate-webhooks"
 
 @dataclass(frozen=True)
 class DeliveryResult:
-    status: int | None   # the receiver's HTTP status, None when there was no answer
+    status: int | None  # the receiver's HTTP status, None when there was no answer
     latency_ms: int
-    error: str | None    # None on success (a 2xx)
-    disable: bool        # the receiver answered 410 Gone: stop sending to this endpoint
-    reply: bytes = b""   # the start of the reply body (at most max_reply_bytes), for delivery logs
+    error: str | None  # None on success (a 2xx)
+    disable: bool  # the receiver answered 410 Gone: stop sending to this endpoint
+    reply: bytes = b""  # the start of the reply body (at most max_reply_bytes), for delivery logs
 
     @property
     def ok(self) -> bool:
@@ -75,8 +75,18 @@ class _Watchdog:
             self._sock = None
 
 
-def deliver(client: httpx.Client, url: str, body: bytes, headers: dict, *, secrets: list[str], msg_id: str,
-            timestamp: int, deadline_s: float = 15.0, max_reply_bytes: int = 64 * 1024) -> DeliveryResult:
+def deliver(
+    client: httpx.Client,
+    url: str,
+    body: bytes,
+    headers: dict,
+    *,
+    secrets: list[str],
+    msg_id: str,
+    timestamp: int,
+    deadline_s: float = 15.0,
+    max_reply_bytes: int = 64 * 1024,
+) -> DeliveryResult:
     """POST one signed webhook with a client of workers.outbound (its policy says which addresses
     may be reached); never raises for anything the receiver or the network does.
 
@@ -91,20 +101,28 @@ def deliver(client: httpx.Client, url: str, body: bytes, headers: dict, *, secre
         return int((time.monotonic() - started) * 1000)
 
     sent_headers = httpx.Headers(headers)
-    sent_headers.update({
-        "content-type": "application/json",
-        "user-agent": USER_AGENT,
-        "accept-encoding": "identity",  # the reply is kept raw: no decompression (bombs) to cap
-        "webhook-id": msg_id,
-        "webhook-timestamp": str(timestamp),
-        "webhook-signature": signature_header(secrets, msg_id, timestamp, body),
-        # A fresh connection for every delivery: opening one is what arms the watchdog.
-        "connection": "close",
-    })
+    sent_headers.update(
+        {
+            "content-type": "application/json",
+            "user-agent": USER_AGENT,
+            "accept-encoding": "identity",  # the reply is kept raw: no decompression (bombs) to cap
+            "webhook-id": msg_id,
+            "webhook-timestamp": str(timestamp),
+            "webhook-signature": signature_header(secrets, msg_id, timestamp, body),
+            # A fresh connection for every delivery: opening one is what arms the watchdog.
+            "connection": "close",
+        }
+    )
     watchdog = _Watchdog(deadline_s)
     try:
-        request = client.build_request("POST", url, content=body, headers=sent_headers,
-                                       timeout=httpx.Timeout(deadline_s), extensions={"trace": watchdog.trace})
+        request = client.build_request(
+            "POST",
+            url,
+            content=body,
+            headers=sent_headers,
+            timeout=httpx.Timeout(deadline_s),
+            extensions={"trace": watchdog.trace},
+        )
         response = client.send(request, stream=True, follow_redirects=False)
     except (UnsafeUrl, httpx.InvalidURL, httpx.TransportError, OSError) as exc:
         watchdog.stop()

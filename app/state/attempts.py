@@ -40,9 +40,20 @@ from imagegate.app.state.tasks import ENDED, TaskStatus
 
 tasks = Task.__table__
 
-CLAIM_COLUMNS = (tasks.c.id, tasks.c.attempts, tasks.c.model, tasks.c.route, tasks.c.retries_used, tasks.c.request,
-                 tasks.c.usage, tasks.c.upstream_task_id, tasks.c.started_at, tasks.c.polls, tasks.c.batch_id,
-                 tasks.c.callback_url)
+CLAIM_COLUMNS = (
+    tasks.c.id,
+    tasks.c.attempts,
+    tasks.c.model,
+    tasks.c.route,
+    tasks.c.retries_used,
+    tasks.c.request,
+    tasks.c.usage,
+    tasks.c.upstream_task_id,
+    tasks.c.started_at,
+    tasks.c.polls,
+    tasks.c.batch_id,
+    tasks.c.callback_url,
+)
 _STATE = select(tasks.c.id, tasks.c.status, tasks.c.attempts, tasks.c.polls, tasks.c.cancel_requested)
 _STATE_OF_ONE = _STATE.where(tasks.c.id == bindparam("id"))
 
@@ -53,49 +64,69 @@ def _fence(task_id: uuid.UUID, attempt: int, *, go_on: bool = False) -> list[Col
     return guard + [tasks.c.cancel_requested.is_(False)] if go_on else guard
 
 
-def _written(connection: Connection, guard: list[ColumnElement[bool]], task_id: uuid.UUID, attempt: int,
-             **values_: Any) -> Outcome:
+def _written(
+    connection: Connection, guard: list[ColumnElement[bool]], task_id: uuid.UUID, attempt: int, **values_: Any
+) -> Outcome:
     if connection.execute(update(tasks).where(*guard).values(**values_)).rowcount > 0:
         return True
     return why_refused(connection, task_id, attempt)
 
 
 # -- claiming ----------------------------------------------------------------------------------
-def claim(connection: Connection, task_id: uuid.UUID, attempt: int, *, worker: str, now: datetime,
-          lease_until: datetime) -> Row | Refused:
+def claim(
+    connection: Connection, task_id: uuid.UUID, attempt: int, *, worker: str, now: datetime, lease_until: datetime
+) -> Row | Refused:
     """pending -> running for attempt `attempt`; the claim's columns (CLAIM_COLUMNS)."""
     row = connection.execute(
         update(tasks)
         .where(tasks.c.id == task_id, tasks.c.status == TaskStatus.PENDING, tasks.c.attempts == attempt - 1)
-        .values(status=TaskStatus.RUNNING, attempts=attempt, worker=worker, started_at=now,
-                lease_expires_at=lease_until, polls=0)
-        .returning(*CLAIM_COLUMNS)).one_or_none()
+        .values(
+            status=TaskStatus.RUNNING,
+            attempts=attempt,
+            worker=worker,
+            started_at=now,
+            lease_expires_at=lease_until,
+            polls=0,
+        )
+        .returning(*CLAIM_COLUMNS)
+    ).one_or_none()
     return row if row is not None else why_refused(connection, task_id, attempt, claiming=True)
 
 
-def claim_poll(connection: Connection, task_id: uuid.UUID, attempt: int, poll: int, *,
-               lease_until: datetime) -> Row | Refused:
+def claim_poll(
+    connection: Connection, task_id: uuid.UUID, attempt: int, poll: int, *, lease_until: datetime
+) -> Row | Refused:
     """running -> running: take poll step `poll` of an attempt waiting on an asynchronous upstream."""
     row = connection.execute(
         update(tasks)
         .where(*_fence(task_id, attempt), tasks.c.polls == poll - 1, tasks.c.upstream_task_id.is_not(None))
         .values(polls=poll, lease_expires_at=lease_until)
-        .returning(*CLAIM_COLUMNS)).one_or_none()
+        .returning(*CLAIM_COLUMNS)
+    ).one_or_none()
     return row if row is not None else why_refused(connection, task_id, attempt, poll=poll)
 
 
 def extend_leases(connection: Connection, held: Sequence[tuple[uuid.UUID, int]], lease_until: datetime) -> int:
     """running -> running, leased longer: every (task, attempt) of `held` still running; how many were."""
     return connection.execute(
-        update(tasks).where(tasks.c.status == TaskStatus.RUNNING, tuple_(tasks.c.id, tasks.c.attempts).in_(held))
-        .values(lease_expires_at=lease_until)).rowcount
+        update(tasks)
+        .where(tasks.c.status == TaskStatus.RUNNING, tuple_(tasks.c.id, tasks.c.attempts).in_(held))
+        .values(lease_expires_at=lease_until)
+    ).rowcount
 
 
-def wait_upstream(connection: Connection, task_id: uuid.UUID, attempt: int, *, upstream_task_id: str,
-                  lease_until: datetime) -> Outcome:
+def wait_upstream(
+    connection: Connection, task_id: uuid.UUID, attempt: int, *, upstream_task_id: str, lease_until: datetime
+) -> Outcome:
     """running -> running while an asynchronous upstream works: the lease covers the next poll."""
-    return _written(connection, _fence(task_id, attempt, go_on=True), task_id, attempt,
-                    upstream_task_id=upstream_task_id, lease_expires_at=lease_until)
+    return _written(
+        connection,
+        _fence(task_id, attempt, go_on=True),
+        task_id,
+        attempt,
+        upstream_task_id=upstream_task_id,
+        lease_expires_at=lease_until,
+    )
 
 
 # -- ending ------------------------------------------------------------------------------------
@@ -104,29 +135,66 @@ _RELEASED = {"worker": None, "lease_expires_at": None}
 
 def fail(connection: Connection, task_id: uuid.UUID, attempt: int, *, now: datetime, failure: Failure) -> Outcome:
     """running -> failed. A failure may always be written, cancelled or not."""
-    return _written(connection, _fence(task_id, attempt), task_id, attempt, status=TaskStatus.FAILED,
-                    finished_at=now, **_RELEASED, **failure.columns())
+    return _written(
+        connection,
+        _fence(task_id, attempt),
+        task_id,
+        attempt,
+        status=TaskStatus.FAILED,
+        finished_at=now,
+        **_RELEASED,
+        **failure.columns(),
+    )
 
 
 def end_cancelled(connection: Connection, task_id: uuid.UUID, attempt: int, *, now: datetime) -> Outcome:
     """running -> failed `cancelled`, when the client asked while this attempt ran."""
-    return _written(connection, [*_fence(task_id, attempt), tasks.c.cancel_requested.is_(True)], task_id, attempt,
-                    status=TaskStatus.FAILED, finished_at=now, **_RELEASED, **CANCELLED.columns())
+    return _written(
+        connection,
+        [*_fence(task_id, attempt), tasks.c.cancel_requested.is_(True)],
+        task_id,
+        attempt,
+        status=TaskStatus.FAILED,
+        finished_at=now,
+        **_RELEASED,
+        **CANCELLED.columns(),
+    )
 
 
-def retry_later(connection: Connection, task_id: uuid.UUID, attempt: int, *, now: datetime, failure: Failure,
-                countdown_s: float, retries_used: int, usage: dict[str, Any] | None,
-                route: str | None = None) -> Outcome:
+def retry_later(
+    connection: Connection,
+    task_id: uuid.UUID,
+    attempt: int,
+    *,
+    now: datetime,
+    failure: Failure,
+    countdown_s: float,
+    retries_used: int,
+    usage: dict[str, Any] | None,
+    route: str | None = None,
+) -> Outcome:
     """running -> pending for the next attempt, due in `countdown_s`, unless cancelled. With `route`,
     on that fallback model."""
     changes = {"route": route} if route is not None else {}
-    return _written(connection, _fence(task_id, attempt, go_on=True), task_id, attempt, status=TaskStatus.PENDING,
-                    **_RELEASED, **failure.columns(), usage=usage, upstream_task_id=None,
-                    run_after=now + timedelta(seconds=countdown_s), retries_used=retries_used, **changes)
+    return _written(
+        connection,
+        _fence(task_id, attempt, go_on=True),
+        task_id,
+        attempt,
+        status=TaskStatus.PENDING,
+        **_RELEASED,
+        **failure.columns(),
+        usage=usage,
+        upstream_task_id=None,
+        run_after=now + timedelta(seconds=countdown_s),
+        retries_used=retries_used,
+        **changes,
+    )
 
 
-def succeed_each(connection: Connection, held: Sequence[tuple[uuid.UUID, int]],
-                 now: datetime) -> dict[tuple[uuid.UUID, int], Outcome]:
+def succeed_each(
+    connection: Connection, held: Sequence[tuple[uuid.UUID, int]], now: datetime
+) -> dict[tuple[uuid.UUID, int], Outcome]:
     """running -> succeed for each (task, attempt) still owned and not cancelled, and why not for the
     others. On Postgres one statement for all (a round trip per task made one writer the bottleneck)."""
     guard = [tasks.c.status == TaskStatus.RUNNING, tasks.c.cancel_requested.is_(False)]
@@ -134,13 +202,19 @@ def succeed_each(connection: Connection, held: Sequence[tuple[uuid.UUID, int]],
     if connection.dialect.name == "postgresql":
         pairs = values(column("id", Uuid), column("attempt", Integer), name="held").data(list(held))
         rows = connection.execute(
-            update(tasks).where(tasks.c.id == pairs.c.id, tasks.c.attempts == pairs.c.attempt, *guard)
-            .values(**succeed).returning(tasks.c.id, tasks.c.attempts))
+            update(tasks)
+            .where(tasks.c.id == pairs.c.id, tasks.c.attempts == pairs.c.attempt, *guard)
+            .values(**succeed)
+            .returning(tasks.c.id, tasks.c.attempts)
+        )
         written = {(row.id, row.attempts) for row in rows}
     else:
-        written = {(task_id, attempt) for task_id, attempt in held
-                   if connection.execute(update(tasks).where(*_fence(task_id, attempt, go_on=True))
-                                         .values(**succeed)).rowcount > 0}
+        written = {
+            (task_id, attempt)
+            for task_id, attempt in held
+            if connection.execute(update(tasks).where(*_fence(task_id, attempt, go_on=True)).values(**succeed)).rowcount
+            > 0
+        }
     refused = [pair for pair in held if pair not in written]
     return {pair: True for pair in written} | (why_refused_each(connection, refused) if refused else {})
 
@@ -160,14 +234,16 @@ def _reason(row: Row | None, attempt: int, *, claiming: bool = False, poll: int 
     return Refused.CANCELLED if row.cancel_requested else Refused.STALE_ATTEMPT
 
 
-def why_refused(connection: Connection, task_id: uuid.UUID, attempt: int, *, claiming: bool = False,
-                poll: int | None = None) -> Refused:
+def why_refused(
+    connection: Connection, task_id: uuid.UUID, attempt: int, *, claiming: bool = False, poll: int | None = None
+) -> Refused:
     """Why a transition of attempt `attempt` was refused (claiming: its claim; poll: that poll step)."""
     row = connection.execute(_STATE_OF_ONE, {"id": task_id}).one_or_none()
     return _reason(row, attempt, claiming=claiming, poll=poll)
 
 
-def why_refused_each(connection: Connection, held: Sequence[tuple[uuid.UUID, int]]
-                     ) -> dict[tuple[uuid.UUID, int], Refused]:
+def why_refused_each(
+    connection: Connection, held: Sequence[tuple[uuid.UUID, int]]
+) -> dict[tuple[uuid.UUID, int], Refused]:
     rows = {row.id: row for row in connection.execute(_STATE.where(tasks.c.id.in_([task_id for task_id, _ in held])))}
     return {(task_id, attempt): _reason(rows.get(task_id), attempt) for task_id, attempt in held}

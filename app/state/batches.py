@@ -33,19 +33,39 @@ OPEN = (BatchStatus.IN_PROGRESS, BatchStatus.CANCELLING)
 batches, tasks = Batch.__table__, Task.__table__
 
 
-def accept(connection: Connection, *, api_key_id: uuid.UUID, total: int, callback_url: str | None,
-           metadata: dict[str, Any] | None, now: datetime, batch_id: uuid.UUID) -> Row:
+def accept(
+    connection: Connection,
+    *,
+    api_key_id: uuid.UUID,
+    total: int,
+    callback_url: str | None,
+    metadata: dict[str, Any] | None,
+    now: datetime,
+    batch_id: uuid.UUID,
+) -> Row:
     """(none) -> in_progress; the new row (with the Batch's attribute names)."""
-    return connection.execute(insert(batches).values(
-        id=batch_id, api_key_id=api_key_id, status=BatchStatus.IN_PROGRESS, total=total, callback_url=callback_url,
-        meta=metadata, created_at=now).returning(batches)).one()
+    return connection.execute(
+        insert(batches)
+        .values(
+            id=batch_id,
+            api_key_id=api_key_id,
+            status=BatchStatus.IN_PROGRESS,
+            total=total,
+            callback_url=callback_url,
+            meta=metadata,
+            created_at=now,
+        )
+        .returning(batches)
+    ).one()
 
 
 def cancel(connection: Connection, batch_id: uuid.UUID, api_key_id: uuid.UUID) -> Outcome:
     """in_progress -> cancelling (and cancelling again, harmlessly: its tasks' cancel is idempotent)."""
-    if connection.execute(update(batches).where(batches.c.id == batch_id, batches.c.api_key_id == api_key_id,
-                                                batches.c.status.in_(OPEN))
-                          .values(status=BatchStatus.CANCELLING)).rowcount:
+    if connection.execute(
+        update(batches)
+        .where(batches.c.id == batch_id, batches.c.api_key_id == api_key_id, batches.c.status.in_(OPEN))
+        .values(status=BatchStatus.CANCELLING)
+    ).rowcount:
         return True
     return _why_refused(connection, batch_id, api_key_id)
 
@@ -54,15 +74,19 @@ def complete(connection: Connection, batch_id: uuid.UUID, now: datetime) -> Outc
     """in_progress -> completed, cancelling -> cancelled, once none of its tasks is unfinished."""
     unfinished = select(tasks.c.id).where(tasks.c.batch_id == batch_id, tasks.c.status.in_(UNFINISHED)).exists()
     ended = case((batches.c.status == BatchStatus.CANCELLING, BatchStatus.CANCELLED), else_=BatchStatus.COMPLETED)
-    if connection.execute(update(batches).where(batches.c.id == batch_id, batches.c.status.in_(OPEN), ~unfinished)
-                          .values(status=ended, finished_at=now)).rowcount:
+    if connection.execute(
+        update(batches)
+        .where(batches.c.id == batch_id, batches.c.status.in_(OPEN), ~unfinished)
+        .values(status=ended, finished_at=now)
+    ).rowcount:
         return True
     return _why_refused(connection, batch_id)
 
 
 def _why_refused(connection: Connection, batch_id: uuid.UUID, api_key_id: uuid.UUID | None = None) -> Refused:
-    row = connection.execute(select(batches.c.api_key_id, batches.c.status)
-                             .where(batches.c.id == batch_id)).one_or_none()
+    row = connection.execute(
+        select(batches.c.api_key_id, batches.c.status).where(batches.c.id == batch_id)
+    ).one_or_none()
     if row is None:
         return Refused.NOT_FOUND
     if api_key_id is not None and row.api_key_id != api_key_id:

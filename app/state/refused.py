@@ -11,10 +11,10 @@ class Refused(StrEnum):
     written" while a caller that must tell reasons apart compares with `is`."""
 
     NOT_FOUND = "not_found"
-    NOT_OWNER = "not_owner"              # another API key's task or batch
-    STALE_ATTEMPT = "stale_attempt"      # the attempt (or poll step, or delivery attempt) is no longer current
+    NOT_OWNER = "not_owner"  # another API key's task or batch
+    STALE_ATTEMPT = "stale_attempt"  # the attempt (or poll step, or delivery attempt) is no longer current
     ALREADY_CLAIMED = "already_claimed"  # another delivery of the same message holds it
-    CANCELLED = "cancelled"              # the client asked to cancel: no images, no retry
+    CANCELLED = "cancelled"  # the client asked to cancel: no images, no retry
     ALREADY_ENDED = "already_ended"
     UNFINISHED_TASKS = "unfinished_tasks"  # a batch cannot close while any of its tasks runs
 

@@ -55,21 +55,44 @@ _REQUEUED = (tasks.c.id, tasks.c.attempts, tasks.c.batch_id)
 
 
 class CancelOutcome(StrEnum):
-    ENDED = "ended"          # was pending: failed `cancelled` now
+    ENDED = "ended"  # was pending: failed `cancelled` now
     REQUESTED = "requested"  # is running: its worker stops before its next upstream call or store
 
 
 # -- intake ------------------------------------------------------------------------------------
-def new_task(*, api_key_id: uuid.UUID, model: str, request: dict[str, Any], response_format: str,
-             callback_url: str | None, now: datetime, task_id: uuid.UUID | None = None,
-             batch_id: uuid.UUID | None = None, batch_line: int | None = None,
-             custom_id: str | None = None) -> dict[str, Any]:
+def new_task(
+    *,
+    api_key_id: uuid.UUID,
+    model: str,
+    request: dict[str, Any],
+    response_format: str,
+    callback_url: str | None,
+    now: datetime,
+    task_id: uuid.UUID | None = None,
+    batch_id: uuid.UUID | None = None,
+    batch_line: int | None = None,
+    custom_id: str | None = None,
+) -> dict[str, Any]:
     """The row of a task just accepted, for `accept`."""
-    return {"id": task_id or uuid.uuid4(), "api_key_id": api_key_id, "model": model, "request": request,
-            "response_format": response_format, "status": TaskStatus.PENDING, "attempts": 0, "route": model,
-            "retries_used": 0, "polls": 0, "cancel_requested": False, "callback_url": callback_url,
-            "batch_id": batch_id, "batch_line": batch_line, "custom_id": custom_id, "created_at": now,
-            "run_after": now}
+    return {
+        "id": task_id or uuid.uuid4(),
+        "api_key_id": api_key_id,
+        "model": model,
+        "request": request,
+        "response_format": response_format,
+        "status": TaskStatus.PENDING,
+        "attempts": 0,
+        "route": model,
+        "retries_used": 0,
+        "polls": 0,
+        "cancel_requested": False,
+        "callback_url": callback_url,
+        "batch_id": batch_id,
+        "batch_line": batch_line,
+        "custom_id": custom_id,
+        "created_at": now,
+        "run_after": now,
+    }
 
 
 def accept(connection: Connection, rows: dict[str, Any] | list[dict[str, Any]]) -> None:
@@ -88,9 +111,12 @@ def _cancel(*guard: ColumnElement[bool]):
 
     failed = {column: if_pending(value, tasks.c[column]) for column, value in CANCELLED.columns().items()}
     failed["finished_at"] = if_pending(utcnow(), tasks.c.finished_at)
-    return (update(tasks).where(*guard, tasks.c.status.in_(UNFINISHED))
-            .values(status=if_pending(TaskStatus.FAILED, tasks.c.status), cancel_requested=True, **failed)
-            .returning(tasks.c.id, tasks.c.status))
+    return (
+        update(tasks)
+        .where(*guard, tasks.c.status.in_(UNFINISHED))
+        .values(status=if_pending(TaskStatus.FAILED, tasks.c.status), cancel_requested=True, **failed)
+        .returning(tasks.c.id, tasks.c.status)
+    )
 
 
 def cancel(connection: Connection, task_id: uuid.UUID, api_key_id: uuid.UUID) -> CancelOutcome | Refused:
@@ -112,11 +138,16 @@ def cancel_batch_tasks(connection: Connection, batch_id: uuid.UUID) -> list[uuid
 # -- the sweeper -------------------------------------------------------------------------------
 def fail_overdue(connection: Connection, created_before: datetime, failure: Failure) -> list[uuid.UUID]:
     """pending | running -> failed, for tasks accepted before `created_before`."""
-    return list(connection.scalars(
-        update(tasks).where(tasks.c.status.in_(UNFINISHED), tasks.c.created_at < created_before)
-        .values(status=TaskStatus.FAILED, worker=None, lease_expires_at=None, finished_at=utcnow(),
-                **failure.columns())
-        .returning(tasks.c.id)))
+    return list(
+        connection.scalars(
+            update(tasks)
+            .where(tasks.c.status.in_(UNFINISHED), tasks.c.created_at < created_before)
+            .values(
+                status=TaskStatus.FAILED, worker=None, lease_expires_at=None, finished_at=utcnow(), **failure.columns()
+            )
+            .returning(tasks.c.id)
+        )
+    )
 
 
 def _expired(now: datetime) -> list[ColumnElement[bool]]:
@@ -126,20 +157,35 @@ def _expired(now: datetime) -> list[ColumnElement[bool]]:
 def fail_expired(connection: Connection, now: datetime, max_attempts: int) -> list[uuid.UUID]:
     """running -> failed, for expired attempts that were cancelled or were the last allowed."""
     code = case((tasks.c.cancel_requested.is_(True), ErrorCode.CANCELLED), else_=ErrorCode.ATTEMPTS_EXHAUSTED)
-    return list(connection.scalars(
-        update(tasks).where(*_expired(now), (tasks.c.attempts >= max_attempts) | tasks.c.cancel_requested)
-        .values(status=TaskStatus.FAILED, worker=None, lease_expires_at=None, finished_at=now, error_code=code,
-                error_message=f"Ended after {max_attempts} attempts or by cancellation.", error_details=None)
-        .returning(tasks.c.id)))
+    return list(
+        connection.scalars(
+            update(tasks)
+            .where(*_expired(now), (tasks.c.attempts >= max_attempts) | tasks.c.cancel_requested)
+            .values(
+                status=TaskStatus.FAILED,
+                worker=None,
+                lease_expires_at=None,
+                finished_at=now,
+                error_code=code,
+                error_message=f"Ended after {max_attempts} attempts or by cancellation.",
+                error_details=None,
+            )
+            .returning(tasks.c.id)
+        )
+    )
 
 
 def requeue_expired(connection: Connection, now: datetime, failure: Failure) -> list[Row]:
     """running -> pending, for expired attempts (their worker is dead, frozen or gone): (id, attempts,
     batch_id) of each, to publish its next attempt."""
-    return list(connection.execute(
-        update(tasks).where(*_expired(now))
-        .values(status=TaskStatus.PENDING, worker=None, lease_expires_at=None, run_after=now, **failure.columns())
-        .returning(*_REQUEUED)))
+    return list(
+        connection.execute(
+            update(tasks)
+            .where(*_expired(now))
+            .values(status=TaskStatus.PENDING, worker=None, lease_expires_at=None, run_after=now, **failure.columns())
+            .returning(*_REQUEUED)
+        )
+    )
 
 
 def is_overdue_pending(due_before: datetime) -> ColumnElement[bool]:
@@ -147,8 +193,9 @@ def is_overdue_pending(due_before: datetime) -> ColumnElement[bool]:
     return and_(tasks.c.status == TaskStatus.PENDING, tasks.c.run_after < due_before)
 
 
-def republish_overdue(connection: Connection, due_before: datetime, *where: ColumnElement[bool],
-                      limit: int | None = None) -> list[Row]:
+def republish_overdue(
+    connection: Connection, due_before: datetime, *where: ColumnElement[bool], limit: int | None = None
+) -> list[Row]:
     """pending -> pending, due now: overdue tasks (the `limit` oldest, if given) about to be published
     again; bumping run_after keeps a second sweeper from publishing them too. (id, attempts, batch_id)."""
     overdue = [is_overdue_pending(due_before), *where]

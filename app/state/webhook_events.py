@@ -32,16 +32,39 @@ class EventStatus(StrEnum):
 ENDED = (EventStatus.DELIVERED, EventStatus.FAILED, EventStatus.DISABLED)
 
 events = WebhookEvent.__table__
-CLAIM_COLUMNS = (events.c.id, events.c.api_key_id, events.c.type, events.c.task_id, events.c.batch_id, events.c.url,
-                 events.c.attempts)
+CLAIM_COLUMNS = (
+    events.c.id,
+    events.c.api_key_id,
+    events.c.type,
+    events.c.task_id,
+    events.c.batch_id,
+    events.c.url,
+    events.c.attempts,
+)
 
 
-def new_event(*, api_key_id: uuid.UUID, type: str, url: str, now: datetime, task_id: uuid.UUID | None = None,
-              batch_id: uuid.UUID | None = None) -> dict[str, Any]:
+def new_event(
+    *,
+    api_key_id: uuid.UUID,
+    type: str,
+    url: str,
+    now: datetime,
+    task_id: uuid.UUID | None = None,
+    batch_id: uuid.UUID | None = None,
+) -> dict[str, Any]:
     """The row of an event about to be announced, for `enqueue`. Its id is every delivery's webhook-id."""
-    return {"id": f"msg_{uuid.uuid4().hex}", "api_key_id": api_key_id, "type": type, "task_id": task_id,
-            "batch_id": batch_id, "url": url, "status": EventStatus.PENDING, "attempts": 0, "next_attempt_at": now,
-            "created_at": now}
+    return {
+        "id": f"msg_{uuid.uuid4().hex}",
+        "api_key_id": api_key_id,
+        "type": type,
+        "task_id": task_id,
+        "batch_id": batch_id,
+        "url": url,
+        "status": EventStatus.PENDING,
+        "attempts": 0,
+        "next_attempt_at": now,
+        "created_at": now,
+    }
 
 
 def enqueue(connection: Connection, rows: list[dict[str, Any]]) -> None:
@@ -52,10 +75,13 @@ def enqueue(connection: Connection, rows: list[dict[str, Any]]) -> None:
 def claim(connection: Connection, event_id: str, *, now: datetime, lease_s: float) -> Row | Refused:
     """pending -> sending, one attempt more, leased for `lease_s`; the claim's columns (CLAIM_COLUMNS)."""
     row = connection.execute(
-        update(events).where(events.c.id == event_id, events.c.status == EventStatus.PENDING)
-        .values(status=EventStatus.SENDING, attempts=events.c.attempts + 1,
-                next_attempt_at=now + timedelta(seconds=lease_s))
-        .returning(*CLAIM_COLUMNS)).one_or_none()
+        update(events)
+        .where(events.c.id == event_id, events.c.status == EventStatus.PENDING)
+        .values(
+            status=EventStatus.SENDING, attempts=events.c.attempts + 1, next_attempt_at=now + timedelta(seconds=lease_s)
+        )
+        .returning(*CLAIM_COLUMNS)
+    ).one_or_none()
     if row is not None:
         return row
     status = connection.scalar(select(events.c.status).where(events.c.id == event_id))
@@ -66,8 +92,11 @@ def claim(connection: Connection, event_id: str, *, now: datetime, lease_s: floa
 
 def _sent(connection: Connection, event_id: str, attempt: int, **values: Any) -> Outcome:
     """The guard of ending attempt `attempt`: the event is still sending it (its lease was not taken back)."""
-    if connection.execute(update(events).where(events.c.id == event_id, events.c.status == EventStatus.SENDING,
-                                               events.c.attempts == attempt).values(**values)).rowcount:
+    if connection.execute(
+        update(events)
+        .where(events.c.id == event_id, events.c.status == EventStatus.SENDING, events.c.attempts == attempt)
+        .values(**values)
+    ).rowcount:
         return True
     row = connection.execute(select(events.c.status, events.c.attempts).where(events.c.id == event_id)).one_or_none()
     if row is None:
@@ -90,8 +119,11 @@ def retry(connection: Connection, event_id: str, attempt: int, *, at: datetime) 
 def redeliver(connection: Connection, event_id: str, *, now: datetime) -> Outcome:
     """delivered | failed | disabled | pending -> pending, due now; refused while an attempt is sending
     (that attempt ends it, or its lease is taken back)."""
-    if connection.execute(update(events).where(events.c.id == event_id, events.c.status != EventStatus.SENDING)
-                          .values(status=EventStatus.PENDING, next_attempt_at=now)).rowcount:
+    if connection.execute(
+        update(events)
+        .where(events.c.id == event_id, events.c.status != EventStatus.SENDING)
+        .values(status=EventStatus.PENDING, next_attempt_at=now)
+    ).rowcount:
         return True
     found = connection.scalar(select(events.c.id).where(events.c.id == event_id))
     return Refused.ALREADY_CLAIMED if found else Refused.NOT_FOUND
@@ -100,15 +132,24 @@ def redeliver(connection: Connection, event_id: str, *, now: datetime) -> Outcom
 def is_overdue(now: datetime, republish_after_s: float) -> ColumnElement[bool]:
     """Pending and due long ago (its message lost, or a full delivery lane left it in the outbox), or
     sending past its lease (its sender died mid-attempt)."""
-    return or_((events.c.status == EventStatus.PENDING)
-               & (events.c.next_attempt_at < now - timedelta(seconds=republish_after_s)),
-               (events.c.status == EventStatus.SENDING) & (events.c.next_attempt_at < now))
+    return or_(
+        (events.c.status == EventStatus.PENDING)
+        & (events.c.next_attempt_at < now - timedelta(seconds=republish_after_s)),
+        (events.c.status == EventStatus.SENDING) & (events.c.next_attempt_at < now),
+    )
 
 
-def take_back_overdue(connection: Connection, now: datetime, republish_after_s: float,
-                      limit: int | None = None) -> list[str]:
+def take_back_overdue(
+    connection: Connection, now: datetime, republish_after_s: float, limit: int | None = None
+) -> list[str]:
     """pending | sending -> pending, due now: the `limit` oldest overdue events, to send again."""
     overdue = is_overdue(now, republish_after_s)
     oldest = select(events.c.id).where(overdue).order_by(events.c.next_attempt_at).limit(limit)
-    return list(connection.scalars(update(events).where(events.c.id.in_(oldest.scalar_subquery()), overdue)
-                                   .values(status=EventStatus.PENDING, next_attempt_at=now).returning(events.c.id)))
+    return list(
+        connection.scalars(
+            update(events)
+            .where(events.c.id.in_(oldest.scalar_subquery()), overdue)
+            .values(status=EventStatus.PENDING, next_attempt_at=now)
+            .returning(events.c.id)
+        )
+    )

@@ -73,7 +73,6 @@ class Success:
 PlanCalls = Callable[[Claim, set[int]], list[int]]
 
 
-
 def _after(seconds: float) -> datetime:
     return utcnow() + timedelta(seconds=seconds)
 
@@ -84,24 +83,40 @@ class AttemptStore:
     # Rows per statement when renewing many leases at once.
     lease_chunk: int = field(default=500)
 
-    def claim(self, task_id: uuid.UUID, attempt: int, *, worker: str, lease_s: float,
-              plan: PlanCalls) -> Claim | Refused:
+    def claim(
+        self, task_id: uuid.UUID, attempt: int, *, worker: str, lease_s: float, plan: PlanCalls
+    ) -> Claim | Refused:
         """pending -> running for attempt `attempt`, the calls about to be made recorded in the same
         transaction; refused when another delivery got there first, or the attempt is past."""
         with self.engine.begin() as connection:
-            row = transitions.claim(connection, task_id, attempt, worker=worker, now=utcnow(),
-                                    lease_until=_after(lease_s))
+            row = transitions.claim(
+                connection, task_id, attempt, worker=worker, now=utcnow(), lease_until=_after(lease_s)
+            )
             if not row:
                 return row
             claim = Claim(*row)
-            done = set(connection.scalars(select(images.c.slot).where(images.c.task_id == task_id).distinct())) \
-                if attempt > 1 else set()
+            done = (
+                set(connection.scalars(select(images.c.slot).where(images.c.task_id == task_id).distinct()))
+                if attempt > 1
+                else set()
+            )
             slots = plan(claim, done)
             if slots:
                 now = utcnow()
-                connection.execute(insert(attempts), [
-                    {"task_id": task_id, "number": attempt, "slot": slot, "model": claim.route, "worker": worker,
-                     "started_at": now} for slot in slots])
+                connection.execute(
+                    insert(attempts),
+                    [
+                        {
+                            "task_id": task_id,
+                            "number": attempt,
+                            "slot": slot,
+                            "model": claim.route,
+                            "worker": worker,
+                            "started_at": now,
+                        }
+                        for slot in slots
+                    ],
+                )
         return Claim(**{**claim.__dict__, "slots": tuple(slots)})
 
     def claim_poll(self, task_id: uuid.UUID, attempt: int, poll: int, *, lease_s: float) -> Claim | Refused:
@@ -115,14 +130,17 @@ class AttemptStore:
         Returns how many were still ours."""
         held = list(held)
         with self.engine.begin() as connection:
-            return sum(transitions.extend_leases(connection, held[start:start + self.lease_chunk], _after(lease_s))
-                       for start in range(0, len(held), self.lease_chunk))
+            return sum(
+                transitions.extend_leases(connection, held[start : start + self.lease_chunk], _after(lease_s))
+                for start in range(0, len(held), self.lease_chunk)
+            )
 
     def wait_upstream(self, claim: Claim, upstream_task_id: str, *, lease_s: float) -> Outcome:
         """Keep the attempt while the asynchronous upstream works: the lease covers the next poll."""
         with self.engine.begin() as connection:
-            return transitions.wait_upstream(connection, claim.task_id, claim.attempt,
-                                             upstream_task_id=upstream_task_id, lease_until=_after(lease_s))
+            return transitions.wait_upstream(
+                connection, claim.task_id, claim.attempt, upstream_task_id=upstream_task_id, lease_until=_after(lease_s)
+            )
 
     def succeed_many(self, ends: list[Success]) -> list[Outcome]:
         """Several attempts' successes in one transaction: under load a worker's ends arrive faster
@@ -132,19 +150,36 @@ class AttemptStore:
             held = [(end.claim.task_id, end.claim.attempt) for end in ends]
             by_attempt = transitions.succeed_each(connection, held, now)
             written = [by_attempt[pair] for pair in held]
-            mine = [end for end, ok in zip(ends, written) if ok]
+            mine = [end for end, ok in zip(ends, written, strict=True) if ok]
             usages = [{"tid": end.claim.task_id, "usage_": end.usage} for end in mine if end.usage is not None]
             if usages:
-                connection.execute(update(tasks).where(tasks.c.id == bindparam("tid"))
-                                   .values(usage=bindparam("usage_", type_=tasks.c.usage.type)), usages)
-            outcomes = [{"tid": end.claim.task_id, "attempt_": end.claim.attempt, "slot_": outcome.slot,
-                         "upstream_status": outcome.upstream_status}
-                        for end in mine for outcome in end.outcomes]
+                connection.execute(
+                    update(tasks)
+                    .where(tasks.c.id == bindparam("tid"))
+                    .values(usage=bindparam("usage_", type_=tasks.c.usage.type)),
+                    usages,
+                )
+            outcomes = [
+                {
+                    "tid": end.claim.task_id,
+                    "attempt_": end.claim.attempt,
+                    "slot_": outcome.slot,
+                    "upstream_status": outcome.upstream_status,
+                }
+                for end in mine
+                for outcome in end.outcomes
+            ]
             if outcomes:
                 connection.execute(
-                    update(attempts).where(attempts.c.task_id == bindparam("tid"), attempts.c.number == bindparam("attempt_"),
-                                           attempts.c.slot == bindparam("slot_"))
-                    .values(ended_at=now, error_code=None, error_message=None), outcomes)
+                    update(attempts)
+                    .where(
+                        attempts.c.task_id == bindparam("tid"),
+                        attempts.c.number == bindparam("attempt_"),
+                        attempts.c.slot == bindparam("slot_"),
+                    )
+                    .values(ended_at=now, error_code=None, error_message=None),
+                    outcomes,
+                )
             rows = [row for end in mine for row in _image_rows(end.claim, end.images, now)]
             if rows:
                 connection.execute(insert(images), rows)
@@ -160,17 +195,42 @@ class AttemptStore:
         """running -> failed `cancelled`, when the client asked while this attempt ran."""
         return self._end(claim, transitions.end_cancelled, [], [], ended=True)
 
-    def retry_later(self, claim: Claim, failure: Failure, outcomes: list[CallOutcome], *, countdown_s: float,
-                    images_: list[NewImage] = (), usage: dict[str, Any] | None = None,
-                    route: str | None = None) -> Outcome:
+    def retry_later(
+        self,
+        claim: Claim,
+        failure: Failure,
+        outcomes: list[CallOutcome],
+        *,
+        countdown_s: float,
+        images_: list[NewImage] = (),
+        usage: dict[str, Any] | None = None,
+        route: str | None = None,
+    ) -> Outcome:
         """running -> pending, keeping the attempt count and the images of the calls that worked.
         With `route`, the next attempt goes to that fallback model with fresh retries."""
-        return self._end(claim, transitions.retry_later, images_, outcomes, ended=False, failure=failure,
-                         countdown_s=countdown_s, retries_used=0 if route else claim.retries_used + 1,
-                         usage=usage, route=route)
+        return self._end(
+            claim,
+            transitions.retry_later,
+            images_,
+            outcomes,
+            ended=False,
+            failure=failure,
+            countdown_s=countdown_s,
+            retries_used=0 if route else claim.retries_used + 1,
+            usage=usage,
+            route=route,
+        )
 
-    def _end(self, claim: Claim, transition: Callable[..., Outcome], new_images: list[NewImage] | tuple,
-             outcomes: list[CallOutcome], *, ended: bool, **arguments: Any) -> Outcome:
+    def _end(
+        self,
+        claim: Claim,
+        transition: Callable[..., Outcome],
+        new_images: list[NewImage] | tuple,
+        outcomes: list[CallOutcome],
+        *,
+        ended: bool,
+        **arguments: Any,
+    ) -> Outcome:
         now = utcnow()
         with self.engine.begin() as connection:
             written = transition(connection, claim.task_id, claim.attempt, now=now, **arguments)
@@ -180,12 +240,18 @@ class AttemptStore:
                 failure = outcome.failure
                 connection.execute(
                     update(attempts)
-                    .where(attempts.c.task_id == claim.task_id, attempts.c.number == claim.attempt,
-                           attempts.c.slot == outcome.slot)
-                    .values(ended_at=now,
-                            upstream_status=failure.upstream_status if failure else outcome.upstream_status,
-                            error_code=failure.code if failure else None,
-                            error_message=failure.message if failure else None))
+                    .where(
+                        attempts.c.task_id == claim.task_id,
+                        attempts.c.number == claim.attempt,
+                        attempts.c.slot == outcome.slot,
+                    )
+                    .values(
+                        ended_at=now,
+                        upstream_status=failure.upstream_status if failure else outcome.upstream_status,
+                        error_code=failure.code if failure else None,
+                        error_message=failure.message if failure else None,
+                    )
+                )
             if new_images:
                 connection.execute(insert(images), _image_rows(claim, new_images, now))
             if ended and claim.callback_url:  # the webhook event commits with the end it announces
@@ -198,7 +264,16 @@ def _image_rows(claim: Claim, new_images: list[NewImage] | tuple, now: datetime)
     rows = []
     for image in new_images:
         index = indexes[image.slot] = indexes.get(image.slot, -1) + 1
-        rows.append({"id": uuid.uuid4(), "task_id": claim.task_id, "slot": image.slot, "index": index,
-                     "content_type": image.content_type, "data": image.data, "revised_prompt": image.revised_prompt,
-                     "created_at": now})
+        rows.append(
+            {
+                "id": uuid.uuid4(),
+                "task_id": claim.task_id,
+                "slot": image.slot,
+                "index": index,
+                "content_type": image.content_type,
+                "data": image.data,
+                "revised_prompt": image.revised_prompt,
+                "created_at": now,
+            }
+        )
     return rows

@@ -42,9 +42,15 @@ class BatchStore:
         self._sessions = sessions
         self._engine: Engine = sessions.kw["bind"]
 
-    def create(self, *, api_key_id: uuid.UUID, lines: list[NewLine], callback_url: str | None,
-               metadata: dict[str, Any] | None, idempotency: tuple[str, str] | None = None
-               ) -> tuple[Batch | Row, list[uuid.UUID]]:
+    def create(
+        self,
+        *,
+        api_key_id: uuid.UUID,
+        lines: list[NewLine],
+        callback_url: str | None,
+        metadata: dict[str, Any] | None,
+        idempotency: tuple[str, str] | None = None,
+    ) -> tuple[Batch | Row, list[uuid.UUID]]:
         """The batch (a Core row with the Batch's attribute names when new) and the ids of its new tasks
         (none when an Idempotency-Key replays an earlier batch)."""
         now, batch_id = utcnow(), uuid.uuid4()
@@ -54,25 +60,45 @@ class BatchStore:
                 if earlier is not None:
                     return session.get(Batch, earlier.batch_id), []
             connection = session.connection()
-            batch = transitions.accept(connection, api_key_id=api_key_id, total=len(lines), callback_url=callback_url,
-                               metadata=metadata, now=now, batch_id=batch_id)
-            rows = [task_transitions.new_task(api_key_id=api_key_id, model=line.model, request=line.body.stored(),
-                                              response_format=line.body.response_format,
-                                              callback_url=line.callback_url, now=now, batch_id=batch_id,
-                                              batch_line=index, custom_id=line.custom_id)
-                    for index, line in enumerate(lines)]
+            batch = transitions.accept(
+                connection,
+                api_key_id=api_key_id,
+                total=len(lines),
+                callback_url=callback_url,
+                metadata=metadata,
+                now=now,
+                batch_id=batch_id,
+            )
+            rows = [
+                task_transitions.new_task(
+                    api_key_id=api_key_id,
+                    model=line.model,
+                    request=line.body.stored(),
+                    response_format=line.body.response_format,
+                    callback_url=line.callback_url,
+                    now=now,
+                    batch_id=batch_id,
+                    batch_line=index,
+                    custom_id=line.custom_id,
+                )
+                for index, line in enumerate(lines)
+            ]
             if rows:  # one multi-row INSERT per page, not a round trip a line
                 task_transitions.accept(connection, rows)
         return batch, [row["id"] for row in rows]
 
     def get(self, batch_id: uuid.UUID, api_key_id: uuid.UUID) -> tuple[Batch, dict[str, int]] | None:
         with self._sessions() as session:
-            batch = session.scalars(select(Batch).where(Batch.id == batch_id, Batch.api_key_id == api_key_id)
-                                    ).one_or_none()
+            batch = session.scalars(
+                select(Batch).where(Batch.id == batch_id, Batch.api_key_id == api_key_id)
+            ).one_or_none()
             if batch is None:
                 return None
-            counts = dict(session.execute(select(Task.status, func.count()).where(Task.batch_id == batch_id)
-                                          .group_by(Task.status)).all())
+            counts = dict(
+                session.execute(
+                    select(Task.status, func.count()).where(Task.batch_id == batch_id).group_by(Task.status)
+                ).all()
+            )
         return batch, counts
 
     def results(self, batch_id: uuid.UUID, page: int = 500) -> Iterator[ResultRow]:
@@ -80,14 +106,23 @@ class BatchStore:
         after = -1
         while True:
             with self._sessions() as session:
-                tasks = list(session.scalars(select(Task).where(Task.batch_id == batch_id, Task.batch_line > after)
-                                             .order_by(Task.batch_line).limit(page)))
+                tasks = list(
+                    session.scalars(
+                        select(Task)
+                        .where(Task.batch_id == batch_id, Task.batch_line > after)
+                        .order_by(Task.batch_line)
+                        .limit(page)
+                    )
+                )
                 if not tasks:
                     return
                 images: dict[uuid.UUID, list] = {}
                 done = [task.id for task in tasks if task.status == TaskStatus.SUCCEED]
-                for row in session.execute(select(Image.task_id, Image.id, Image.content_type, Image.revised_prompt)
-                                           .where(Image.task_id.in_(done)).order_by(Image.slot, Image.index)):
+                for row in session.execute(
+                    select(Image.task_id, Image.id, Image.content_type, Image.revised_prompt)
+                    .where(Image.task_id.in_(done))
+                    .order_by(Image.slot, Image.index)
+                ):
                     images.setdefault(row.task_id, []).append((row.id, row.content_type, row.revised_prompt))
             for task in tasks:
                 yield ResultRow(task.custom_id or "", task, images.get(task.id, []))

@@ -70,8 +70,16 @@ class TaskStore:
         self._engine: Engine = sessions.kw["bind"]  # intake and reads use Core connections, no Session
 
     # -- intake and reading ------------------------------------------------------------------
-    def create(self, *, api_key_id: uuid.UUID, model: str, request: dict[str, Any], response_format: str,
-               callback_url: str | None = None, idempotency: tuple[str, str] | None = None) -> tuple[NewTask, bool]:
+    def create(
+        self,
+        *,
+        api_key_id: uuid.UUID,
+        model: str,
+        request: dict[str, Any],
+        response_format: str,
+        callback_url: str | None = None,
+        idempotency: tuple[str, str] | None = None,
+    ) -> tuple[NewTask, bool]:
         """The new task, True; or, when the Idempotency-Key (key, fingerprint) was used before with
         the same request, that earlier task, False. One transaction, Core statements (no ORM unit of
         work): this is the hot path of every submit."""
@@ -82,13 +90,28 @@ class TaskStore:
                 if earlier is not None:
                     row = connection.execute(_TASK_CREATED, {"id": earlier.task_id}).one()
                     return NewTask(row.id, row.created_at), False
-            transitions.accept(connection, transitions.new_task(
-                task_id=task_id, api_key_id=api_key_id, model=model, request=request,
-                response_format=response_format, callback_url=callback_url, now=now))
+            transitions.accept(
+                connection,
+                transitions.new_task(
+                    task_id=task_id,
+                    api_key_id=api_key_id,
+                    model=model,
+                    request=request,
+                    response_format=response_format,
+                    callback_url=callback_url,
+                    now=now,
+                ),
+            )
         return NewTask(task_id, now), True
 
-    def get(self, task_id: uuid.UUID, *, api_key_id: uuid.UUID | None = None, with_bytes: bool = False,
-            with_attempts: bool = True) -> TaskRecord | None:
+    def get(
+        self,
+        task_id: uuid.UUID,
+        *,
+        api_key_id: uuid.UUID | None = None,
+        with_bytes: bool = False,
+        with_attempts: bool = True,
+    ) -> TaskRecord | None:
         """The task (a Core row with the Task's attribute names: no ORM identity map on the read path),
         its images, and its attempt log unless with_attempts=False (a synchronous reply needs none)."""
         with self._engine.connect() as session:
@@ -101,13 +124,26 @@ class TaskStore:
                 columns = [Image.id, Image.index, Image.content_type, Image.revised_prompt]
                 if with_bytes:
                     columns.append(Image.data)
-                rows = session.execute(select(*columns).where(Image.task_id == task_id)
-                                       .order_by(Image.slot, Image.index))
-                images = [StoredImage(row.id, row.index, row.content_type, row.revised_prompt,
-                                      row.data if with_bytes else None) for row in rows]
-            attempts = list(session.execute(select(ATTEMPT_TABLE).where(ATTEMPT_TABLE.c.task_id == task_id)
-                                            .order_by(ATTEMPT_TABLE.c.number, ATTEMPT_TABLE.c.slot))
-                            ) if with_attempts else []
+                rows = session.execute(
+                    select(*columns).where(Image.task_id == task_id).order_by(Image.slot, Image.index)
+                )
+                images = [
+                    StoredImage(
+                        row.id, row.index, row.content_type, row.revised_prompt, row.data if with_bytes else None
+                    )
+                    for row in rows
+                ]
+            attempts = (
+                list(
+                    session.execute(
+                        select(ATTEMPT_TABLE)
+                        .where(ATTEMPT_TABLE.c.task_id == task_id)
+                        .order_by(ATTEMPT_TABLE.c.number, ATTEMPT_TABLE.c.slot)
+                    )
+                )
+                if with_attempts
+                else []
+            )
             return TaskRecord(task, images, attempts)  # type: ignore[arg-type]
 
     def status(self, task_id: uuid.UUID) -> str | None:
@@ -173,7 +209,8 @@ def _requeued(rows) -> list[Requeued]:
 
 def _close_open_attempts(connection: Connection, task_ids: list[uuid.UUID], failure: Failure) -> None:
     if task_ids:
-        connection.execute(update(ATTEMPT_TABLE).where(ATTEMPT_TABLE.c.task_id.in_(task_ids),
-                                                       ATTEMPT_TABLE.c.ended_at.is_(None))
-                           .values(ended_at=utcnow(), error_code=failure.code, error_message=failure.message))
-
+        connection.execute(
+            update(ATTEMPT_TABLE)
+            .where(ATTEMPT_TABLE.c.task_id.in_(task_ids), ATTEMPT_TABLE.c.ended_at.is_(None))
+            .values(ended_at=utcnow(), error_code=failure.code, error_message=failure.message)
+        )

@@ -35,31 +35,61 @@ def task_event_type(status: str) -> str:
 
 
 def _not_disabled(api_key_column, url_column):
-    return ~select(DisabledCallback.url).where(DisabledCallback.api_key_id == api_key_column,
-                                              DisabledCallback.url == url_column).exists()
+    return (
+        ~select(DisabledCallback.url)
+        .where(DisabledCallback.api_key_id == api_key_column, DisabledCallback.url == url_column)
+        .exists()
+    )
 
 
 def enqueue_task_events(connection: Connection, task_ids: list[uuid.UUID]) -> None:
     """Events for those of these tasks that ended and have a callback URL not disabled for their key."""
     if not task_ids:
         return
-    rows = connection.execute(select(Task.id, Task.api_key_id, Task.status, Task.callback_url).where(
-        Task.id.in_(task_ids), Task.callback_url.is_not(None), Task.status.in_(TASK_ENDED),
-        _not_disabled(Task.api_key_id, Task.callback_url))).all()
+    rows = connection.execute(
+        select(Task.id, Task.api_key_id, Task.status, Task.callback_url).where(
+            Task.id.in_(task_ids),
+            Task.callback_url.is_not(None),
+            Task.status.in_(TASK_ENDED),
+            _not_disabled(Task.api_key_id, Task.callback_url),
+        )
+    ).all()
     now = utcnow()
     if rows:
-        transitions.enqueue(connection, [
-            transitions.new_event(api_key_id=row.api_key_id, type=task_event_type(row.status), task_id=row.id,
-                                  url=row.callback_url, now=now) for row in rows])
+        transitions.enqueue(
+            connection,
+            [
+                transitions.new_event(
+                    api_key_id=row.api_key_id,
+                    type=task_event_type(row.status),
+                    task_id=row.id,
+                    url=row.callback_url,
+                    now=now,
+                )
+                for row in rows
+            ],
+        )
 
 
 def enqueue_batch_event(connection: Connection, batch_id: uuid.UUID) -> None:
-    row = connection.execute(select(Batch.api_key_id, Batch.callback_url).where(
-        Batch.id == batch_id, Batch.callback_url.is_not(None), _not_disabled(Batch.api_key_id, Batch.callback_url))
+    row = connection.execute(
+        select(Batch.api_key_id, Batch.callback_url).where(
+            Batch.id == batch_id, Batch.callback_url.is_not(None), _not_disabled(Batch.api_key_id, Batch.callback_url)
+        )
     ).one_or_none()
     if row is not None:
-        transitions.enqueue(connection, [transitions.new_event(
-            api_key_id=row.api_key_id, type=BATCH_COMPLETED, batch_id=batch_id, url=row.callback_url, now=utcnow())])
+        transitions.enqueue(
+            connection,
+            [
+                transitions.new_event(
+                    api_key_id=row.api_key_id,
+                    type=BATCH_COMPLETED,
+                    batch_id=batch_id,
+                    url=row.callback_url,
+                    now=utcnow(),
+                )
+            ],
+        )
 
 
 @dataclass(frozen=True)
@@ -82,14 +112,22 @@ class WebhookStore:
         """Events of this task or batch not yet tried: the ones to send now."""
         column, value = (WebhookEvent.task_id, task_id) if task_id else (WebhookEvent.batch_id, batch_id)
         with self._sessions() as session:
-            return list(session.scalars(select(WebhookEvent.id).where(
-                column == value, WebhookEvent.status == EventStatus.PENDING, WebhookEvent.attempts == 0)))
+            return list(
+                session.scalars(
+                    select(WebhookEvent.id).where(
+                        column == value, WebhookEvent.status == EventStatus.PENDING, WebhookEvent.attempts == 0
+                    )
+                )
+            )
 
     def pending_key(self, event_id: str) -> uuid.UUID | None:
         """The API key of a pending event (None if it is not pending): whose share of the lane it takes."""
         with self._sessions() as session:
-            return session.scalar(select(WebhookEvent.api_key_id).where(WebhookEvent.id == event_id,
-                                                                        WebhookEvent.status == EventStatus.PENDING))
+            return session.scalar(
+                select(WebhookEvent.api_key_id).where(
+                    WebhookEvent.id == event_id, WebhookEvent.status == EventStatus.PENDING
+                )
+            )
 
     def claim(self, event_id: str, lease_s: float) -> ClaimedEvent | Refused:
         """pending -> sending, one attempt more; refused if another delivery has it or it is done."""
@@ -99,8 +137,14 @@ class WebhookStore:
 
     def is_disabled(self, event: ClaimedEvent) -> bool:
         with self._sessions() as session:
-            return session.scalar(select(DisabledCallback.url).where(
-                DisabledCallback.api_key_id == event.api_key_id, DisabledCallback.url == event.url)) is not None
+            return (
+                session.scalar(
+                    select(DisabledCallback.url).where(
+                        DisabledCallback.api_key_id == event.api_key_id, DisabledCallback.url == event.url
+                    )
+                )
+                is not None
+            )
 
     def secrets(self, api_key_id: uuid.UUID) -> list[str]:
         """The key's signing secrets: the current one, and the previous one while its overlap lasts."""
@@ -111,8 +155,16 @@ class WebhookStore:
             found.append(key.webhook_secret_previous)
         return found
 
-    def record(self, event: ClaimedEvent, *, status_code: int | None, latency_ms: int, error: str | None,
-               outcome: EventStatus, retry_at: datetime | None = None) -> Outcome:
+    def record(
+        self,
+        event: ClaimedEvent,
+        *,
+        status_code: int | None,
+        latency_ms: int,
+        error: str | None,
+        outcome: EventStatus,
+        retry_at: datetime | None = None,
+    ) -> Outcome:
         """Record the attempt and move the event on: delivered, failed, disabled, or pending again at
         `retry_at`. The attempt is recorded even when the move is refused (its lease was taken back)."""
         with self._engine.begin() as connection:
@@ -120,19 +172,41 @@ class WebhookStore:
                 moved = transitions.retry(connection, event.id, event.attempt, at=retry_at or utcnow())
             else:
                 moved = transitions.finish(connection, event.id, event.attempt, outcome)
-            connection.execute(insert(WebhookDelivery).values(
-                id=uuid.uuid4(), event_id=event.id, attempt=event.attempt, url=event.url, status_code=status_code,
-                latency_ms=latency_ms, error=error, created_at=utcnow()))
+            connection.execute(
+                insert(WebhookDelivery).values(
+                    id=uuid.uuid4(),
+                    event_id=event.id,
+                    attempt=event.attempt,
+                    url=event.url,
+                    status_code=status_code,
+                    latency_ms=latency_ms,
+                    error=error,
+                    created_at=utcnow(),
+                )
+            )
             if outcome == EventStatus.DISABLED:
-                insert_ignoring_conflict(connection, DisabledCallback, {"api_key_id": event.api_key_id,
-                                                                        "url": event.url, "disabled_at": utcnow()})
+                insert_ignoring_conflict(
+                    connection,
+                    DisabledCallback,
+                    {"api_key_id": event.api_key_id, "url": event.url, "disabled_at": utcnow()},
+                )
         return moved
 
-    def deliveries(self, api_key_id: uuid.UUID, *, task_id: uuid.UUID | None = None,
-                   batch_id: uuid.UUID | None = None, limit: int = 100) -> list[tuple[WebhookDelivery, WebhookEvent]]:
-        query = (select(WebhookDelivery, WebhookEvent).join(WebhookEvent)
-                 .where(WebhookEvent.api_key_id == api_key_id)
-                 .order_by(WebhookDelivery.created_at.desc()).limit(limit))
+    def deliveries(
+        self,
+        api_key_id: uuid.UUID,
+        *,
+        task_id: uuid.UUID | None = None,
+        batch_id: uuid.UUID | None = None,
+        limit: int = 100,
+    ) -> list[tuple[WebhookDelivery, WebhookEvent]]:
+        query = (
+            select(WebhookDelivery, WebhookEvent)
+            .join(WebhookEvent)
+            .where(WebhookEvent.api_key_id == api_key_id)
+            .order_by(WebhookDelivery.created_at.desc())
+            .limit(limit)
+        )
         if task_id is not None:
             query = query.where(WebhookEvent.task_id == task_id)
         if batch_id is not None:
@@ -144,12 +218,18 @@ class WebhookStore:
         """Send a delivery's event again, now (unless an attempt is sending it); an explicit redelivery
         also lifts a 410's disabling. The event's id, None if no such delivery of this key's."""
         with self._engine.begin() as connection:
-            event = connection.execute(select(WebhookEvent.id, WebhookEvent.url).join(WebhookDelivery).where(
-                WebhookDelivery.id == delivery_id, WebhookEvent.api_key_id == api_key_id)).one_or_none()
+            event = connection.execute(
+                select(WebhookEvent.id, WebhookEvent.url)
+                .join(WebhookDelivery)
+                .where(WebhookDelivery.id == delivery_id, WebhookEvent.api_key_id == api_key_id)
+            ).one_or_none()
             if event is None:
                 return None
-            connection.execute(delete(DisabledCallback).where(DisabledCallback.api_key_id == api_key_id,
-                                                              DisabledCallback.url == event.url))
+            connection.execute(
+                delete(DisabledCallback).where(
+                    DisabledCallback.api_key_id == api_key_id, DisabledCallback.url == event.url
+                )
+            )
             transitions.redeliver(connection, event.id, now=utcnow())
             return event.id
 
@@ -163,8 +243,9 @@ class WebhookStore:
 
     def overdue_count(self, republish_after_s: float, among: list[str] | None = None) -> int:
         """How many events overdue() would take (of those `among`, if given)."""
-        query = select(func.count()).select_from(WebhookEvent).where(
-            transitions.is_overdue(utcnow(), republish_after_s))
+        query = (
+            select(func.count()).select_from(WebhookEvent).where(transitions.is_overdue(utcnow(), republish_after_s))
+        )
         if among is not None:
             if not among:
                 return 0

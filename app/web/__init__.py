@@ -28,8 +28,9 @@ def create_app(settings: Settings | None = None) -> Flask:
 
     runtime = build_runtime(settings)
     reuse_publish_client(runtime.celery)
-    app.extensions["imagegate"] = Services.of(runtime, models=load_models(settings.providers_file),
-                                              keys=KeyCache(runtime.sessions, settings.key_cache_ttl_s))
+    app.extensions["imagegate"] = Services.of(
+        runtime, models=load_models(settings.providers_file), keys=KeyCache(runtime.sessions, settings.key_cache_ttl_s)
+    )
 
     app.wsgi_app = ClientLimit(app.wsgi_app, settings.max_requests_per_client)  # type: ignore[method-assign]
     register_error_handlers(app)

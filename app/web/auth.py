@@ -12,8 +12,9 @@ def require_api_key() -> None:
     header = request.headers.get("Authorization", "")
     scheme, _, presented = header.partition(" ")
     if not header:
-        raise ApiError(401, "You didn't provide an API key. Send it as 'Authorization: Bearer KEY'.",
-                       code="missing_api_key")
+        raise ApiError(
+            401, "You didn't provide an API key. Send it as 'Authorization: Bearer KEY'.", code="missing_api_key"
+        )
     caller = services().keys.authenticate(presented.strip()) if scheme.lower() == "bearer" else None
     if caller is None:
         raise ApiError(401, "Incorrect API key provided.", code="invalid_api_key")

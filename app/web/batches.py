@@ -76,8 +76,12 @@ def _check_count(svc: Services, count: int) -> None:
     if not count:
         raise ApiError(400, "The batch has no requests.", param="requests", code="empty_batch")
     if count > svc.settings.max_batch:
-        raise ApiError(400, f"A batch takes at most {svc.settings.max_batch} requests; this one has "
-                            f"{count}.", param="requests", code="batch_too_large")
+        raise ApiError(
+            400,
+            f"A batch takes at most {svc.settings.max_batch} requests; this one has {count}.",
+            param="requests",
+            code="batch_too_large",
+        )
 
 
 def _json_lines(svc: Services, document: dict[str, Any]) -> list[_Line]:
@@ -92,8 +96,10 @@ def _json_lines(svc: Services, document: dict[str, Any]) -> list[_Line]:
                 raise from_error_details(error) from None
         # Only lines are at fault: validate each alone, to name every bad one.
         return [_Line(number, line, _validated(line)) for number, line in enumerate(document["requests"], 1)]
-    return [_Line(number, line, validated)
-            for number, (line, validated) in enumerate(zip(document["requests"], batch.requests), 1)]
+    return [
+        _Line(number, line, validated)
+        for number, (line, validated) in enumerate(zip(document["requests"], batch.requests, strict=True), 1)
+    ]
 
 
 def _jsonl_lines(svc: Services, raw: bytes) -> list[_Line]:
@@ -133,19 +139,29 @@ def _checked_lines(svc: Services, lines: list[_Line]) -> list[NewLine]:
                 raise line.validated
             valid = line.validated
             if valid.custom_id in seen:
-                raise ApiError(400, f"custom_id {valid.custom_id!r} is used by an earlier line", param="custom_id",
-                               code="duplicate_custom_id")
+                raise ApiError(
+                    400,
+                    f"custom_id {valid.custom_id!r} is used by an earlier line",
+                    param="custom_id",
+                    code="duplicate_custom_id",
+                )
             seen.add(valid.custom_id)
             model_name, _ = checked_model(svc, valid.body, prefix="body.")
             callback = checked_callback(svc, valid.body.callback_url, param="body.callback_url")
             accepted.append(NewLine(valid.custom_id, model_name, valid.body, callback))
         except ApiError as exc:
             if len(errors) < MAX_REPORTED_ERRORS:
-                errors.append({"line": line.number, "custom_id": line.custom_id, "param": exc.param,
-                               "message": exc.message})
+                errors.append(
+                    {"line": line.number, "custom_id": line.custom_id, "param": exc.param, "message": exc.message}
+                )
     if errors:
-        raise ApiError(400, f"{len(errors)} line(s) of the batch are invalid; nothing was accepted.",
-                       param="requests", code="invalid_batch", extra={"lines": errors})
+        raise ApiError(
+            400,
+            f"{len(errors)} line(s) of the batch are invalid; nothing was accepted.",
+            param="requests",
+            code="invalid_batch",
+            extra={"lines": errors},
+        )
     return accepted
 
 
@@ -153,6 +169,7 @@ def _publish_in_background(svc: Services, task_ids: list[uuid.UUID], batch_id: u
     """Answer at once; a batch's thousands of messages go out after, in pipelined chunks, yielding to
     other requests between chunks (under gevent this thread is a greenlet). Whatever this misses (a
     crash half-way), the sweeper republishes: the tasks are committed pending."""
+
     def publish() -> None:
         try:
             publish_runs(svc.celery, task_ids, batch_id=batch_id, between_chunks=lambda: time.sleep(0))
@@ -164,24 +181,41 @@ def _publish_in_background(svc: Services, task_ids: list[uuid.UUID], batch_id: u
 
 @bp.post("")
 @bp.post("/")
-@operation(operation_id="createImageBatch",
-           summary="Submit many generation requests (JSON, or JSONL lines of {custom_id, body})",
-           body=BatchCreate, other_bodies={"application/jsonl": JSONL_BODY}, headers=IDEMPOTENCY_HEADER,
-           replies={202: Reply("Accepted", BatchView)}, errors=(400, 401, 404, 408, 413, 422, 503))
+@operation(
+    operation_id="createImageBatch",
+    summary="Submit many generation requests (JSON, or JSONL lines of {custom_id, body})",
+    body=BatchCreate,
+    other_bodies={"application/jsonl": JSONL_BODY},
+    headers=IDEMPOTENCY_HEADER,
+    replies={202: Reply("Accepted", BatchView)},
+    errors=(400, 401, 404, 408, 413, 422, 503),
+)
 def create_batch():
     svc = services()
     submitted, options = _submitted(svc)
     metadata = options.get("metadata")
     callback_url = checked_callback(svc, options.get("callback_url")) or default_callback()
     lines = _checked_lines(svc, submitted)
-    fingerprinted = {"requests": [{"custom_id": line.custom_id, "body": line.body.stored()} for line in lines],
-                     "callback_url": options.get("callback_url"), "metadata": metadata}
+    fingerprinted = {
+        "requests": [{"custom_id": line.custom_id, "body": line.body.stored()} for line in lines],
+        "callback_url": options.get("callback_url"),
+        "metadata": metadata,
+    }
     try:
-        batch, task_ids = svc.batches.create(api_key_id=g.api_key_id, lines=lines, callback_url=callback_url,
-                                                     metadata=metadata, idempotency=idempotency(fingerprinted))
+        batch, task_ids = svc.batches.create(
+            api_key_id=g.api_key_id,
+            lines=lines,
+            callback_url=callback_url,
+            metadata=metadata,
+            idempotency=idempotency(fingerprinted),
+        )
     except IdempotencyMismatch:
-        raise ApiError(422, "This Idempotency-Key was already used with a different request body.",
-                       param="Idempotency-Key", code="idempotency_key_reused") from None
+        raise ApiError(
+            422,
+            "This Idempotency-Key was already used with a different request body.",
+            param="Idempotency-Key",
+            code="idempotency_key_reused",
+        ) from None
     if task_ids:
         _publish_in_background(svc, task_ids, batch.id)
     counts = {TaskStatus.PENDING: len(task_ids)} if task_ids else svc.batches.get(batch.id, g.api_key_id)[1]
@@ -198,15 +232,23 @@ def _owned(batch_id: str):
 
 
 @bp.get("/<batch_id>")
-@operation(operation_id="getImageBatch", summary="A batch and its counts", replies={200: Reply("The batch", BatchView)},
-           errors=(401, 404, 503))
+@operation(
+    operation_id="getImageBatch",
+    summary="A batch and its counts",
+    replies={200: Reply("The batch", BatchView)},
+    errors=(401, 404, 503),
+)
 def get_batch(batch_id: str):
     return batch_view(*_owned(batch_id)).model_dump(mode="json")
 
 
 @bp.post("/<batch_id>/cancel")
-@operation(operation_id="cancelImageBatch", summary="Cancel every task of the batch not yet ended",
-           replies={200: Reply("The batch", BatchView)}, errors=(401, 404, 503))
+@operation(
+    operation_id="cancelImageBatch",
+    summary="Cancel every task of the batch not yet ended",
+    replies={200: Reply("The batch", BatchView)},
+    errors=(401, 404, 503),
+)
 def cancel_batch(batch_id: str):
     svc = services()
     batch, _ = _owned(batch_id)
@@ -216,10 +258,18 @@ def cancel_batch(batch_id: str):
 
 
 @bp.get("/<batch_id>/results")
-@operation(operation_id="getImageBatchResults", summary="One JSONL line per request, in line order",
-           replies={200: Reply("JSONL", media_type="application/jsonl",
-                               schema={"type": "string", "description": "One result object per line."})},
-           errors=(401, 404, 503))
+@operation(
+    operation_id="getImageBatchResults",
+    summary="One JSONL line per request, in line order",
+    replies={
+        200: Reply(
+            "JSONL",
+            media_type="application/jsonl",
+            schema={"type": "string", "description": "One result object per line."},
+        )
+    },
+    errors=(401, 404, 503),
+)
 def batch_results(batch_id: str):
     """JSONL, one line per request in the order of the batch's lines, streamed page by page."""
     svc = services()
@@ -228,13 +278,21 @@ def batch_results(batch_id: str):
 
     def lines():
         for row in svc.batches.results(batch.id):
-            line: dict[str, Any] = {"custom_id": row.custom_id, "task_id": str(row.task.id),
-                                    "task_status": row.task.status}
+            line: dict[str, Any] = {
+                "custom_id": row.custom_id,
+                "task_id": str(row.task.id),
+                "task_status": row.task.status,
+            }
             if row.task.status == TaskStatus.SUCCEED:
-                line["data"] = [{"url": signed_image_url(settings.public_url, settings.secret_key, image_id,
-                                                         content_type, settings.image_url_ttl_s)}
-                                | ({"revised_prompt": revised} if revised else {})
-                                for image_id, content_type, revised in row.images]
+                line["data"] = [
+                    {
+                        "url": signed_image_url(
+                            settings.public_url, settings.secret_key, image_id, content_type, settings.image_url_ttl_s
+                        )
+                    }
+                    | ({"revised_prompt": revised} if revised else {})
+                    for image_id, content_type, revised in row.images
+                ]
             elif row.task.status == TaskStatus.FAILED:
                 line["error"] = {"code": row.task.error_code, "message": row.task.error_message}
             yield json.dumps(line) + "\n"

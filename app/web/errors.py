@@ -16,15 +16,31 @@ log = logging.getLogger(__name__)
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None, extra: dict | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        extra: dict | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
         self.extra = extra or {}  # more fields inside "error", e.g. a batch's bad lines
 
 
-def error_response(status: int, message: str, *, type: str = "invalid_request_error",
-                   param: str | None = None, code: str | None = None, detail: dict | None = None, **extra):
+def error_response(
+    status: int,
+    message: str,
+    *,
+    type: str = "invalid_request_error",
+    param: str | None = None,
+    code: str | None = None,
+    detail: dict | None = None,
+    **extra,
+):
     body = ErrorResponse(error=ErrorDetail(message=message, type=type, param=param, code=code)).model_dump()
     body["error"].update(detail or {})
     response = jsonify(body | extra)
@@ -60,8 +76,7 @@ def from_error_details(error: ErrorDetails) -> ApiError:
 def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(ApiError)
     def _api_error(exc: ApiError):
-        return error_response(exc.status, exc.message, type=exc.type, param=exc.param, code=exc.code,
-                              detail=exc.extra)
+        return error_response(exc.status, exc.message, type=exc.type, param=exc.param, code=exc.code, detail=exc.extra)
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException):
@@ -86,11 +101,16 @@ def register_error_handlers(app: Flask) -> None:
         if not isinstance(exc, (OperationalError, InterfaceError)) and not exc.connection_invalidated:
             return _unexpected(exc)
         log.warning("database unavailable: %s", type(exc.orig).__name__ if exc.orig else exc)
-        return error_response(503, "The database is unavailable; nothing was stored. Try again shortly.",
-                              type="server_error", code="database_unavailable")
+        return error_response(
+            503,
+            "The database is unavailable; nothing was stored. Try again shortly.",
+            type="server_error",
+            code="database_unavailable",
+        )
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception):
         log.exception("unhandled error")
-        return error_response(500, "The server had an error while processing your request.",
-                              type="server_error", code="internal_error")
+        return error_response(
+            500, "The server had an error while processing your request.", type="server_error", code="internal_error"
+        )

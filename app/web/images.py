@@ -71,29 +71,45 @@ def _publish(svc: Services, task_id: uuid.UUID) -> None:
 
 @bp.post("/generations")
 @bp.post("/generations/")
-@operation(operation_id="createImage", summary="Generate images (synchronously, or as a task with `async: true`)",
-           body=GenerationRequest, headers=IDEMPOTENCY_HEADER,
-           replies={200: Reply("The images (OpenAI's shape, plus task_id and task_status)", ImagesResponse),
-                    202: Reply("Accepted: the task id (async, or the wait ran out)", TaskAccepted)},
-           errors=(400, 401, 404, 408, 409, 413, 422, 500, 502, 503, 504))
+@operation(
+    operation_id="createImage",
+    summary="Generate images (synchronously, or as a task with `async: true`)",
+    body=GenerationRequest,
+    headers=IDEMPOTENCY_HEADER,
+    replies={
+        200: Reply("The images (OpenAI's shape, plus task_id and task_status)", ImagesResponse),
+        202: Reply("Accepted: the task id (async, or the wait ran out)", TaskAccepted),
+    },
+    errors=(400, 401, 404, 408, 409, 413, 422, 500, 502, 503, 504),
+)
 def create_generation():
     svc = services()
     body = _parse_generation(svc)
     model_name, _ = checked_model(svc, body)
     callback_url = checked_callback(svc, body.callback_url) or default_callback()
     try:
-        task, new = svc.tasks.create(api_key_id=g.api_key_id, model=model_name, request=body.stored(),
-                                     response_format=body.response_format, callback_url=callback_url,
-                                     idempotency=idempotency(body.stored()))
+        task, new = svc.tasks.create(
+            api_key_id=g.api_key_id,
+            model=model_name,
+            request=body.stored(),
+            response_format=body.response_format,
+            callback_url=callback_url,
+            idempotency=idempotency(body.stored()),
+        )
     except IdempotencyMismatch:
-        raise ApiError(422, "This Idempotency-Key was already used with a different request body.",
-                       param="Idempotency-Key", code="idempotency_key_reused") from None
+        raise ApiError(
+            422,
+            "This Idempotency-Key was already used with a different request body.",
+            param="Idempotency-Key",
+            code="idempotency_key_reused",
+        ) from None
     replayed = {} if new else {"Idempotent-Replayed": "true"}
     if body.async_:
         if new:
             _publish(svc, task.id)
-        accepted = TaskAccepted(created=int(task.created_at.timestamp()), task_id=str(task.id),
-                                task_status=TaskStatus.PENDING)
+        accepted = TaskAccepted(
+            created=int(task.created_at.timestamp()), task_id=str(task.id), task_status=TaskStatus.PENDING
+        )
         return *_json(accepted, 202), replayed
 
     # Subscribe before publishing, so the end of even a very fast task is not missed.
@@ -142,13 +158,25 @@ def _ended_record(svc: Services, task_id: uuid.UUID) -> TaskRecord:
 def _sync_reply(svc: Services, record: TaskRecord):
     task = record.task
     if task.status == TaskStatus.SUCCEED:
-        return _json(ImagesResponse(created=timestamp(record), data=image_items(record, svc.settings), usage=task.usage,
-                                    task_id=str(task.id), task_status=TaskStatus.SUCCEED))
+        return _json(
+            ImagesResponse(
+                created=timestamp(record),
+                data=image_items(record, svc.settings),
+                usage=task.usage,
+                task_id=str(task.id),
+                task_status=TaskStatus.SUCCEED,
+            )
+        )
     if task.status == TaskStatus.FAILED:
         status = http_status_of_failure(task.error_code)
-        return error_response(status, task.error_message or "The image task failed.",
-                              type="invalid_request_error" if status == 400 else "upstream_error",
-                              code=task.error_code, task_id=str(task.id), task_status=task.status)
+        return error_response(
+            status,
+            task.error_message or "The image task failed.",
+            type="invalid_request_error" if status == 400 else "upstream_error",
+            code=task.error_code,
+            task_id=str(task.id),
+            task_status=task.status,
+        )
     # Still going past IMAGEGATE_SYNC_TIMEOUT_S: hand back the id; the task carries on.
     return _json(TaskAccepted(created=timestamp(record), task_id=str(task.id), task_status=task.status), 202)
 
@@ -163,18 +191,26 @@ def _owned_record(task_id: str) -> TaskRecord:
 
 
 @bp.get("/<task_id:task_id>")
-@operation(operation_id="getImageTask", summary="A task's status, and its images once it succeeded",
-           replies={200: Reply("The task", TaskView)}, errors=(401, 404, 503))
+@operation(
+    operation_id="getImageTask",
+    summary="A task's status, and its images once it succeeded",
+    replies={200: Reply("The task", TaskView)},
+    errors=(401, 404, 503),
+)
 def get_task(task_id: str):
     return _json(task_view(_owned_record(task_id), services().settings))
 
 
 @bp.post("/<task_id:task_id>/cancel")
-@operation(operation_id="cancelImageTask",
-           summary="Cancel a task: a pending one ends at once, a running one before its next upstream call",
-           replies={200: Reply("Cancelled (failed with error code cancelled)", TaskView),
-                    202: Reply("Running: it stops before its next upstream call or store", TaskView)},
-           errors=(401, 404, 409, 503))
+@operation(
+    operation_id="cancelImageTask",
+    summary="Cancel a task: a pending one ends at once, a running one before its next upstream call",
+    replies={
+        200: Reply("Cancelled (failed with error code cancelled)", TaskView),
+        202: Reply("Running: it stops before its next upstream call or store", TaskView),
+    },
+    errors=(401, 404, 409, 503),
+)
 def cancel_task(task_id: str):
     """A pending task fails `cancelled` at once; a running one stops before its next upstream call
     and before storing anything; a finished one answers 409."""
@@ -182,9 +218,12 @@ def cancel_task(task_id: str):
     parsed = parse_id(task_id)
     result = svc.tasks.cancel(parsed, g.api_key_id) if parsed else Refused.NOT_FOUND
     if result is Refused.ALREADY_ENDED:
-        raise ApiError(409, "The task has already ended; there is nothing to cancel.", param="task_id",
-                       code="task_finished")
+        raise ApiError(
+            409, "The task has already ended; there is nothing to cancel.", param="task_id", code="task_finished"
+        )
     record = _owned_record(task_id)  # 404 for NOT_FOUND and NOT_OWNER, in the same words as GET
     if result is CancelOutcome.ENDED:  # wake waiters, send its webhook, maybe close its batch
-        svc.after_end.task_ended(record.task.id, record.task.batch_id, has_callback=record.task.callback_url is not None)
+        svc.after_end.task_ended(
+            record.task.id, record.task.batch_id, has_callback=record.task.callback_url is not None
+        )
     return _json(task_view(record, svc.settings), 200 if record.task.status == TaskStatus.FAILED else 202)

@@ -48,8 +48,12 @@ def idempotency(document: Any) -> tuple[str, str] | None:
     if key is None:
         return None
     if not key.strip() or len(key) > MAX_IDEMPOTENCY_KEY or "\x00" in key:  # Postgres text takes no NUL
-        raise ApiError(400, f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} characters.",
-                       param="Idempotency-Key", code="invalid_idempotency_key")
+        raise ApiError(
+            400,
+            f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} characters.",
+            param="Idempotency-Key",
+            code="invalid_idempotency_key",
+        )
     return key, fingerprint(document)
 
 

@@ -43,8 +43,11 @@ def read_body(timeout_s: float) -> bytes:
             return request.get_data(cache=False)
     except BodyTimeout:
         _close_after_reply()
-        raise ApiError(408, f"The request body did not arrive within {timeout_s:g} s.", code="request_timeout",
-                       ) from None
+        raise ApiError(
+            408,
+            f"The request body did not arrive within {timeout_s:g} s.",
+            code="request_timeout",
+        ) from None
 
 
 def _close_after_reply() -> None:
@@ -92,9 +95,18 @@ class ClientLimit:
 
 
 def _too_many(start_response: Callable, limit: int) -> list[bytes]:
-    body = json.dumps({"error": {
-        "message": f"Too many requests in progress from your address (at most {limit} per server process).",
-        "type": "rate_limit_error", "param": None, "code": "too_many_concurrent_requests"}}).encode()
-    start_response("429 Too Many Requests", [("Content-Type", "application/json"),
-                                             ("Content-Length", str(len(body))), ("Retry-After", "1")])
+    body = json.dumps(
+        {
+            "error": {
+                "message": f"Too many requests in progress from your address (at most {limit} per server process).",
+                "type": "rate_limit_error",
+                "param": None,
+                "code": "too_many_concurrent_requests",
+            }
+        }
+    ).encode()
+    start_response(
+        "429 Too Many Requests",
+        [("Content-Type", "application/json"), ("Content-Length", str(len(body))), ("Retry-After", "1")],
+    )
     return [body]

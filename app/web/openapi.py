@@ -38,14 +38,19 @@ def _openapi_path(rule: Rule) -> str:
 
 
 def _parameters(rule: Rule, described: Operation) -> list[dict[str, Any]]:
-    parameters: list[dict[str, Any]] = [{"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
-                                        for name in sorted(rule.arguments)]
+    parameters: list[dict[str, Any]] = [
+        {"name": name, "in": "path", "required": True, "schema": {"type": "string"}} for name in sorted(rule.arguments)
+    ]
     if described.query:
         schema = described.query.model_json_schema()
-        parameters += [{"name": name, "in": "query", "required": name in schema.get("required", ()),
-                        "schema": field_schema} for name, field_schema in schema["properties"].items()]
-    parameters += [{"name": name, "in": "header", "required": False, "schema": dict(header_schema)}
-                   for name, header_schema in described.headers.items()]
+        parameters += [
+            {"name": name, "in": "query", "required": name in schema.get("required", ()), "schema": field_schema}
+            for name, field_schema in schema["properties"].items()
+        ]
+    parameters += [
+        {"name": name, "in": "header", "required": False, "schema": dict(header_schema)}
+        for name, header_schema in described.headers.items()
+    ]
     return parameters
 
 
@@ -76,15 +81,20 @@ def openapi_document(app: Flask) -> dict[str, Any]:
     models = {(ErrorResponse, "serialization")}
     for _, described in routes:
         models.update(described.models())
-    refs, schemas = models_json_schema(sorted(models, key=lambda found: (found[0].__name__, found[1])),
-                                       ref_template=REF)
+    refs, schemas = models_json_schema(
+        sorted(models, key=lambda found: (found[0].__name__, found[1])), ref_template=REF
+    )
     paths: dict[str, dict[str, Any]] = {}
     for rule, described in routes:
         for method in sorted((rule.methods or set()) - IGNORED_METHODS):
             paths.setdefault(_openapi_path(rule), {})[method.lower()] = _operation_object(rule, described, refs)
     return {
         "openapi": "3.1.0",
-        "info": {"title": "imagegate", "version": "1", "description": "OpenAI-compatible image generation as durable jobs."},
+        "info": {
+            "title": "imagegate",
+            "version": "1",
+            "description": "OpenAI-compatible image generation as durable jobs.",
+        },
         "components": {
             "schemas": schemas["$defs"],
             "securitySchemes": {"bearerAuth": {"type": "http", "scheme": "bearer"}},

@@ -29,21 +29,24 @@ class ApiServer(BaseApplication):
 
 def serve(settings: Settings, *, host: str, port: int, workers: int, connections: int) -> None:
     allow_open_files(connections + 256)  # + the database and Redis pools, logs, the listener
-    ApiServer(settings, {
-        "bind": f"{host}:{port}",
-        "workers": workers,
-        "worker_class": "gevent",
-        "worker_connections": connections,
-        # A synchronous request may wait IMAGEGATE_SYNC_TIMEOUT_S; never kill it before that.
-        "timeout": int(settings.sync_timeout_s) + 60,
-        "graceful_timeout": 30,
-        # Idle keep-alive connections stay open longer than clients keep them (httpx, so the openai SDK:
-        # 5 s): with gunicorn's 2 s a client reusing a connection the server was closing got
-        # "Server disconnected without sending a response".
-        "keepalive": 75,
-        "accesslog": "-",
-        # gunicorn's control socket is one fixed path per user: several servers on a host would clash.
-        "control_socket_disable": True,
-        # gunicorn answers an over-long request line itself, with an HTML page: allow its maximum.
-        "limit_request_line": 8190,
-    }).run()
+    ApiServer(
+        settings,
+        {
+            "bind": f"{host}:{port}",
+            "workers": workers,
+            "worker_class": "gevent",
+            "worker_connections": connections,
+            # A synchronous request may wait IMAGEGATE_SYNC_TIMEOUT_S; never kill it before that.
+            "timeout": int(settings.sync_timeout_s) + 60,
+            "graceful_timeout": 30,
+            # Idle keep-alive connections stay open longer than clients keep them (httpx, so the openai SDK:
+            # 5 s): with gunicorn's 2 s a client reusing a connection the server was closing got
+            # "Server disconnected without sending a response".
+            "keepalive": 75,
+            "accesslog": "-",
+            # gunicorn's control socket is one fixed path per user: several servers on a host would clash.
+            "control_socket_disable": True,
+            # gunicorn answers an over-long request line itself, with an HTML page: allow its maximum.
+            "limit_request_line": 8190,
+        },
+    ).run()

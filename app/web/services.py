@@ -17,7 +17,7 @@ class Services(Runtime):
     keys: KeyCache
 
     @classmethod
-    def of(cls, runtime: Runtime, *, models: dict[str, ModelConfig], keys: KeyCache) -> "Services":
+    def of(cls, runtime: Runtime, *, models: dict[str, ModelConfig], keys: KeyCache) -> Services:
         return cls(**{field.name: getattr(runtime, field.name) for field in fields(Runtime)}, models=models, keys=keys)
 
     @property

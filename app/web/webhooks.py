@@ -31,23 +31,43 @@ def _parsed_id(name: str, value: str | None):
 
 
 @bp.get("/deliveries")
-@operation(operation_id="listWebhookDeliveries", summary="Delivery attempts of the key's webhook events",
-           query=DeliveryQuery, replies={200: Reply("Newest first", DeliveryList)}, errors=(400, 401, 503))
+@operation(
+    operation_id="listWebhookDeliveries",
+    summary="Delivery attempts of the key's webhook events",
+    query=DeliveryQuery,
+    replies={200: Reply("Newest first", DeliveryList)},
+    errors=(400, 401, 503),
+)
 def list_deliveries():
     """?task_id=... or ?batch_id=... (else the key's latest); newest first."""
     try:
         query = DeliveryQuery.model_validate(request.args.to_dict())
     except ValidationError as exc:
         raise from_validation_error(exc) from None
-    rows = services().webhooks.deliveries(g.api_key_id, task_id=_parsed_id("task_id", query.task_id),
-                                                  batch_id=_parsed_id("batch_id", query.batch_id), limit=query.limit)
-    return DeliveryList(data=[
-        DeliveryView(id=str(delivery.id), event_id=event.id, type=event.type,
-                     task_id=str(event.task_id) if event.task_id else None,
-                     batch_id=str(event.batch_id) if event.batch_id else None, attempt=delivery.attempt,
-                     url=delivery.url, status_code=delivery.status_code, latency_ms=delivery.latency_ms,
-                     error=delivery.error, created=int(delivery.created_at.timestamp()))
-        for delivery, event in rows]).model_dump(mode="json")
+    rows = services().webhooks.deliveries(
+        g.api_key_id,
+        task_id=_parsed_id("task_id", query.task_id),
+        batch_id=_parsed_id("batch_id", query.batch_id),
+        limit=query.limit,
+    )
+    return DeliveryList(
+        data=[
+            DeliveryView(
+                id=str(delivery.id),
+                event_id=event.id,
+                type=event.type,
+                task_id=str(event.task_id) if event.task_id else None,
+                batch_id=str(event.batch_id) if event.batch_id else None,
+                attempt=delivery.attempt,
+                url=delivery.url,
+                status_code=delivery.status_code,
+                latency_ms=delivery.latency_ms,
+                error=delivery.error,
+                created=int(delivery.created_at.timestamp()),
+            )
+            for delivery, event in rows
+        ]
+    ).model_dump(mode="json")
 
 
 def _redeliver_limit():
@@ -60,13 +80,19 @@ def _redeliver_limit():
         settings = services().settings
         store = storage.storage_from_string(settings.broker_url if settings.uses_redis else "memory://")
         found = current_app.extensions["imagegate.redeliver_limit"] = (
-            strategies.FixedWindowRateLimiter(store), parse(settings.redeliver_rate))
+            strategies.FixedWindowRateLimiter(store),
+            parse(settings.redeliver_rate),
+        )
     return found
 
 
 @bp.post("/deliveries/<delivery_id>/redeliver")
-@operation(operation_id="redeliverWebhook", summary="Send a delivery's event again",
-           replies={202: Reply("Queued", RedeliveryQueued)}, errors=(401, 404, 429, 503))
+@operation(
+    operation_id="redeliverWebhook",
+    summary="Send a delivery's event again",
+    replies={202: Reply("Queued", RedeliveryQueued)},
+    errors=(401, 404, 429, 503),
+)
 def redeliver(delivery_id: str):
     svc = services()
     limiter, rate = _redeliver_limit()
@@ -77,16 +103,19 @@ def redeliver(delivery_id: str):
         allowed = True
     if not allowed:
         reset_at, _ = limiter.get_window_stats(rate, "redeliver", str(g.api_key_id))
-        response = error_response(429, f"Too many redeliveries for this API key (at most {rate}); try again later.",
-                                  type="rate_limit_error", code="rate_limit_exceeded")
+        response = error_response(
+            429,
+            f"Too many redeliveries for this API key (at most {rate}); try again later.",
+            type="rate_limit_error",
+            code="rate_limit_exceeded",
+        )
         response.headers["Retry-After"] = str(max(1, math.ceil(reset_at - time.time())))
         return response
     parsed = parse_id(delivery_id)
     event_id = svc.webhooks.redeliver(g.api_key_id, parsed) if parsed else None
     if event_id is None:
-        raise ApiError(404, f"No delivery found with id '{delivery_id}'.", param="delivery_id",
-                       code="delivery_not_found")
+        raise ApiError(
+            404, f"No delivery found with id '{delivery_id}'.", param="delivery_id", code="delivery_not_found"
+        )
     svc.after_end.send([event_id])
     return RedeliveryQueued(event_id=event_id).model_dump(mode="json"), 202
-
-

@@ -14,6 +14,7 @@ embedded database is small.
 The statuses are written out here, not imported: a migration must keep meaning what it meant when
 it ran. tests/state/test_statuses.py checks that the enums still match the database.
 """
+
 from alembic import op
 
 revision = "0002"

@@ -52,28 +52,50 @@ class Environment:
                 conn.execute(statement)
 
         self.upstream_port = free_port()
-        self.upstream = stack.start("upstream", [sys.executable, "-m", "benchlib.fake_upstream", "--port",
-                                                 str(self.upstream_port), "--latency-s", str(latency_s),
-                                                 "--image-kb", str(image_kb)], cwd=str(self.scripts))
+        self.upstream = stack.start(
+            "upstream",
+            [
+                sys.executable,
+                "-m",
+                "benchlib.fake_upstream",
+                "--port",
+                str(self.upstream_port),
+                "--latency-s",
+                str(latency_s),
+                "--image-kb",
+                str(image_kb),
+            ],
+            cwd=str(self.scripts),
+        )
         wait_until(lambda: port_open(self.upstream_port), 30, "the fake upstream")
         self.upstream_url = f"http://127.0.0.1:{self.upstream_port}/v1/images/generations"
 
         providers = stack.directory / "providers.toml"
         providers.write_text(
             f'[models."{MODEL}"]\nadapter = "openai"\nbase_url = "http://127.0.0.1:{self.upstream_port}/v1"\n'
-            f'api_key_env = "BENCH_UPSTREAM_KEY"\ntimeout_s = 600\nallow_private_downloads = true\n')
+            f'api_key_env = "BENCH_UPSTREAM_KEY"\ntimeout_s = 600\nallow_private_downloads = true\n'
+        )
         self.api_port = free_port()
         self.api_url = f"http://127.0.0.1:{self.api_port}"
-        self.env = {**os.environ, "IMAGEGATE_DATABASE_URL": self.pg.url("imagegate"),
-                    "IMAGEGATE_BROKER_URL": self.redis.url(0), "IMAGEGATE_SECRET_KEY": secrets.token_urlsafe(48),
-                    "IMAGEGATE_PROVIDERS_FILE": str(providers), "IMAGEGATE_PUBLIC_URL": self.api_url,
-                    "BENCH_UPSTREAM_KEY": "sk-upstream-bench"}
+        self.env = {
+            **os.environ,
+            "IMAGEGATE_DATABASE_URL": self.pg.url("imagegate"),
+            "IMAGEGATE_BROKER_URL": self.redis.url(0),
+            "IMAGEGATE_SECRET_KEY": secrets.token_urlsafe(48),
+            "IMAGEGATE_PROVIDERS_FILE": str(providers),
+            "IMAGEGATE_PUBLIC_URL": self.api_url,
+            "BENCH_UPSTREAM_KEY": "sk-upstream-bench",
+        }
         say("imagegate db upgrade; imagegate keys create --name bench ...")
         self._imagegate("db", "upgrade")
         self.key = self._imagegate("keys", "create", "--name", "bench").strip().splitlines()[-1].strip()
-        self.naive_env = {**os.environ, "NAIVE_BROKER_URL": self.redis.url(NAIVE_REDIS_DB),
-                          "NAIVE_DATABASE_URL": self.pg.url("naive"), "NAIVE_UPSTREAM_URL": self.upstream_url,
-                          "PYTHONPATH": str(self.scripts)}
+        self.naive_env = {
+            **os.environ,
+            "NAIVE_BROKER_URL": self.redis.url(NAIVE_REDIS_DB),
+            "NAIVE_DATABASE_URL": self.pg.url("naive"),
+            "NAIVE_UPSTREAM_URL": self.upstream_url,
+            "PYTHONPATH": str(self.scripts),
+        }
         self.api: Proc | None = None
         self.api_workers: int | None = None
         self.worker: Proc | None = None
@@ -83,8 +105,9 @@ class Environment:
 
     # -- imagegate, with its documented commands --------------------------------------------------
     def _imagegate(self, *args: str) -> str:
-        done = subprocess.run([str(self.bin / "imagegate"), *args], env=self.env, capture_output=True, text=True,
-                              timeout=300)
+        done = subprocess.run(
+            [str(self.bin / "imagegate"), *args], env=self.env, capture_output=True, text=True, timeout=300
+        )
         if done.returncode:
             raise RuntimeError(f"imagegate {' '.join(args)} failed: {done.stdout}{done.stderr}")
         return done.stdout
@@ -157,16 +180,49 @@ class Environment:
 
     # -- naive baselines ------------------------------------------------------------------------
     def start_naive_worker(self) -> Proc:
-        return self.stack.start("naive-celery", [str(self.bin / "celery"), "-A", "benchlib.naive_celery", "worker",
-                                                 "--pool", "threads", "--concurrency", "64", "-Q", naive_celery.QUEUE,
-                                                 "--loglevel", "INFO", "--without-gossip", "--without-mingle"],
-                                env=self.naive_env, cwd=str(self.scripts))
+        return self.stack.start(
+            "naive-celery",
+            [
+                str(self.bin / "celery"),
+                "-A",
+                "benchlib.naive_celery",
+                "worker",
+                "--pool",
+                "threads",
+                "--concurrency",
+                "64",
+                "-Q",
+                naive_celery.QUEUE,
+                "--loglevel",
+                "INFO",
+                "--without-gossip",
+                "--without-mingle",
+            ],
+            env=self.naive_env,
+            cwd=str(self.scripts),
+        )
 
     def start_naive_flask(self) -> tuple[Proc, str]:
         port = free_port()
-        proc = self.stack.start("naive-flask", [str(self.bin / "gunicorn"), "-k", "gthread", "--threads", "8",
-                                                "--workers", "2", "-b", f"127.0.0.1:{port}", "--log-level", "warning",
-                                                "benchlib.naive_flask:app"], env=self.naive_env, cwd=str(self.scripts))
+        proc = self.stack.start(
+            "naive-flask",
+            [
+                str(self.bin / "gunicorn"),
+                "-k",
+                "gthread",
+                "--threads",
+                "8",
+                "--workers",
+                "2",
+                "-b",
+                f"127.0.0.1:{port}",
+                "--log-level",
+                "warning",
+                "benchlib.naive_flask:app",
+            ],
+            env=self.naive_env,
+            cwd=str(self.scripts),
+        )
         wait_until(lambda: port_open(port), 60, "the naive Flask app")
         return proc, f"http://127.0.0.1:{port}"
 
@@ -182,17 +238,38 @@ class Environment:
             self.litellm_error = str(error)
             return None
         config = self.stack.directory / "litellm.yaml"
-        config.write_text(json.dumps({  # JSON is YAML
-            "model_list": [{"model_name": MODEL,
-                            "litellm_params": {"model": f"openai/{MODEL}", "api_key": "sk-upstream-bench",
-                                               "api_base": f"http://127.0.0.1:{self.upstream_port}/v1"},
-                            "model_info": {"mode": "image_generation"}}],
-            "litellm_settings": {"drop_params": True, "telemetry": False}}))
+        config.write_text(
+            json.dumps(
+                {  # JSON is YAML
+                    "model_list": [
+                        {
+                            "model_name": MODEL,
+                            "litellm_params": {
+                                "model": f"openai/{MODEL}",
+                                "api_key": "sk-upstream-bench",
+                                "api_base": f"http://127.0.0.1:{self.upstream_port}/v1",
+                            },
+                            "model_info": {"mode": "image_generation"},
+                        }
+                    ],
+                    "litellm_settings": {"drop_params": True, "telemetry": False},
+                }
+            )
+        )
         port = free_port()
-        env = {**os.environ, "LITELLM_MASTER_KEY": LITELLM_KEY, "LITELLM_LOG": "ERROR",
-               "LITELLM_TELEMETRY": "False", "NO_DOCKER": "1"}
-        self.litellm = self.stack.start("litellm", [str(binary), "--config", str(config), "--port", str(port),
-                                                    "--num_workers", "1"], env=env, cwd=str(self.stack.directory))
+        env = {
+            **os.environ,
+            "LITELLM_MASTER_KEY": LITELLM_KEY,
+            "LITELLM_LOG": "ERROR",
+            "LITELLM_TELEMETRY": "False",
+            "NO_DOCKER": "1",
+        }
+        self.litellm = self.stack.start(
+            "litellm",
+            [str(binary), "--config", str(config), "--port", str(port), "--num_workers", "1"],
+            env=env,
+            cwd=str(self.stack.directory),
+        )
         self.litellm_url = f"http://127.0.0.1:{port}"
         try:
             wait_until(lambda: port_open(port) or not self.litellm.alive(), 120, "LiteLLM proxy")
@@ -211,8 +288,10 @@ def _litellm_venv(repo: Path, say) -> Path:
         return binary
     say("installing litellm[proxy] into .bench/venv-litellm (first run only) ...")
     venv.parent.mkdir(exist_ok=True)
-    for command in ([sys.executable, "-m", "venv", str(venv)],
-                    [str(venv / "bin" / "pip"), "install", "-q", "litellm[proxy]"]):
+    for command in (
+        [sys.executable, "-m", "venv", str(venv)],
+        [str(venv / "bin" / "pip"), "install", "-q", "litellm[proxy]"],
+    ):
         done = subprocess.run(command, capture_output=True, text=True, timeout=900)
         if done.returncode:
             raise RuntimeError(f"installing LiteLLM failed: {done.stderr[-300:]}")
@@ -228,9 +307,11 @@ def _http_ok(url: str) -> bool:
 
 def wait_ready(worker: Proc, timeout_s: float = 90) -> float:
     """Wait for Celery's `ready.` line; returns when it was seen."""
+
     def ready():
         if not worker.alive():
             raise RuntimeError(f"{worker.name} exited: {worker.log_text()[-1500:]}")
         return re.search(r"\bready\.", worker.log_text())
+
     wait_until(ready, timeout_s, f"{worker.name} to be ready", interval_s=0.05)
     return time.time()

@@ -37,8 +37,9 @@ class Upstream:
     def __init__(self, latency_s: float, image_kb: int):
         self.latency_s = latency_s
         png = random_png(image_kb)
-        self.reply = json.dumps({"created": int(time.time()),
-                                 "data": [{"b64_json": base64.b64encode(png).decode()}]}).encode()
+        self.reply = json.dumps(
+            {"created": int(time.time()), "data": [{"b64_json": base64.b64encode(png).decode()}]}
+        ).encode()
         self.reset()
 
     def reset(self) -> None:
@@ -64,10 +65,17 @@ class Upstream:
         return web.Response(body=self.reply, content_type="application/json")
 
     async def stats(self, request: web.Request) -> web.Response:
-        return web.json_response({"calls": self.calls, "in_flight": self.in_flight,
-                                  "peak_in_flight": self.peak_in_flight, "latency_s": self.latency_s,
-                                  "first_call_at": self.first_call_at, "last_reply_at": self.last_reply_at,
-                                  "reply_bytes": len(self.reply)})
+        return web.json_response(
+            {
+                "calls": self.calls,
+                "in_flight": self.in_flight,
+                "peak_in_flight": self.peak_in_flight,
+                "latency_s": self.latency_s,
+                "first_call_at": self.first_call_at,
+                "last_reply_at": self.last_reply_at,
+                "reply_bytes": len(self.reply),
+            }
+        )
 
     async def reset_stats(self, request: web.Request) -> web.Response:
         self.reset()

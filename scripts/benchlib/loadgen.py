@@ -35,14 +35,27 @@ def have_wrk() -> bool:
     return shutil.which("wrk") is not None
 
 
-def closed_loop(url: str, body: dict, *, connections: int, duration_s: float, key: str | None = None,
-                timeout_s: float = 120) -> dict:
+def closed_loop(
+    url: str, body: dict, *, connections: int, duration_s: float, key: str | None = None, timeout_s: float = 120
+) -> dict:
     """`connections` clients each sending one POST after another for `duration_s`. Returns
     requests, rps, non2xx, errors, p50_ms, p99_ms."""
     if have_wrk():
         return _wrk(url, body, connections=connections, duration_s=duration_s, key=key, timeout_s=timeout_s)
-    command = [sys.executable, "-m", "benchlib.loadgen", "closed", url, json.dumps(body), "--connections",
-               str(connections), "--duration-s", str(duration_s), "--timeout-s", str(timeout_s)]
+    command = [
+        sys.executable,
+        "-m",
+        "benchlib.loadgen",
+        "closed",
+        url,
+        json.dumps(body),
+        "--connections",
+        str(connections),
+        "--duration-s",
+        str(duration_s),
+        "--timeout-s",
+        str(timeout_s),
+    ]
     if key:
         command += ["--key", key]
     return _json_of(subprocess.run(command, capture_output=True, text=True, cwd=Path(__file__).parent.parent))
@@ -50,8 +63,18 @@ def closed_loop(url: str, body: dict, *, connections: int, duration_s: float, ke
 
 def burst(url: str, body: dict, *, count: int, key: str | None = None, timeout_s: float = 120) -> dict:
     """`count` POSTs sent at once. Returns answered (with an image), statuses, p50_ms, p99_ms."""
-    command = [sys.executable, "-m", "benchlib.loadgen", "burst", url, json.dumps(body), "--count", str(count),
-               "--timeout-s", str(timeout_s)]
+    command = [
+        sys.executable,
+        "-m",
+        "benchlib.loadgen",
+        "burst",
+        url,
+        json.dumps(body),
+        "--count",
+        str(count),
+        "--timeout-s",
+        str(timeout_s),
+    ]
     if key:
         command += ["--key", key]
     return _json_of(subprocess.run(command, capture_output=True, text=True, cwd=Path(__file__).parent.parent))
@@ -60,7 +83,7 @@ def burst(url: str, body: dict, *, count: int, key: str | None = None, timeout_s
 def _json_of(done: subprocess.CompletedProcess) -> dict:
     for line in done.stdout.splitlines():
         if line.startswith("BENCHJSON "):
-            return json.loads(line[len("BENCHJSON "):])
+            return json.loads(line[len("BENCHJSON ") :])
     raise RuntimeError(f"load generator failed: {done.stdout[-2000:]} {done.stderr[-2000:]}")
 
 
@@ -70,15 +93,37 @@ def _wrk(url, body, *, connections, duration_s, key, timeout_s) -> dict:
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as lua:
         lua.write(script)
     threads = max(1, min(2, connections))
-    done = subprocess.run(["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{duration_s:g}s",
-                           "--timeout", f"{timeout_s:g}s", "-s", lua.name, url],
-                          capture_output=True, text=True, timeout=duration_s + timeout_s + 30)
+    done = subprocess.run(
+        [
+            "wrk",
+            "-t",
+            str(threads),
+            "-c",
+            str(connections),
+            "-d",
+            f"{duration_s:g}s",
+            "--timeout",
+            f"{timeout_s:g}s",
+            "-s",
+            lua.name,
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=duration_s + timeout_s + 30,
+    )
     Path(lua.name).unlink()
     raw = _json_of(done)
     seconds = raw["duration_us"] / 1e6
-    return {"requests": raw["requests"], "rps": raw["requests"] / seconds, "non2xx": raw["non2xx"],
-            "errors": raw["connect_errors"] + raw["read_errors"] + raw["write_errors"] + raw["timeouts"],
-            "p50_ms": raw["p50_us"] / 1000, "p99_ms": raw["p99_us"] / 1000, "tool": "wrk"}
+    return {
+        "requests": raw["requests"],
+        "rps": raw["requests"] / seconds,
+        "non2xx": raw["non2xx"],
+        "errors": raw["connect_errors"] + raw["read_errors"] + raw["write_errors"] + raw["timeouts"],
+        "p50_ms": raw["p50_us"] / 1000,
+        "p99_ms": raw["p99_us"] / 1000,
+        "tool": "wrk",
+    }
 
 
 def _percentile(values: list[float], fraction: float) -> float:
@@ -104,15 +149,16 @@ async def _one(session, url, body, headers, timeout):
         async with session.post(url, data=body, headers=headers, timeout=timeout) as reply:
             payload = await reply.read()
             return reply.status, time.perf_counter() - started, reply.status == 200 and _has_image(payload)
-    except (aiohttp.ClientError, asyncio.TimeoutError) as error:
+    except (TimeoutError, aiohttp.ClientError) as error:
         return type(error).__name__, time.perf_counter() - started, False
 
 
 def _session(timeout_s: float):
     import aiohttp
 
-    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, force_close=False),
-                                 timeout=aiohttp.ClientTimeout(total=timeout_s))
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0, force_close=False), timeout=aiohttp.ClientTimeout(total=timeout_s)
+    )
 
 
 async def _burst(url, body, count, headers, timeout_s) -> dict:
@@ -125,9 +171,14 @@ async def _burst(url, body, count, headers, timeout_s) -> dict:
     for status, _, _ in results:
         statuses[str(status)] = statuses.get(str(status), 0) + 1
     answered = [seconds for _, seconds, ok in results if ok]
-    return {"count": count, "answered": len(answered), "statuses": statuses,
-            "p50_ms": _percentile(answered, 0.5) * 1000, "p99_ms": _percentile(answered, 0.99) * 1000,
-            "max_ms": max((s for _, s, _ in results), default=0) * 1000}
+    return {
+        "count": count,
+        "answered": len(answered),
+        "statuses": statuses,
+        "p50_ms": _percentile(answered, 0.5) * 1000,
+        "p99_ms": _percentile(answered, 0.99) * 1000,
+        "max_ms": max((s for _, s, _ in results), default=0) * 1000,
+    }
 
 
 async def _closed(url, body, connections, duration_s, headers, timeout_s) -> dict:
@@ -152,9 +203,15 @@ async def _closed(url, body, connections, duration_s, headers, timeout_s) -> dic
     async with _session(timeout_s) as session:
         await asyncio.gather(*[client(session) for _ in range(connections)])
     elapsed = time.perf_counter() - started
-    return {"requests": len(latencies), "rps": len(latencies) / elapsed, "non2xx": non2xx, "errors": errors,
-            "p50_ms": _percentile(latencies, 0.5) * 1000, "p99_ms": _percentile(latencies, 0.99) * 1000,
-            "tool": "aiohttp"}
+    return {
+        "requests": len(latencies),
+        "rps": len(latencies) / elapsed,
+        "non2xx": non2xx,
+        "errors": errors,
+        "p50_ms": _percentile(latencies, 0.5) * 1000,
+        "p99_ms": _percentile(latencies, 0.99) * 1000,
+        "tool": "aiohttp",
+    }
 
 
 def main() -> None:

@@ -38,8 +38,10 @@ def generate(task_id: str, prompt: str) -> None:
     if not png.startswith(b"\x89PNG"):
         raise ValueError("not a PNG")
     with db.begin() as conn:
-        conn.execute(sa.text("INSERT INTO naive_images (task_id, data) VALUES (:task_id, :data)"),
-                     {"task_id": task_id, "data": png})
+        conn.execute(
+            sa.text("INSERT INTO naive_images (task_id, data) VALUES (:task_id, :data)"),
+            {"task_id": task_id, "data": png},
+        )
 
 
 SCHEMA = [

@@ -22,11 +22,21 @@ engine = sa.create_engine(os.environ["NAIVE_DATABASE_URL"], pool_size=8, max_ove
 def submit():
     body = request.get_json(force=True)
     if not isinstance(body, dict) or not body.get("prompt"):
-        return jsonify({"error": {"message": "prompt is required", "type": "invalid_request_error",
-                                  "param": "prompt", "code": None}}), 400
+        return jsonify(
+            {
+                "error": {
+                    "message": "prompt is required",
+                    "type": "invalid_request_error",
+                    "param": "prompt",
+                    "code": None,
+                }
+            }
+        ), 400
     task_id = uuid.uuid4()
     with engine.begin() as conn:
-        conn.execute(sa.text("INSERT INTO naive_tasks (id, body) VALUES (:id, CAST(:body AS jsonb))"),
-                     {"id": task_id, "body": json.dumps(body)})
+        conn.execute(
+            sa.text("INSERT INTO naive_tasks (id, body) VALUES (:id, CAST(:body AS jsonb))"),
+            {"id": task_id, "body": json.dumps(body)},
+        )
     celery.send_task("naive.generate", args=[str(task_id), body["prompt"]])
     return jsonify({"task_id": str(task_id), "task_status": "pending", "data": []}), 202

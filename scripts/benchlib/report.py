@@ -67,10 +67,14 @@ def print_table(results: dict, titles: dict, context: str, console: Console | No
         if "error" in figures:
             table.add_row(titles[row], f"[red]failed: {figures['error']}", "", "")
             continue
-        baselines = [f"[bold]{side}[/bold]\n{_cell(values)}" for side, values in figures.items()
-                     if isinstance(values, dict) and side != "imagegate"]
-        table.add_row(titles[row], _cell(figures.get("imagegate", {})), "\n".join(baselines),
-                      _format(figures.get("load 1m")))
+        baselines = [
+            f"[bold]{side}[/bold]\n{_cell(values)}"
+            for side, values in figures.items()
+            if isinstance(values, dict) and side != "imagegate"
+        ]
+        table.add_row(
+            titles[row], _cell(figures.get("imagegate", {})), "\n".join(baselines), _format(figures.get("load 1m"))
+        )
     console.print(table)
 
 
@@ -88,6 +92,8 @@ def markdown_table(results: dict, titles: dict) -> str:
         ours = "<br>".join(f"{name}: {_format(value)}" for name, value in figures.get("imagegate", {}).items())
         baselines = "<br>".join(
             f"**{side}**<br>" + "<br>".join(f"{name}: {_format(value)}" for name, value in values.items())
-            for side, values in figures.items() if isinstance(values, dict) and side != "imagegate")
+            for side, values in figures.items()
+            if isinstance(values, dict) and side != "imagegate"
+        )
         lines.append(f"| {titles[row]} | {ours} | {baselines} | {_format(figures.get('load 1m'))} |")
     return "\n".join(lines) + "\n"

@@ -28,6 +28,7 @@ def _body(**extra) -> dict:
 
 # -- worker rows ---------------------------------------------------------------------------------
 
+
 def _enqueue_batches(env: Environment, count: int) -> None:
     """Tasks submitted through the API as batches (worker stopped); waits until all are published."""
     env.ensure_api()
@@ -35,8 +36,12 @@ def _enqueue_batches(env: Environment, count: int) -> None:
     for start in range(0, count, 10_000):
         size = min(10_000, count - start)
         lines = "\n".join(json.dumps({"custom_id": f"t{start + i}", "body": _body()}) for i in range(size))
-        reply = httpx.post(f"{env.api_url}/v1/images/batches", content=lines.encode(), timeout=300,
-                           headers={"Authorization": f"Bearer {env.key}", "Content-Type": "application/jsonl"})
+        reply = httpx.post(
+            f"{env.api_url}/v1/images/batches",
+            content=lines.encode(),
+            timeout=300,
+            headers={"Authorization": f"Bearer {env.key}", "Content-Type": "application/jsonl"},
+        )
         reply.raise_for_status()
     wait_until(lambda: env.queue_length("imagegate.batch") >= before + count, 300, "the batch messages")
 
@@ -50,8 +55,9 @@ def _drain(worker: Proc, env: Environment, database: str, count: int, done_count
     polls = 0
     peak_rss = worker.rss()
     with psycopg.connect(pg.url(database, "postgresql"), autocommit=True) as conn:
-        commits0 = conn.execute("SELECT xact_commit FROM pg_stat_database WHERE datname = %s",
-                                (database,)).fetchone()[0]
+        commits0 = conn.execute("SELECT xact_commit FROM pg_stat_database WHERE datname = %s", (database,)).fetchone()[
+            0
+        ]
         deadline = time.monotonic() + timeout_s
         finished = ended = 0
         end_at = time.time()
@@ -73,15 +79,20 @@ def _drain(worker: Proc, env: Environment, database: str, count: int, done_count
         run_log = worker.log_text()
         worker.stop()  # its backends exit and flush their statistics
         time.sleep(1.0)
-        commits1 = conn.execute("SELECT xact_commit FROM pg_stat_database WHERE datname = %s",
-                                (database,)).fetchone()[0]
+        commits1 = conn.execute("SELECT xact_commit FROM pg_stat_database WHERE datname = %s", (database,)).fetchone()[
+            0
+        ]
     stats = env.upstream_control("_stats")
     started_at = stats["first_call_at"] or ready_at
     errors = log_errors(run_log)
-    errors["error lines at stop (SIGTERM)"] = log_errors(worker.log_text()[len(run_log):])["error lines"]
+    errors["error lines at stop (SIGTERM)"] = log_errors(worker.log_text()[len(run_log) :])["error lines"]
     return {
         "tasks/s": finished / max(end_at - started_at, 1e-9),
-        "succeeded": finished, "failed": ended - finished, "unfinished": count - ended, "s from launch to first call": started_at - launched_at, "upstream calls": stats["calls"],
+        "succeeded": finished,
+        "failed": ended - finished,
+        "unfinished": count - ended,
+        "s from launch to first call": started_at - launched_at,
+        "upstream calls": stats["calls"],
         "peak in flight": stats["peak_in_flight"],
         "worker CPU ms/task": (cpu_worker1 - cpu_worker0) * 1000 / max(finished, 1),
         "Postgres CPU ms/task": (cpu_pg1 - cpu_pg0) * 1000 / max(finished, 1),
@@ -117,8 +128,9 @@ def _imagegate_worker_run(env: Environment, tasks: int, args: tuple[str, ...], t
     figures = _drain(worker, env, "imagegate", tasks, done_count, timeout_s)
     env.stop_worker()
     figures["idle RSS MB"] = idle_rss / MB
-    figures["RSS MB per call in flight"] = ((figures["peak RSS MB"] * MB - idle_rss) / MB
-                                           / max(figures["peak in flight"], 1))
+    figures["RSS MB per call in flight"] = (
+        (figures["peak RSS MB"] * MB - idle_rss) / MB / max(figures["peak in flight"], 1)
+    )
     return figures
 
 
@@ -157,6 +169,7 @@ def worker_row(env: Environment, opts, args: tuple[str, ...], naive_cache: dict)
 
 # -- intake rows ---------------------------------------------------------------------------------
 
+
 def async_submit_row(env: Environment, opts) -> dict:
     env.stop_worker()
     api = env.ensure_api()
@@ -167,9 +180,15 @@ def async_submit_row(env: Environment, opts) -> dict:
         cpu0, pg0 = proc.cpu_s(), env.pg.cpu_s()
         run = loadgen.closed_loop(url, body, connections=64, duration_s=opts.duration_s, key=key)
         cpu1, pg1 = proc.cpu_s(), env.pg.cpu_s()
-        return {"req/s": run["rps"], "API CPU ms/req": (cpu1 - cpu0) * 1000 / max(run["requests"], 1),
-                "Postgres CPU ms/req": (pg1 - pg0) * 1000 / max(run["requests"], 1),
-                "p50 ms": run["p50_ms"], "p99 ms": run["p99_ms"], "non-2xx": run["non2xx"], "errors": run["errors"]}
+        return {
+            "req/s": run["rps"],
+            "API CPU ms/req": (cpu1 - cpu0) * 1000 / max(run["requests"], 1),
+            "Postgres CPU ms/req": (pg1 - pg0) * 1000 / max(run["requests"], 1),
+            "p50 ms": run["p50_ms"],
+            "p99 ms": run["p99_ms"],
+            "non-2xx": run["non2xx"],
+            "errors": run["errors"],
+        }
 
     result = {"imagegate": measure(api, f"{env.api_url}/v1/images/generations", env.key)}
     flask, flask_url = env.start_naive_flask()
@@ -188,8 +207,12 @@ def batch_row(env: Environment, opts) -> dict:
     size = 10_000
     lines = "\n".join(json.dumps({"custom_id": f"line-{i}", "body": _body()}) for i in range(size)).encode()
     started = time.perf_counter()
-    reply = httpx.post(f"{env.api_url}/v1/images/batches", content=lines, timeout=300,
-                       headers={"Authorization": f"Bearer {env.key}", "Content-Type": "application/jsonl"})
+    reply = httpx.post(
+        f"{env.api_url}/v1/images/batches",
+        content=lines,
+        timeout=300,
+        headers={"Authorization": f"Bearer {env.key}", "Content-Type": "application/jsonl"},
+    )
     answered = time.perf_counter() - started
     reply.raise_for_status()
     published = None
@@ -199,13 +222,16 @@ def batch_row(env: Environment, opts) -> dict:
             published = time.perf_counter() - started
             break
         time.sleep(0.05)
-    result = {"imagegate": {"answer s": answered, "all published s": published, "status": reply.status_code},
-              "load 1m": _load()}
+    result = {
+        "imagegate": {"answer s": answered, "all published s": published, "status": reply.status_code},
+        "load 1m": _load(),
+    }
     env.drop_queues()
     return result
 
 
 # -- sync rows -----------------------------------------------------------------------------------
+
 
 def _litellm(env: Environment, result: dict) -> str | None:
     url = env.ensure_litellm()
@@ -229,9 +255,13 @@ def sync_latency_row(env: Environment, opts) -> dict:
     result: dict = {"direct call": {"p50 ms": direct["p50_ms"], "p99 ms": direct["p99_ms"]}}
 
     def added(name, measured):
-        result[name] = {"added p50 ms": measured["p50_ms"] - direct["p50_ms"],
-                        "added p99 ms": measured["p99_ms"] - direct["p99_ms"], "req/s": measured["rps"],
-                        "non-2xx": measured["non2xx"], "errors": measured["errors"]}
+        result[name] = {
+            "added p50 ms": measured["p50_ms"] - direct["p50_ms"],
+            "added p99 ms": measured["p99_ms"] - direct["p99_ms"],
+            "req/s": measured["rps"],
+            "non-2xx": measured["non2xx"],
+            "errors": measured["errors"],
+        }
 
     added("imagegate", run(f"{env.api_url}/v1/images/generations", env.key))
     url = _litellm(env, result)
@@ -253,20 +283,37 @@ def sync_throughput_row(env: Environment, opts) -> dict:
     for connections in (16, 128):
         with psycopg.connect(env.pg.url("imagegate", "postgresql"), autocommit=True) as conn:
             before = env.task_counts(conn).get("succeed", 0)
-            run = loadgen.closed_loop(f"{env.api_url}/v1/images/generations", body, connections=connections,
-                                      duration_s=duration, key=env.key)
+            run = loadgen.closed_loop(
+                f"{env.api_url}/v1/images/generations", body, connections=connections, duration_s=duration, key=env.key
+            )
             time.sleep(2)
             stored = env.task_counts(conn).get("succeed", 0) - before
-        result.setdefault("imagegate", {}).update({
-            f"c={connections} req/s": run["rps"], f"c={connections} answered": run["requests"] - run["non2xx"],
-            f"c={connections} tasks succeeded": stored, f"c={connections} p99 ms": run["p99_ms"],
-            f"c={connections} non-2xx": run["non2xx"], f"c={connections} errors": run["errors"]})
+        result.setdefault("imagegate", {}).update(
+            {
+                f"c={connections} req/s": run["rps"],
+                f"c={connections} answered": run["requests"] - run["non2xx"],
+                f"c={connections} tasks succeeded": stored,
+                f"c={connections} p99 ms": run["p99_ms"],
+                f"c={connections} non-2xx": run["non2xx"],
+                f"c={connections} errors": run["errors"],
+            }
+        )
         if litellm_url:
-            run = loadgen.closed_loop(f"{litellm_url}/v1/images/generations", body, connections=connections,
-                                      duration_s=duration, key=LITELLM_KEY)
-            result.setdefault("LiteLLM proxy", {}).update({
-                f"c={connections} req/s": run["rps"], f"c={connections} p99 ms": run["p99_ms"],
-                f"c={connections} non-2xx": run["non2xx"], f"c={connections} errors": run["errors"]})
+            run = loadgen.closed_loop(
+                f"{litellm_url}/v1/images/generations",
+                body,
+                connections=connections,
+                duration_s=duration,
+                key=LITELLM_KEY,
+            )
+            result.setdefault("LiteLLM proxy", {}).update(
+                {
+                    f"c={connections} req/s": run["rps"],
+                    f"c={connections} p99 ms": run["p99_ms"],
+                    f"c={connections} non-2xx": run["non2xx"],
+                    f"c={connections} errors": run["errors"],
+                }
+            )
     env.set_latency(env.latency_s)
     result["load 1m"] = _load()
     return result
@@ -280,20 +327,32 @@ def sync_1000_row(env: Environment, opts) -> dict:
     body = _body()
 
     def figures(run):
-        return {"answered with image": run["answered"], "sent": run["count"], "p50 ms": run["p50_ms"],
-                "p99 ms": run["p99_ms"], "slowest ms": run["max_ms"],
-                "statuses": ", ".join(f"{k}:{v}" for k, v in sorted(run["statuses"].items()))}
+        return {
+            "answered with image": run["answered"],
+            "sent": run["count"],
+            "p50 ms": run["p50_ms"],
+            "p99 ms": run["p99_ms"],
+            "slowest ms": run["max_ms"],
+            "statuses": ", ".join(f"{k}:{v}" for k, v in sorted(run["statuses"].items())),
+        }
 
     env.upstream_control("_reset")
-    result: dict = {"imagegate": figures(loadgen.burst(f"{env.api_url}/v1/images/generations", body, count=count,
-                                                       key=env.key, timeout_s=opts.burst_timeout_s))}
+    result: dict = {
+        "imagegate": figures(
+            loadgen.burst(
+                f"{env.api_url}/v1/images/generations", body, count=count, key=env.key, timeout_s=opts.burst_timeout_s
+            )
+        )
+    }
     result["imagegate"]["peak in flight"] = env.upstream_control("_stats")["peak_in_flight"]
     url = _litellm(env, result)
     if url:
-        result["LiteLLM proxy"] = figures(loadgen.burst(f"{url}/v1/images/generations", body, count=count,
-                                                        key=LITELLM_KEY, timeout_s=opts.burst_timeout_s))
-    result["direct call"] = figures(loadgen.burst(env.upstream_url, body, count=count,
-                                                  timeout_s=opts.burst_timeout_s))
+        result["LiteLLM proxy"] = figures(
+            loadgen.burst(
+                f"{url}/v1/images/generations", body, count=count, key=LITELLM_KEY, timeout_s=opts.burst_timeout_s
+            )
+        )
+    result["direct call"] = figures(loadgen.burst(env.upstream_url, body, count=count, timeout_s=opts.burst_timeout_s))
     env.set_latency(env.latency_s)
     env.ensure_api()  # back to the defaults
     result["load 1m"] = _load()
@@ -301,17 +360,29 @@ def sync_1000_row(env: Environment, opts) -> dict:
 
 
 ROWS = {
-    "worker-default": ("worker, 1 s upstream, `imagegate worker` (defaults)",
-                       lambda env, opts, cache: worker_row(env, opts, (), cache)),
-    "worker-1000": ("worker, 1 s upstream, `imagegate worker --concurrency 1000`",
-                    lambda env, opts, cache: worker_row(env, opts, ("--concurrency", "1000"), cache)),
+    "worker-default": (
+        "worker, 1 s upstream, `imagegate worker` (defaults)",
+        lambda env, opts, cache: worker_row(env, opts, (), cache),
+    ),
+    "worker-1000": (
+        "worker, 1 s upstream, `imagegate worker --concurrency 1000`",
+        lambda env, opts, cache: worker_row(env, opts, ("--concurrency", "1000"), cache),
+    ),
     "async-submit": ("async submit (no worker running), c=64", lambda env, opts, cache: async_submit_row(env, opts)),
-    "sync-latency": ("sync mode at c=1, 0 ms upstream: latency added over a direct call",
-                     lambda env, opts, cache: sync_latency_row(env, opts)),
-    "sync-throughput": ("sync mode throughput c=16 / c=128, 0 ms upstream",
-                        lambda env, opts, cache: sync_throughput_row(env, opts)),
-    "sync-1000": ("1,000 concurrent sync requests, one API process (`--workers 1`), 1 s upstream",
-                  lambda env, opts, cache: sync_1000_row(env, opts)),
-    "batch": ("10,000-line batch: answer / all messages published (no worker)",
-              lambda env, opts, cache: batch_row(env, opts)),
+    "sync-latency": (
+        "sync mode at c=1, 0 ms upstream: latency added over a direct call",
+        lambda env, opts, cache: sync_latency_row(env, opts),
+    ),
+    "sync-throughput": (
+        "sync mode throughput c=16 / c=128, 0 ms upstream",
+        lambda env, opts, cache: sync_throughput_row(env, opts),
+    ),
+    "sync-1000": (
+        "1,000 concurrent sync requests, one API process (`--workers 1`), 1 s upstream",
+        lambda env, opts, cache: sync_1000_row(env, opts),
+    ),
+    "batch": (
+        "10,000-line batch: answer / all messages published (no worker)",
+        lambda env, opts, cache: batch_row(env, opts),
+    ),
 }

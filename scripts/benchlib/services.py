@@ -54,8 +54,9 @@ class Proc:
     def __init__(self, name: str, command: list[str], log: Path, env: dict | None = None, cwd: str | None = None):
         self.name, self.command, self.log_path = name, command, log
         self._log = open(log, "ab")
-        self.popen = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=cwd,
-                                      start_new_session=True)
+        self.popen = subprocess.Popen(
+            command, stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True
+        )
         self.ps = psutil.Process(self.popen.pid)
 
     def alive(self) -> bool:
@@ -134,13 +135,25 @@ class Postgres:
         self.port = free_port()
         self.data = self.directory / "data"
         self.pg_ctl = _postgres_binary("pg_ctl")
-        subprocess.run(self.run_as + [_postgres_binary("initdb"), "-D", str(self.data), "-U", "postgres",
-                                      "--auth=trust", "-E", "UTF8"], check=True, capture_output=True, timeout=120)
-        options = (f"-p {self.port} -k {self.directory} -c listen_addresses=127.0.0.1 "
-                   f"-c max_connections={max_connections} -c shared_buffers=256MB -c fsync=off "
-                   f"-c synchronous_commit=off -c full_page_writes=off")
-        subprocess.run(self.run_as + [self.pg_ctl, "-D", str(self.data), "-l", str(self.directory / "log"),
-                                      "-w", "-o", options, "start"], check=True, capture_output=True, timeout=120)
+        subprocess.run(
+            self.run_as
+            + [_postgres_binary("initdb"), "-D", str(self.data), "-U", "postgres", "--auth=trust", "-E", "UTF8"],
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
+        options = (
+            f"-p {self.port} -k {self.directory} -c listen_addresses=127.0.0.1 "
+            f"-c max_connections={max_connections} -c shared_buffers=256MB -c fsync=off "
+            f"-c synchronous_commit=off -c full_page_writes=off"
+        )
+        subprocess.run(
+            self.run_as
+            + [self.pg_ctl, "-D", str(self.data), "-l", str(self.directory / "log"), "-w", "-o", options, "start"],
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
         self.postmaster = psutil.Process(int((self.data / "postmaster.pid").read_text().split()[0]))
 
     def url(self, database: str, driver: str = "postgresql+psycopg") -> str:
@@ -156,8 +169,11 @@ class Postgres:
         return tree_cpu_s(self.postmaster)
 
     def stop(self) -> None:
-        subprocess.run(self.run_as + [self.pg_ctl, "-D", str(self.data), "-m", "immediate", "-w", "stop"],
-                       capture_output=True, timeout=60)
+        subprocess.run(
+            self.run_as + [self.pg_ctl, "-D", str(self.data), "-m", "immediate", "-w", "stop"],
+            capture_output=True,
+            timeout=60,
+        )
 
 
 class Redis:
@@ -166,8 +182,23 @@ class Redis:
         binary = shutil.which("redis-server")
         if not binary:
             raise SystemExit("bench: redis-server not found (apt-get install redis-server)")
-        self.proc = Proc("redis", [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                                   "--appendonly", "no", "--maxclients", "10000"], directory / "redis.log")
+        self.proc = Proc(
+            "redis",
+            [
+                binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--maxclients",
+                "10000",
+            ],
+            directory / "redis.log",
+        )
         wait_until(lambda: port_open(self.port), 20, "redis-server")
 
     def url(self, db: int = 0) -> str:

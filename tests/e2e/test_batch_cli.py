@@ -22,8 +22,9 @@ STATE_FILE = ".imagegate-batch.json"
 
 
 def batch_cli(args: list, env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run([*IMAGEGATE, "batch", *map(str, args)], env=env, check=False,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [*IMAGEGATE, "batch", *map(str, args)], env=env, check=False, capture_output=True, text=True, timeout=300
+    )
 
 
 def submit_args(file: Path, out: Path, api_url: str, api_key: str, *extra) -> list:
@@ -71,8 +72,9 @@ def test_submit_wait_downloads_one_png_per_line_named_by_custom_id(tmp_path, api
 
 
 @pytest.mark.e2e
-def test_a_killed_run_resumes_without_submitting_or_downloading_twice(tmp_path, api_url, api_key, worker, env,
-                                                                     database_url):
+def test_a_killed_run_resumes_without_submitting_or_downloading_twice(
+    tmp_path, api_url, api_key, worker, env, database_url
+):
     ids = [f"shot {index:02d}" for index in range(60)]
     file = write_requests(tmp_path / "shots.jsonl", ids, size="256x256")
     out = tmp_path / "out"
@@ -80,11 +82,16 @@ def test_a_killed_run_resumes_without_submitting_or_downloading_twice(tmp_path, 
     batches_before = count_batches(database_url)
 
     with (tmp_path / "first-run.log").open("w") as log:
-        process = subprocess.Popen([*IMAGEGATE, "batch", *map(str, command)], env=env,
-                                   stdout=log, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            [*IMAGEGATE, "batch", *map(str, command)], env=env, stdout=log, stderr=subprocess.STDOUT
+        )
     try:
-        wait_until(lambda: process.poll() is not None or len(list(out.glob("*.png"))) >= 3, 120,
-                   "the first images", interval_s=0.005)
+        wait_until(
+            lambda: process.poll() is not None or len(list(out.glob("*.png"))) >= 3,
+            120,
+            "the first images",
+            interval_s=0.005,
+        )
         assert process.poll() is None, "the run ended before it could be interrupted"
     finally:
         process.send_signal(signal.SIGKILL)
@@ -110,20 +117,26 @@ def test_a_killed_run_resumes_without_submitting_or_downloading_twice(tmp_path, 
     assert {name: (out / name).stat().st_ino for name in expected} == inodes  # nothing downloaded again
     assert count_batches(database_url) - batches_before == 3
     for batch_id in first_ids.values():
-        batch = httpx.get(f"{api_url}/v1/images/batches/{batch_id}", timeout=30,
-                          headers={"Authorization": f"Bearer {api_key}"}).json()
+        batch = httpx.get(
+            f"{api_url}/v1/images/batches/{batch_id}", timeout=30, headers={"Authorization": f"Bearer {api_key}"}
+        ).json()
         assert batch["total"] == 20 and batch["counts"]["succeed"] == 20 and batch["status"] == "completed"
 
 
 def test_bad_lines_are_all_reported_and_nothing_is_submitted(tmp_path, env):
     file = tmp_path / "bad.jsonl"
-    file.write_text("\n".join([
-        json.dumps({"custom_id": "a", "body": {"model": "local", "prompt": "one"}}),
-        json.dumps({"custom_id": "b", "body": {"model": "local", "prompt": "two"}}),
-        '{"custom_id": "c", "body": ',  # line 3: not JSON
-        json.dumps({"custom_id": "d", "body": {"model": "local", "prompt": "three"}}),
-        json.dumps({"custom_id": "b", "body": {"model": "local", "prompt": "four"}}),  # line 5: duplicate
-    ]) + "\n")
+    file.write_text(
+        "\n".join(
+            [
+                json.dumps({"custom_id": "a", "body": {"model": "local", "prompt": "one"}}),
+                json.dumps({"custom_id": "b", "body": {"model": "local", "prompt": "two"}}),
+                '{"custom_id": "c", "body": ',  # line 3: not JSON
+                json.dumps({"custom_id": "d", "body": {"model": "local", "prompt": "three"}}),
+                json.dumps({"custom_id": "b", "body": {"model": "local", "prompt": "four"}}),  # line 5: duplicate
+            ]
+        )
+        + "\n"
+    )
     out = tmp_path / "out"
     # A server that would notice any connection: there must be none.
     with socket.socket() as server:
@@ -157,8 +170,10 @@ def test_an_unreachable_server_is_one_line_and_exit_2(tmp_path, env):
 def test_a_failed_line_exits_1_and_the_summary_names_it(tmp_path, api_url, api_key, worker, env):
     file = write_requests(tmp_path / "mixed.jsonl", ["fine-1", "fine-2"])
     with file.open("a") as handle:  # the local model refuses this size when it runs, not at intake
-        handle.write(json.dumps({"custom_id": "too-big", "body": {"model": "local", "prompt": "huge",
-                                                                  "size": "9000x9000"}}) + "\n")
+        handle.write(
+            json.dumps({"custom_id": "too-big", "body": {"model": "local", "prompt": "huge", "size": "9000x9000"}})
+            + "\n"
+        )
     out = tmp_path / "out"
 
     result = batch_cli(submit_args(file, out, api_url, api_key), env)
@@ -171,8 +186,7 @@ def test_a_failed_line_exits_1_and_the_summary_names_it(tmp_path, api_url, api_k
 
 
 @pytest.mark.e2e
-def test_status_and_results_read_a_batch_with_url_and_key_from_the_environment(tmp_path, api_url, api_key,
-                                                                               worker, env):
+def test_status_and_results_read_a_batch_with_url_and_key_from_the_environment(tmp_path, api_url, api_key, worker, env):
     ids = ["first", "second", "third"]
     file = write_requests(tmp_path / "three.jsonl", ids)
     env = env | {"IMAGEGATE_URL": api_url, "IMAGEGATE_KEY": api_key}
@@ -205,12 +219,17 @@ def test_status_and_results_read_a_batch_with_url_and_key_from_the_environment(t
 @pytest.mark.e2e
 def test_lines_the_server_refuses_are_reported_by_their_line_in_the_file(tmp_path, api_url, api_key, worker, env):
     file = tmp_path / "unknown-model.jsonl"
-    file.write_text("\n".join([
-        json.dumps({"custom_id": "one", "body": {"model": "local", "prompt": "one"}}),
-        "",  # a blank line: the server numbers the lines it was sent, the client says the file's
-        json.dumps({"custom_id": "two", "body": {"model": "local", "prompt": "two"}}),
-        json.dumps({"custom_id": "three", "body": {"model": "no-such-model", "prompt": "three"}}),
-    ]) + "\n")
+    file.write_text(
+        "\n".join(
+            [
+                json.dumps({"custom_id": "one", "body": {"model": "local", "prompt": "one"}}),
+                "",  # a blank line: the server numbers the lines it was sent, the client says the file's
+                json.dumps({"custom_id": "two", "body": {"model": "local", "prompt": "two"}}),
+                json.dumps({"custom_id": "three", "body": {"model": "no-such-model", "prompt": "three"}}),
+            ]
+        )
+        + "\n"
+    )
     out = tmp_path / "out"
 
     result = batch_cli(submit_args(file, out, api_url, api_key), env)
@@ -222,9 +241,15 @@ def test_lines_the_server_refuses_are_reported_by_their_line_in_the_file(tmp_pat
 
 
 def write_lines(path: Path, lines: list[tuple[str, int]]) -> Path:
-    path.write_text("".join(json.dumps({"custom_id": custom_id, "body": {"model": "local", "prompt": custom_id,
-                                                                          "size": "64x64", "n": n}}) + "\n"
-                            for custom_id, n in lines))
+    path.write_text(
+        "".join(
+            json.dumps(
+                {"custom_id": custom_id, "body": {"model": "local", "prompt": custom_id, "size": "64x64", "n": n}}
+            )
+            + "\n"
+            for custom_id, n in lines
+        )
+    )
     return path
 
 
@@ -247,8 +272,7 @@ def test_custom_ids_whose_suffixed_file_names_clash_are_refused_before_anything_
 
 
 @pytest.mark.e2e
-def test_several_images_of_a_line_are_saved_with_suffixes_beside_other_lines(tmp_path, api_url, api_key,
-                                                                            worker, env):
+def test_several_images_of_a_line_are_saved_with_suffixes_beside_other_lines(tmp_path, api_url, api_key, worker, env):
     file = write_lines(tmp_path / "many.jsonl", [("dup", 2), ("dup-3", 1), ("one", 1)])
     out = tmp_path / "out"
 

@@ -30,8 +30,14 @@ def test_up_serves_the_local_model_with_no_servers(tmp_path):
         (tmp_path / name).mkdir()
         (tmp_path / name / "__init__.py").write_text("raise ImportError('the wrong package was imported')\n")
     log = tmp_path / "up.log"
-    process = subprocess.Popen(IMAGEGATE + ["up", "--port", str(port)], cwd=tmp_path, env=clean_env(),
-                               stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    process = subprocess.Popen(
+        IMAGEGATE + ["up", "--port", str(port)],
+        cwd=tmp_path,
+        env=clean_env(),
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         curl = wait_until(lambda: re.search(r"^\s*(curl .*)$", log.read_text(), re.M), 60, "the curl line")
         key = re.search(r"API key \(shown once\): (\S+)", log.read_text()).group(1)
@@ -42,9 +48,12 @@ def test_up_serves_the_local_model_with_no_servers(tmp_path):
         image = Image.open(io.BytesIO(base64.b64decode(body["data"][0]["b64_json"])))
         assert image.format == "PNG" and image.size == (1024, 1024)
         # And a URL result is served from the SQLite file.
-        reply = httpx.post(f"http://127.0.0.1:{port}/v1/images/generations", timeout=120,
-                           headers={"Authorization": f"Bearer {key}"},
-                           json={"prompt": "a kite", "size": "128x96", "response_format": "url"}).json()
+        reply = httpx.post(
+            f"http://127.0.0.1:{port}/v1/images/generations",
+            timeout=120,
+            headers={"Authorization": f"Bearer {key}"},
+            json={"prompt": "a kite", "size": "128x96", "response_format": "url"},
+        ).json()
         png = httpx.get(reply["data"][0]["url"])
         assert png.headers["content-type"] == "image/png" and Image.open(io.BytesIO(png.content)).size == (128, 96)
         assert (tmp_path / "imagegate-data" / "imagegate.db").exists()
@@ -93,7 +102,8 @@ from imagegate.app.settings import Settings
 from imagegate.workers.celery_app import make_worker_app
 make_worker_app(Settings())
 import sys
-loaded = sorted(m for m in sys.modules if m == 'flask' or m == 'imagegate.app.web' or m.startswith(('flask.', 'imagegate.app.web.', 'werkzeug')))
+web = ('flask', 'werkzeug', 'imagegate.app.web')
+loaded = sorted(m for m in sys.modules if m in web or m.startswith(tuple(name + '.' for name in web)))
 assert not loaded, loaded
 """
 

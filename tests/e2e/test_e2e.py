@@ -25,8 +25,9 @@ def sdk(api_url, api_key, worker):
 
 
 def test_openai_sdk_sync_b64_renders_the_requested_size(sdk):
-    result = sdk.images.generate(model="local", prompt="a lighthouse", size="320x200", n=2,
-                                 response_format="b64_json", output_format="png")
+    result = sdk.images.generate(
+        model="local", prompt="a lighthouse", size="320x200", n=2, response_format="b64_json", output_format="png"
+    )
     assert len(result.data) == 2
     images = [Image.open(io.BytesIO(base64.b64decode(item.b64_json))) for item in result.data]
     assert [(image.format, image.size) for image in images] == [("PNG", (320, 200))] * 2
@@ -36,8 +37,9 @@ def test_openai_sdk_sync_b64_renders_the_requested_size(sdk):
 
 
 def test_openai_sdk_sync_url_is_signed_and_needs_no_key(sdk):
-    result = sdk.images.generate(model="local", prompt="a harbour", size="64x64", output_format="jpeg",
-                                 response_format="url")
+    result = sdk.images.generate(
+        model="local", prompt="a harbour", size="64x64", output_format="jpeg", response_format="url"
+    )
     url = result.data[0].url
     image = httpx.get(url)  # no Authorization header
     assert image.status_code == 200 and image.headers["content-type"] == "image/jpeg"
@@ -128,8 +130,9 @@ def test_a_message_delivered_twice_makes_one_upstream_call(client, upstream, pro
     assert client.get(f"/v1/images/{task_id}").json()["attempts"] == 1
 
 
-def test_sync_wait_past_the_timeout_answers_202_and_the_task_goes_on(api_url, api_key, worker, env, upstream,
-                                                                     prompt, run_dir):
+def test_sync_wait_past_the_timeout_answers_202_and_the_task_goes_on(
+    api_url, api_key, worker, env, upstream, prompt, run_dir
+):
     from tests.support.processes import start_process, stop_process
     from tests.support.services import free_port, http_ok, wait_until
 
@@ -142,8 +145,9 @@ def test_sync_wait_past_the_timeout_answers_202_and_the_task_goes_on(api_url, ap
         upstream.script(prompt, Step(delay_s=3))
         headers = {"Authorization": f"Bearer {api_key}"}
         started = time.monotonic()
-        response = httpx.post(f"{base}/v1/images/generations", headers=headers, timeout=30,
-                              json={"model": "fake-dalle", "prompt": prompt})
+        response = httpx.post(
+            f"{base}/v1/images/generations", headers=headers, timeout=30, json={"model": "fake-dalle", "prompt": prompt}
+        )
         assert response.status_code == 202 and time.monotonic() - started < 2.9
         body = response.json()
         assert body["task_status"] in ("pending", "running")
@@ -169,10 +173,14 @@ def test_hundreds_of_synchronous_requests_wait_at_once_on_one_api_process(api_ur
     import concurrent.futures
 
     prompt = f"crowd {time.time()}"
+
     def one(index: int) -> int:
-        response = httpx.post(f"{api_url}/v1/images/generations", timeout=120,
-                              headers={"Authorization": f"Bearer {api_key}"},
-                              json={"model": "fake-dalle", "prompt": f"{prompt} {index}", "response_format": "url"})
+        response = httpx.post(
+            f"{api_url}/v1/images/generations",
+            timeout=120,
+            headers={"Authorization": f"Bearer {api_key}"},
+            json={"model": "fake-dalle", "prompt": f"{prompt} {index}", "response_format": "url"},
+        )
         return response.status_code
 
     for index in range(200):

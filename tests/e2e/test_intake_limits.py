@@ -27,8 +27,11 @@ def quiet_api(migrated, env, redis_dbs, run_dir, database_url):
     """An API server publishing where no worker consumes, with a short body timeout and a small
     per-client limit. Its tasks stay pending: they are ended afterwards, so no sweeper test finds them."""
     port = free_port()
-    quiet = env | {"IMAGEGATE_BROKER_URL": redis_dbs[1], "IMAGEGATE_BODY_TIMEOUT_S": str(BODY_TIMEOUT_S),
-                   "IMAGEGATE_MAX_REQUESTS_PER_CLIENT": str(PER_CLIENT)}
+    quiet = env | {
+        "IMAGEGATE_BROKER_URL": redis_dbs[1],
+        "IMAGEGATE_BODY_TIMEOUT_S": str(BODY_TIMEOUT_S),
+        "IMAGEGATE_MAX_REQUESTS_PER_CLIENT": str(PER_CLIENT),
+    }
     process = start_process(["api", "--port", str(port), "--workers", "1"], quiet, run_dir / "api-quiet.log")
     base = f"http://127.0.0.1:{port}"
     try:
@@ -37,8 +40,11 @@ def quiet_api(migrated, env, redis_dbs, run_dir, database_url):
     finally:
         stop_process(process)
         with psycopg.connect(database_url.replace("postgresql+psycopg://", "postgresql://"), autocommit=True) as db:
-            db.execute("UPDATE tasks SET status = 'failed', error_code = 'cancelled', finished_at = now() "
-                       "WHERE status = 'pending' AND request->>'prompt' = %s", (NORMAL_PROMPT,))
+            db.execute(
+                "UPDATE tasks SET status = 'failed', error_code = 'cancelled', finished_at = now() "
+                "WHERE status = 'pending' AND request->>'prompt' = %s",
+                (NORMAL_PROMPT,),
+            )
 
 
 def test_an_idempotent_replay_of_a_finished_sync_task_answers_at_once(client, prompt):
@@ -63,21 +69,28 @@ def test_a_sync_request_is_answered_when_its_end_is_never_announced(quiet_api, a
     answer: dict = {}
 
     def wait() -> None:
-        answer["response"] = httpx.post(f"{base}/v1/images/generations", timeout=25,
-                                        headers={"Authorization": f"Bearer {api_key}"},
-                                        json={"model": "local", "prompt": prompt, "response_format": "url"})
+        answer["response"] = httpx.post(
+            f"{base}/v1/images/generations",
+            timeout=25,
+            headers={"Authorization": f"Bearer {api_key}"},
+            json={"model": "local", "prompt": prompt, "response_format": "url"},
+        )
 
     waiter = threading.Thread(target=wait)
     waiter.start()
     plain_url = database_url.replace("postgresql+psycopg://", "postgresql://")
     with psycopg.connect(plain_url, autocommit=True) as connection:
+
         def task_id():
             row = connection.execute("SELECT id FROM tasks WHERE request->>'prompt' = %s", (prompt,)).fetchone()
             return row and row[0]
 
         wait_until(task_id, 10, "the synchronous request's task")
-        connection.execute("UPDATE tasks SET status = 'failed', error_code = 'cancelled', error_message = 'ended "
-                           "by hand', finished_at = now() WHERE id = %s", (task_id(),))
+        connection.execute(
+            "UPDATE tasks SET status = 'failed', error_code = 'cancelled', error_message = 'ended "
+            "by hand', finished_at = now() WHERE id = %s",
+            (task_id(),),
+        )
     waiter.join(timeout=30)
     response = answer["response"]
     assert response.status_code == 409 and response.json()["error"]["code"] == "cancelled"
@@ -87,8 +100,12 @@ def test_a_sync_request_is_answered_when_its_end_is_never_announced(quiet_api, a
 def _trickler(port: int, api_key: str, length: int = 200) -> socket.socket:
     """A connection that sends a request's headers and the first byte of its body, then nothing."""
     sock = socket.create_connection(("127.0.0.1", port))
-    sock.sendall((f"POST /v1/images/generations HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {api_key}\r\n"
-                  f"Content-Type: application/json\r\nContent-Length: {length}\r\n\r\n{{").encode())
+    sock.sendall(
+        (
+            f"POST /v1/images/generations HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {api_key}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {length}\r\n\r\n{{"
+        ).encode()
+    )
     return sock
 
 
@@ -110,7 +127,7 @@ def _read_reply(sock: socket.socket, timeout_s: float, trickle: bool = False) ->
                     pass
     sock.settimeout(1)
     try:  # the rest of the body of the reply
-        while (chunk := sock.recv(65536)):
+        while chunk := sock.recv(65536):
             received += chunk
     except OSError:
         pass
@@ -137,8 +154,11 @@ def test_one_client_cannot_hold_more_than_its_share_of_requests(quiet_api, api_k
     body = {"model": "local", "prompt": NORMAL_PROMPT, "async": True}
     held = [_trickler(port, api_key) for _ in range(PER_CLIENT)]
     try:
-        wait_until(lambda: httpx.post(f"{base}/v1/images/generations", headers=headers, json=body).status_code == 429,
-                   5, "the per-client limit to refuse")
+        wait_until(
+            lambda: httpx.post(f"{base}/v1/images/generations", headers=headers, json=body).status_code == 429,
+            5,
+            "the per-client limit to refuse",
+        )
         refused = httpx.post(f"{base}/v1/images/generations", headers=headers, json=body)
         assert refused.status_code == 429 and refused.json()["error"]["code"] == "too_many_concurrent_requests"
         for sock in held:  # the body timeout frees them

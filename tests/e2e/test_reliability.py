@@ -24,8 +24,9 @@ from tests.support.flows import submit_async, wait_for_end
 
 def test_cancel_a_pending_task_ends_it_at_once(app_client, api_key, other_key):
     auth = {"Authorization": f"Bearer {api_key}"}
-    task_id = app_client.post("/v1/images/generations", json={"prompt": "x", "async": True},
-                              headers=auth).get_json()["task_id"]
+    task_id = app_client.post("/v1/images/generations", json={"prompt": "x", "async": True}, headers=auth).get_json()[
+        "task_id"
+    ]
     other = app_client.post(f"/v1/images/{task_id}/cancel", headers={"Authorization": f"Bearer {other_key}"})
     assert other.status_code == 404
     response = app_client.post(f"/v1/images/{task_id}/cancel", headers=auth)
@@ -83,8 +84,9 @@ def idle_queue(redis_dbs):
 
 @pytest.fixture
 def sweeper_settings(settings, redis_dbs):
-    return settings.model_copy(update={"broker_url": redis_dbs[1], "republish_after_s": 5.0, "max_attempts": 3,
-                                       "task_deadline_s": 3600.0})
+    return settings.model_copy(
+        update={"broker_url": redis_dbs[1], "republish_after_s": 5.0, "max_attempts": 3, "task_deadline_s": 3600.0}
+    )
 
 
 @pytest.fixture
@@ -97,29 +99,41 @@ def make_tasks(database_url, api_key, migrated):
     def insert(count: int, **columns) -> list[str]:
         ids = [str(uuid.uuid4()) for _ in range(count)]
         created.extend(ids)
-        values = {"status": "pending", "attempts": 0, "run_after": utcnow(), "lease_expires_at": None,
-                  "created_at": utcnow(), "cancel_requested": False} | columns
+        values = {
+            "status": "pending",
+            "attempts": 0,
+            "run_after": utcnow(),
+            "lease_expires_at": None,
+            "created_at": utcnow(),
+            "cancel_requested": False,
+        } | columns
         with engine.begin() as connection:
             for task_id in ids:
-                connection.execute(text(
-                    "INSERT INTO tasks (id, api_key_id, model, status, request, response_format, attempts, route,"
-                    " retries_used, run_after, lease_expires_at, cancel_requested, polls, created_at) VALUES"
-                    " (:id, :key, 'local', :status, '{\"prompt\": \"x\"}', 'url', :attempts, 'local', 0,"
-                    " :run_after, :lease_expires_at, :cancel_requested, 0, :created_at)"),
-                    {"id": task_id, "key": key_id} | values)
+                connection.execute(
+                    text(
+                        "INSERT INTO tasks (id, api_key_id, model, status, request, response_format, attempts, route,"
+                        " retries_used, run_after, lease_expires_at, cancel_requested, polls, created_at) VALUES"
+                        " (:id, :key, 'local', :status, '{\"prompt\": \"x\"}', 'url', :attempts, 'local', 0,"
+                        " :run_after, :lease_expires_at, :cancel_requested, 0, :created_at)"
+                    ),
+                    {"id": task_id, "key": key_id} | values,
+                )
         return ids
 
     def status(task_id: str):
         with engine.connect() as connection:
-            return connection.execute(text("SELECT status, attempts, error_code FROM tasks WHERE id = :id"),
-                                      {"id": task_id}).one()
+            return connection.execute(
+                text("SELECT status, attempts, error_code FROM tasks WHERE id = :id"), {"id": task_id}
+            ).one()
 
     insert.status = status
     yield insert
     # A later test's sweep must not find this one's tasks overdue (the tests are seconds apart).
     with engine.begin() as connection:
-        connection.execute(text("UPDATE tasks SET status = 'failed' WHERE id::text = ANY(:ids)"
-                                " AND status IN ('pending', 'running')"), {"ids": created})
+        connection.execute(
+            text("UPDATE tasks SET status = 'failed' WHERE id::text = ANY(:ids) AND status IN ('pending', 'running')"),
+            {"ids": created},
+        )
     engine.dispose()
 
 
@@ -148,8 +162,7 @@ def test_two_sweepers_republish_each_lost_pending_task_exactly_once(sweeper_sett
     assert not set(fresh) & {task_id for task_id, _ in messages}
 
 
-def test_expired_leases_are_taken_back_and_the_attempt_ceiling_ends_a_task(sweeper_settings, make_tasks,
-                                                                           idle_queue):
+def test_expired_leases_are_taken_back_and_the_attempt_ceiling_ends_a_task(sweeper_settings, make_tasks, idle_queue):
     expired = utcnow() - timedelta(seconds=1)
     lost = make_tasks(3, status="running", attempts=1, lease_expires_at=expired)
     alive = make_tasks(1, status="running", attempts=1, lease_expires_at=utcnow() + timedelta(minutes=1))
@@ -157,8 +170,9 @@ def test_expired_leases_are_taken_back_and_the_attempt_ceiling_ends_a_task(sweep
     cancelled = make_tasks(1, status="running", attempts=1, lease_expires_at=expired, cancel_requested=True)
     report = make_sweeper(sweeper_settings).sweep_once()
     assert (report.requeued, report.exhausted_failed) == (3, 2)
-    assert sorted(queued_messages(idle_queue, lost + alive + poison + cancelled)) == \
-        sorted((task_id, 2) for task_id in lost)
+    assert sorted(queued_messages(idle_queue, lost + alive + poison + cancelled)) == sorted(
+        (task_id, 2) for task_id in lost
+    )
     assert [tuple(make_tasks.status(t)) for t in lost] == [("pending", 1, "worker_lost")] * 3
     assert tuple(make_tasks.status(alive[0]))[:2] == ("running", 1)
     assert tuple(make_tasks.status(poison[0])) == ("failed", 3, "attempts_exhausted")
@@ -167,8 +181,9 @@ def test_expired_leases_are_taken_back_and_the_attempt_ceiling_ends_a_task(sweep
 
 def test_tasks_past_the_deadline_fail(sweeper_settings, make_tasks, idle_queue):
     old = utcnow() - timedelta(hours=2)
-    overdue = make_tasks(2, created_at=old) + make_tasks(1, status="running", attempts=1, created_at=old,
-                                                         lease_expires_at=utcnow() + timedelta(minutes=1))
+    overdue = make_tasks(2, created_at=old) + make_tasks(
+        1, status="running", attempts=1, created_at=old, lease_expires_at=utcnow() + timedelta(minutes=1)
+    )
     make_sweeper(sweeper_settings).sweep_once()
     assert {tuple(make_tasks.status(t))[::2] for t in overdue} == {("failed", "deadline_exceeded")}
     assert queued_messages(idle_queue, overdue) == []
@@ -180,25 +195,29 @@ def test_tasks_past_the_deadline_fail(sweeper_settings, make_tasks, idle_queue):
 def test_postgres_down_answers_503_and_publishes_nothing(settings, redis_dbs, api_key, idle_queue):
     from tests.support.services import free_port
 
-    down = settings.model_copy(update={"broker_url": redis_dbs[1],
-                                       "database_url": f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/x"})
+    down = settings.model_copy(
+        update={"broker_url": redis_dbs[1], "database_url": f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/x"}
+    )
     client = create_app(down).test_client()
-    response = client.post("/v1/images/generations", json={"prompt": "x", "async": True},
-                           headers={"Authorization": f"Bearer {api_key}"})
+    response = client.post(
+        "/v1/images/generations", json={"prompt": "x", "async": True}, headers={"Authorization": f"Bearer {api_key}"}
+    )
     assert response.status_code == 503
     assert response.get_json()["error"]["code"] == "database_unavailable"
     assert idle_queue.llen(QUEUE) == 0
 
 
-def test_redis_down_still_accepts_and_the_sweeper_publishes_once_it_is_back(settings, sweeper_settings, api_key,
-                                                                         make_tasks, idle_queue):
+def test_redis_down_still_accepts_and_the_sweeper_publishes_once_it_is_back(
+    settings, sweeper_settings, api_key, make_tasks, idle_queue
+):
     from tests.support.services import free_port
 
     down = settings.model_copy(update={"broker_url": f"redis://127.0.0.1:{free_port()}/0"})
     client = create_app(down).test_client()
     started = time.monotonic()
-    response = client.post("/v1/images/generations", json={"prompt": "x", "async": True},
-                           headers={"Authorization": f"Bearer {api_key}"})
+    response = client.post(
+        "/v1/images/generations", json={"prompt": "x", "async": True}, headers={"Authorization": f"Bearer {api_key}"}
+    )
     assert response.status_code == 202 and time.monotonic() - started < 10
     task_id = response.get_json()["task_id"]
     assert tuple(make_tasks.status(task_id))[:2] == ("pending", 0)

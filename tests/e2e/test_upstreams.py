@@ -20,11 +20,22 @@ pytestmark = pytest.mark.e2e
 
 
 def test_grok_relay_gets_array_params_and_its_usage_is_returned(client, upstream, prompt):
-    upstream.script(prompt, Step(as_url=True, usage={"generated_images": 2, "output_tokens": 16384,
-                                                     "total_tokens": 16384}))
-    response = client.post("/v1/images/generations", json={
-        "model": "fake-grok", "prompt": prompt, "size": "960x960", "n": 2, "aspect_ratio": "1:1",
-        "quality": "low", "resolution": "1k", "response_format": "b64_json"})
+    upstream.script(
+        prompt, Step(as_url=True, usage={"generated_images": 2, "output_tokens": 16384, "total_tokens": 16384})
+    )
+    response = client.post(
+        "/v1/images/generations",
+        json={
+            "model": "fake-grok",
+            "prompt": prompt,
+            "size": "960x960",
+            "n": 2,
+            "aspect_ratio": "1:1",
+            "quality": "low",
+            "resolution": "1k",
+            "response_format": "b64_json",
+        },
+    )
     assert response.status_code == 200, response.text
     body = response.json()
     assert len(body["data"]) == 2 and body["usage"]["generated_images"] == 2
@@ -45,8 +56,7 @@ def test_asynchronous_upstream_is_submitted_once_and_polled(client, upstream, pr
     assert submit.body["async"] is True
 
 
-def test_a_new_attempt_resumes_polling_instead_of_submitting_again(client, upstream, prompt, settings,
-                                                                     database_url):
+def test_a_new_attempt_resumes_polling_instead_of_submitting_again(client, upstream, prompt, settings, database_url):
     upstream.script(prompt, Step(pending_polls=10_000))
     task_id = submit_async(client, model="fake-async", prompt=prompt)
     engine = create_engine(database_url)
@@ -79,11 +89,12 @@ def test_an_asynchronous_upstream_failure_is_retried_with_a_new_submission(clien
 
 
 def test_fan_out_makes_concurrent_calls_and_retries_only_the_one_that_failed(client, upstream, prompt):
-    upstream.script(prompt, Step(delay_s=0.5), Step(status=500, delay_s=0.5), Step(delay_s=0.5),
-                    Step(delay_s=0.5))
+    upstream.script(prompt, Step(delay_s=0.5), Step(status=500, delay_s=0.5), Step(delay_s=0.5), Step(delay_s=0.5))
     started = time.monotonic()
-    body = client.post("/v1/images/generations", json={
-        "model": "fake-one", "prompt": prompt, "n": 4, "retries": 1, "response_format": "b64_json"}).json()
+    body = client.post(
+        "/v1/images/generations",
+        json={"model": "fake-one", "prompt": prompt, "n": 4, "retries": 1, "response_format": "b64_json"},
+    ).json()
     assert body["task_status"] == "succeed", body
     assert len(body["data"]) == 4
     assert all(Image.open(io.BytesIO(base64.b64decode(item["b64_json"]))).format == "PNG" for item in body["data"])
@@ -120,14 +131,16 @@ def test_a_slow_trickling_upstream_is_cut_off_at_the_model_deadline(client, upst
     assert body["task_status"] == "failed" and body["error"]["code"] == "upstream_timeout"
     (entry,) = body["attempt_log"]
     from datetime import datetime
+
     took = (datetime.fromisoformat(entry["ended_at"]) - datetime.fromisoformat(entry["started_at"])).total_seconds()
     assert 7 <= took < 9
 
 
 def test_b64_upstream_is_served_as_a_url_on_the_gateway(client, upstream, prompt, api_url):
     upstream.script(prompt, Step())  # answers b64_json
-    body = client.post("/v1/images/generations", json={"model": "fake-dalle", "prompt": prompt,
-                                                       "response_format": "url"}).json()
+    body = client.post(
+        "/v1/images/generations", json={"model": "fake-dalle", "prompt": prompt, "response_format": "url"}
+    ).json()
     url = body["data"][0]["url"]
     assert url.startswith(api_url + "/files/images/")
     assert httpx.get(url).content.startswith(b"\x89PNG")
@@ -137,8 +150,9 @@ def test_image_urls_on_the_upstreams_own_private_origin_are_downloaded(client, u
     # fake-strict allows no private downloads, but the URL is on its own base_url's origin (other
     # private origins are refused: tests/test_outbound.py).
     upstream.script(prompt, Step(as_url=True))
-    response = client.post("/v1/images/generations", json={"model": "fake-strict", "prompt": prompt,
-                                                           "response_format": "url"})
+    response = client.post(
+        "/v1/images/generations", json={"model": "fake-strict", "prompt": prompt, "response_format": "url"}
+    )
     assert response.status_code == 200, response.text
     assert response.json()["task_status"] == "succeed"
 
@@ -147,8 +161,9 @@ def test_chat_model_image_from_the_seed_reply_is_rehosted(client, chat_upstream,
     from tests.support.fake_chat import ChatStep
 
     chat_upstream.script(prompt, ChatStep(style="geekai"))
-    body = client.post("/v1/images/generations", json={"model": "fake-chat", "prompt": prompt,
-                                                       "response_format": "b64_json"}).json()
+    body = client.post(
+        "/v1/images/generations", json={"model": "fake-chat", "prompt": prompt, "response_format": "b64_json"}
+    ).json()
     assert body["task_status"] == "succeed" and len(body["data"]) == 1
     assert Image.open(io.BytesIO(base64.b64decode(body["data"][0]["b64_json"]))).format == "PNG"
     (call,) = chat_upstream.calls_for(prompt)
@@ -160,8 +175,9 @@ def test_chat_model_edit_fans_out_and_retries_a_reply_without_an_image(client, c
     from tests.support.fake_chat import ChatStep
 
     chat_upstream.script(prompt, ChatStep(style="no_image"), ChatStep(style="openrouter"))
-    task_id = submit_async(client, model="fake-chat", prompt=prompt, n=2, retries=1,
-                           image="https://example.com/cat.png")
+    task_id = submit_async(
+        client, model="fake-chat", prompt=prompt, n=2, retries=1, image="https://example.com/cat.png"
+    )
     body = wait_for_end(client, task_id)
     assert body["task_status"] == "succeed" and len(body["data"]) == 2
     calls = chat_upstream.calls_for(prompt)
@@ -175,8 +191,14 @@ def test_chat_model_edit_fans_out_and_retries_a_reply_without_an_image(client, c
 def test_an_upstream_echoing_the_authorization_header_leaks_no_key(client, upstream, prompt, env, status, code):
     key = env["FAKE_UPSTREAM_KEY"]
     echo = f"Authorization: Bearer {key}"  # what the worker sends, echoed back in the error body
-    upstream.script(prompt, Step(status=status, message=f"bad request; headers were {{{echo!r}}} (key {key})",
-                                 error_code=f"invalid_key_{key}"))
+    upstream.script(
+        prompt,
+        Step(
+            status=status,
+            message=f"bad request; headers were {{{echo!r}}} (key {key})",
+            error_code=f"invalid_key_{key}",
+        ),
+    )
     body = wait_for_end(client, submit_async(client, model="fake-dalle", prompt=prompt))
     (call,) = upstream.calls_for(prompt)
     assert call.authorization == f"Bearer {key}"  # so the body above is a faithful echo

@@ -18,8 +18,13 @@ from tests.support.services import wait_until
 
 
 def start_worker(env: dict[str, str], log, *extra: str) -> subprocess.Popen:
-    process = subprocess.Popen(IMAGEGATE + ["worker", "--concurrency", "10", *extra], env=env,
-                               stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    process = subprocess.Popen(
+        IMAGEGATE + ["worker", "--concurrency", "10", *extra],
+        env=env,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     wait_until(lambda: process.poll() is not None or "ready" in log.read_text(), 60, "the worker")
     assert process.poll() is None, log.read_text()
     return process
@@ -49,14 +54,16 @@ def _publish_probe(settings) -> str:
     return QUEUE
 
 
-def test_a_worker_whose_consumer_stops_while_messages_wait_exits_for_a_restart(tmp_path, env, settings, own_redis,
-                                                                               migrated):
+def test_a_worker_whose_consumer_stops_while_messages_wait_exits_for_a_restart(
+    tmp_path, env, settings, own_redis, migrated
+):
     # Celery's remote control stops the consumer of a live worker: the state a Redis restart left
     # one worker in (alive, polling nothing), made deterministic.
     broker_url = f"{own_redis.url}/0"
     log = tmp_path / "worker.log"
-    process = start_worker(env | {"IMAGEGATE_BROKER_URL": broker_url, "IMAGEGATE_CONSUMER_STALL_S": "3"}, log,
-                           "--hostname", "stalled@test")
+    process = start_worker(
+        env | {"IMAGEGATE_BROKER_URL": broker_url, "IMAGEGATE_CONSUMER_STALL_S": "3"}, log, "--hostname", "stalled@test"
+    )
     try:
         from imagegate.app.queue import WORKER_QUEUES, make_celery
 

@@ -46,9 +46,11 @@ class Figures:
     note: str = ""
 
     def line(self) -> str:
-        return (f"faults {self.scenario}: submitted={self.submitted} succeed={self.succeed} failed={self.failed} "
-                f"lost={self.lost} duplicated={self.duplicated} upstream_calls={self.upstream_calls} "
-                f"seconds={self.seconds:.1f}" + (f" ({self.note})" if self.note else ""))
+        return (
+            f"faults {self.scenario}: submitted={self.submitted} succeed={self.succeed} failed={self.failed} "
+            f"lost={self.lost} duplicated={self.duplicated} upstream_calls={self.upstream_calls} "
+            f"seconds={self.seconds:.1f}" + (f" ({self.note})" if self.note else "")
+        )
 
     def report(self, **extra) -> None:
         print(self.line())
@@ -58,8 +60,9 @@ class Figures:
 
 
 class Cluster:
-    def __init__(self, directory: Path, database_url: str, redis_url: str, upstream: FakeUpstream,
-                 **settings: str) -> None:
+    def __init__(
+        self, directory: Path, database_url: str, redis_url: str, upstream: FakeUpstream, **settings: str
+    ) -> None:
         self.directory, self.database_url, self.upstream = directory, database_url, upstream
         upgrade(database_url)
         self.key = create_key(make_sessionmaker(make_engine(database_url, pool_size=1)), "faults").key
@@ -78,21 +81,25 @@ max_n = 2
 max_pixels = 65536
 """)
         self.api_port = free_port()
-        self.env = {name: value for name, value in os.environ.items() if not name.startswith("IMAGEGATE_")} | {
-            "IMAGEGATE_DATABASE_URL": database_url,
-            "IMAGEGATE_BROKER_URL": f"{redis_url}/0",
-            "IMAGEGATE_PROVIDERS_FILE": str(providers),
-            "IMAGEGATE_SECRET_KEY": secrets.token_urlsafe(32),
-            "IMAGEGATE_PUBLIC_URL": f"http://127.0.0.1:{self.api_port}",
-            "IMAGEGATE_LEASE_S": "3",
-            "IMAGEGATE_SWEEP_INTERVAL_S": "0.5",
-            "IMAGEGATE_REPUBLISH_AFTER_S": "5",
-            "IMAGEGATE_RETRY_BASE_S": "0.2",
-            "IMAGEGATE_RETRY_MAX_S": "5",
-            "IMAGEGATE_SHUTDOWN_GRACE_S": "20",
-            "IMAGEGATE_SYNC_TIMEOUT_S": "30",
-            "IMAGEGATE_LOG_LEVEL": "WARNING",
-        } | {f"IMAGEGATE_{name.upper()}": value for name, value in settings.items()}
+        self.env = (
+            {name: value for name, value in os.environ.items() if not name.startswith("IMAGEGATE_")}
+            | {
+                "IMAGEGATE_DATABASE_URL": database_url,
+                "IMAGEGATE_BROKER_URL": f"{redis_url}/0",
+                "IMAGEGATE_PROVIDERS_FILE": str(providers),
+                "IMAGEGATE_SECRET_KEY": secrets.token_urlsafe(32),
+                "IMAGEGATE_PUBLIC_URL": f"http://127.0.0.1:{self.api_port}",
+                "IMAGEGATE_LEASE_S": "3",
+                "IMAGEGATE_SWEEP_INTERVAL_S": "0.5",
+                "IMAGEGATE_REPUBLISH_AFTER_S": "5",
+                "IMAGEGATE_RETRY_BASE_S": "0.2",
+                "IMAGEGATE_RETRY_MAX_S": "5",
+                "IMAGEGATE_SHUTDOWN_GRACE_S": "20",
+                "IMAGEGATE_SYNC_TIMEOUT_S": "30",
+                "IMAGEGATE_LOG_LEVEL": "WARNING",
+            }
+            | {f"IMAGEGATE_{name.upper()}": value for name, value in settings.items()}
+        )
         self.processes: list[subprocess.Popen] = []
         self._engine = create_engine(database_url, pool_pre_ping=True)
         self.started = time.monotonic()
@@ -100,8 +107,9 @@ max_pixels = 65536
     # -- processes -------------------------------------------------------------------------------
     def start(self, *args: str) -> subprocess.Popen:
         log = (self.directory / f"{args[0]}-{len(self.processes)}.log").open("w")
-        process = subprocess.Popen(IMAGEGATE + list(args), env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
+        process = subprocess.Popen(
+            IMAGEGATE + list(args), env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
         self.processes.append(process)
         return process
 
@@ -136,16 +144,18 @@ max_pixels = 65536
             for index in range(count):
                 prompt = f"{label} {index} {uuid.uuid4().hex[:8]}"
                 self.upstream.script(prompt, *[dataclasses.replace(step) for step in steps])
-                response = http.post("/v1/images/generations",
-                                     json={"model": "fault", "prompt": prompt, "async": True} | fields)
+                response = http.post(
+                    "/v1/images/generations", json={"model": "fault", "prompt": prompt, "async": True} | fields
+                )
                 assert response.status_code == 202, response.text
                 tasks[response.json()["task_id"]] = prompt
         return tasks
 
     def statuses(self, task_ids) -> dict[str, str]:
         with self._engine.connect() as connection:
-            rows = connection.execute(text("SELECT id::text, status FROM tasks WHERE id::text = ANY(:ids)"),
-                                      {"ids": list(task_ids)})
+            rows = connection.execute(
+                text("SELECT id::text, status FROM tasks WHERE id::text = ANY(:ids)"), {"ids": list(task_ids)}
+            )
             return {row.id: row.status for row in rows}
 
     def wait_all_ended(self, task_ids, timeout_s: float = 120) -> None:
@@ -167,23 +177,36 @@ max_pixels = 65536
         calls = [call for call in self.upstream.calls if call.prompt in prompts and call.kind != "poll"]
         per_key = Counter(call.key for call in calls)
         with self._engine.connect() as connection:
-            rows = {row.id: row for row in connection.execute(text(
-                "SELECT t.id::text AS id, t.status, (SELECT count(*) FROM images i WHERE i.task_id = t.id) AS images,"
-                " (SELECT count(*) FROM attempts a WHERE a.task_id = t.id) AS attempts"
-                " FROM tasks t WHERE t.id::text = ANY(:ids)"), {"ids": list(tasks)})}
+            rows = {
+                row.id: row
+                for row in connection.execute(
+                    text(
+                        "SELECT t.id::text AS id, t.status,"
+                        " (SELECT count(*) FROM images i WHERE i.task_id = t.id) AS images,"
+                        " (SELECT count(*) FROM attempts a WHERE a.task_id = t.id) AS attempts"
+                        " FROM tasks t WHERE t.id::text = ANY(:ids)"
+                    ),
+                    {"ids": list(tasks)},
+                )
+            }
         figures = Figures(
-            scenario=scenario, submitted=len(tasks),
+            scenario=scenario,
+            submitted=len(tasks),
             succeed=sum(row.status == "succeed" for row in rows.values()),
             failed=sum(row.status == "failed" for row in rows.values()),
             lost=len(tasks) - sum(row.status in ("succeed", "failed") for row in rows.values()),
             duplicated=sum(count - 1 for count in per_key.values() if count > 1),
-            upstream_calls=len(calls), seconds=time.monotonic() - self.started, note=note)
+            upstream_calls=len(calls),
+            seconds=time.monotonic() - self.started,
+            note=note,
+        )
         figures.report()
         task_of = {prompt: task_id for task_id, prompt in tasks.items()}
         calls_per_task = Counter(task_of[call.prompt] for call in calls)
         for task_id, row in rows.items():
             assert row.status != "succeed" or row.images == n, f"task {task_id}: {row.images} images stored"
-            assert calls_per_task[task_id] <= row.attempts, \
+            assert calls_per_task[task_id] <= row.attempts, (
                 f"task {task_id}: {calls_per_task[task_id]} upstream calls, {row.attempts} recorded attempts"
+            )
         assert figures.lost == 0 and figures.duplicated == 0, figures.line()
         return figures

@@ -69,8 +69,7 @@ def test_messages_are_acknowledged_at_the_claim_and_a_kill_9_still_loses_nothing
     assert figures.succeed == 80
 
 
-def test_a_postgres_outage_at_the_final_write_buys_no_image_twice(tmp_path, throwaway_postgres, own_redis,
-                                                                  upstream):
+def test_a_postgres_outage_at_the_final_write_buys_no_image_twice(tmp_path, throwaway_postgres, own_redis, upstream):
     """The upstream answers while Postgres is down: the worker keeps the images and retries its final
     write while its lease holds, instead of letting the attempt expire and paying for it again."""
     database = fresh_database(throwaway_postgres.url)
@@ -129,12 +128,14 @@ def test_postgres_stopped_during_intake(tmp_path, throwaway_postgres, own_redis,
         accepted, refused, unexpected = {}, [], []
 
         def post_many() -> None:
-            with httpx.Client(base_url=cluster.api_url, headers={"Authorization": f"Bearer {cluster.key}"},
-                              timeout=30) as http:
+            with httpx.Client(
+                base_url=cluster.api_url, headers={"Authorization": f"Bearer {cluster.key}"}, timeout=30
+            ) as http:
                 for index in range(150):
                     prompt = f"pg-down {index} {time.time()}"
-                    response = http.post("/v1/images/generations", json={"model": "fault", "prompt": prompt,
-                                                                         "async": True})
+                    response = http.post(
+                        "/v1/images/generations", json={"model": "fault", "prompt": prompt, "async": True}
+                    )
                     if response.status_code == 202:
                         accepted[response.json()["task_id"]] = prompt
                     elif response.status_code == 503 and response.json()["error"]["code"] == "database_unavailable":
@@ -152,8 +153,11 @@ def test_postgres_stopped_during_intake(tmp_path, throwaway_postgres, own_redis,
         client.join()
         cluster.wait_all_ended(accepted, 90)
         time.sleep(2)  # anything wrongly run for a refused request would show by now
-        figures = cluster.figures("Postgres stopped during intake", accepted,
-                                  note=f"{len(refused)} more answered 503 while it was down; none of them ran")
+        figures = cluster.figures(
+            "Postgres stopped during intake",
+            accepted,
+            note=f"{len(refused)} more answered 503 while it was down; none of them ran",
+        )
         assert unexpected == []
         assert refused, "Postgres was down for 3 s and no request noticed"
         called = {call.prompt for call in upstream.calls}
@@ -185,13 +189,19 @@ def test_an_upstream_that_never_answers_is_cut_off_at_each_deadline(cluster, ups
     tasks = cluster.submit(20, "hang", steps=(Step(hang=True), Step(hang=True)), retries=1)
     cluster.wait_all_ended(tasks, 60)
     with cluster._engine.connect() as connection:
-        rows = connection.execute(text("SELECT t.error_code, a.started_at, a.ended_at FROM attempts a"
-                                       " JOIN tasks t ON t.id = a.task_id WHERE t.id::text = ANY(:ids)"),
-                                  {"ids": list(tasks)}).all()
+        rows = connection.execute(
+            text(
+                "SELECT t.error_code, a.started_at, a.ended_at FROM attempts a"
+                " JOIN tasks t ON t.id = a.task_id WHERE t.id::text = ANY(:ids)"
+            ),
+            {"ids": list(tasks)},
+        ).all()
     durations = [(row.ended_at - row.started_at).total_seconds() for row in rows]
-    figures = cluster.figures("upstream accepts and never answers", tasks,
-                              note=f"each attempt aborted after {min(durations):.2f}-{max(durations):.2f} s; "
-                                   f"deadline 3 s")
+    figures = cluster.figures(
+        "upstream accepts and never answers",
+        tasks,
+        note=f"each attempt aborted after {min(durations):.2f}-{max(durations):.2f} s; deadline 3 s",
+    )
     assert figures.failed == 20
     assert len(rows) == 40 and {row.error_code for row in rows} == {"upstream_timeout"}
     assert all(2.0 <= duration <= 4.0 for duration in durations)  # 3 s deadline, +-1 s
@@ -207,9 +217,10 @@ def test_429_with_retry_after_for_20_seconds(cluster, upstream):
     gaps = []
     for prompt in tasks.values():
         calls = sorted(call.at for call in upstream.calls_for(prompt))
-        gaps += [later - earlier for earlier, later in zip(calls, calls[1:])]
-    figures = cluster.figures("upstream 429 Retry-After: 3 for 20 s", tasks,
-                              note=f"shortest gap after a 429: {min(gaps):.2f} s")
+        gaps += [later - earlier for earlier, later in zip(calls, calls[1:], strict=False)]
+    figures = cluster.figures(
+        "upstream 429 Retry-After: 3 for 20 s", tasks, note=f"shortest gap after a 429: {min(gaps):.2f} s"
+    )
     assert figures.succeed == 50
     assert min(gaps) >= 3.0, "a call within 3 s after a 429"
 
@@ -226,8 +237,9 @@ def test_sigterm_to_a_busy_worker(cluster, upstream):
     stopped_in = time.monotonic() - stopping
     cluster.start_worker(concurrency=50)
     cluster.wait_all_ended(tasks, 90)
-    figures = cluster.figures("SIGTERM to a busy worker", tasks,
-                              note=f"warm shutdown took {stopped_in:.1f} s, exit code {busy.returncode}")
+    figures = cluster.figures(
+        "SIGTERM to a busy worker", tasks, note=f"warm shutdown took {stopped_in:.1f} s, exit code {busy.returncode}"
+    )
     assert figures.succeed == 150
 
 
@@ -242,12 +254,21 @@ def test_a_frozen_worker_past_its_lease_changes_nothing_when_it_wakes(cluster, u
     cluster.wait_all_ended(tasks, 60)  # taken back after the lease (3 s) and finished by the other
     frozen.send_signal(signal.SIGCONT)
     time.sleep(4)  # the frozen worker's upstream replies arrive; its writes must be refused
-    figures = cluster.figures("worker frozen (SIGSTOP) past its lease, then resumed", tasks,
-                              note="attempt 1 of each stays worker_lost; one result set each")
+    figures = cluster.figures(
+        "worker frozen (SIGSTOP) past its lease, then resumed",
+        tasks,
+        note="attempt 1 of each stays worker_lost; one result set each",
+    )
     assert figures.succeed == 5
     with cluster._engine.connect() as connection:
-        first = connection.execute(text("SELECT a.error_code FROM attempts a WHERE a.number = 1"
-                                        " AND a.task_id::text = ANY(:ids)"), {"ids": list(tasks)}).scalars().all()
+        first = (
+            connection.execute(
+                text("SELECT a.error_code FROM attempts a WHERE a.number = 1 AND a.task_id::text = ANY(:ids)"),
+                {"ids": list(tasks)},
+            )
+            .scalars()
+            .all()
+        )
     assert first == ["worker_lost"] * 5
 
 
@@ -257,17 +278,42 @@ def test_schemathesis_finds_no_5xx_and_no_response_off_the_schema(cluster, tmp_p
     cluster.start_worker()
     started = time.monotonic()
     result = subprocess.run(
-        [sys.executable, "-m", "schemathesis.cli", "run", f"{url}/openapi.json",
-         "--header", f"Authorization: Bearer {cluster.key}",
-         "--checks", "not_a_server_error,response_schema_conformance,status_code_conformance,"
-                     "content_type_conformance",
-         "--max-examples", "40", "--request-timeout", "60", "--generation-deterministic",
-         "--report-dir", str(tmp_path)],
-        capture_output=True, text=True, timeout=400, env=cluster.env, cwd=tmp_path)
+        [
+            sys.executable,
+            "-m",
+            "schemathesis.cli",
+            "run",
+            f"{url}/openapi.json",
+            "--header",
+            f"Authorization: Bearer {cluster.key}",
+            "--checks",
+            "not_a_server_error,response_schema_conformance,status_code_conformance,content_type_conformance",
+            "--max-examples",
+            "40",
+            "--request-timeout",
+            "60",
+            "--generation-deterministic",
+            "--report-dir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=400,
+        env=cluster.env,
+        cwd=tmp_path,
+    )
     print(result.stdout[-12000:])
     cases = next((line.strip() for line in result.stdout.splitlines() if re.search(r"\d+ generated, ", line)), "")
     operations = next((line.strip() for line in result.stdout.splitlines() if "Operations:" in line), "")
-    Figures("schemathesis against /openapi.json", 0, 0, 0, 0, 0, 0, time.monotonic() - started,
-            note=f"{operations}; {cases}").report(checks_passed=result.returncode == 0)
+    Figures(
+        "schemathesis against /openapi.json",
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+        time.monotonic() - started,
+        note=f"{operations}; {cases}",
+    ).report(checks_passed=result.returncode == 0)
     assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-2000:]
-

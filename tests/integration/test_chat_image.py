@@ -37,8 +37,15 @@ def http_client():
 
 @pytest.fixture(scope="module")
 def config(fake) -> ModelConfig:
-    return ModelConfig(name="gemini", adapter="chat_image", base_url=fake.base_url, system_prompt=SYSTEM_PROMPT,
-                       image_generation=True, allow_private_downloads=True, timeout_s=10)
+    return ModelConfig(
+        name="gemini",
+        adapter="chat_image",
+        base_url=fake.base_url,
+        system_prompt=SYSTEM_PROMPT,
+        image_generation=True,
+        allow_private_downloads=True,
+        timeout_s=10,
+    )
 
 
 @pytest.fixture
@@ -52,8 +59,13 @@ def chat_prompt() -> str:
 
 
 def stored(generation, http_client, config):
-    return fetch_images(generation.images, client=http_client, checked=CheckedClients(), config=config,
-                        settings=Settings(secret_key="x"))
+    return fetch_images(
+        generation.images,
+        client=http_client,
+        checked=CheckedClients(),
+        config=config,
+        settings=Settings(secret_key="x"),
+    )
 
 
 @pytest.mark.parametrize("style", ["geekai", "openrouter", "markdown_data"])
@@ -87,11 +99,14 @@ def test_edit_request_sends_image_url_parts(fake, adapter, chat_prompt):
     adapter.generate(GenerationRequest(prompt=chat_prompt, image=["https://example.com/logo.png", bare]))
     (call,) = fake.calls_for(chat_prompt)
     user = call.body["messages"][-1]
-    assert user == {"role": "user", "content": [
-        {"type": "text", "text": chat_prompt},
-        {"type": "image_url", "image_url": {"url": "https://example.com/logo.png"}},
-        {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{bare}"}},
-    ]}
+    assert user == {
+        "role": "user",
+        "content": [
+            {"type": "text", "text": chat_prompt},
+            {"type": "image_url", "image_url": {"url": "https://example.com/logo.png"}},
+            {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{bare}"}},
+        ],
+    }
 
 
 def test_a_single_input_image_string_is_one_part(fake, adapter, chat_prompt):
@@ -129,11 +144,24 @@ def test_a_bad_request_is_not_retryable(fake, adapter, chat_prompt):
 def test_image_urls_reads_every_place_a_relay_puts_the_image():
     from imagegate.workers.adapters.chat_image import image_urls
 
-    document = {"choices": [{"message": {
-        "image": {"url": "https://cdn/a.png"},
-        "images": ["https://cdn/b.png", {"url": "https://cdn/c.png"}],
-        "content": [{"type": "text", "text": "![x](https://cdn/a.png) and ![y](<https://cdn/d.png> \"t\")"},
-                    {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}],
-    }}]}
-    assert image_urls(document) == ["https://cdn/a.png", "https://cdn/b.png", "https://cdn/c.png",
-                                    "https://cdn/d.png", "data:image/png;base64,AAAA"]
+    document = {
+        "choices": [
+            {
+                "message": {
+                    "image": {"url": "https://cdn/a.png"},
+                    "images": ["https://cdn/b.png", {"url": "https://cdn/c.png"}],
+                    "content": [
+                        {"type": "text", "text": '![x](https://cdn/a.png) and ![y](<https://cdn/d.png> "t")'},
+                        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
+                    ],
+                }
+            }
+        ]
+    }
+    assert image_urls(document) == [
+        "https://cdn/a.png",
+        "https://cdn/b.png",
+        "https://cdn/c.png",
+        "https://cdn/d.png",
+        "data:image/png;base64,AAAA",
+    ]

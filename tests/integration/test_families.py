@@ -94,10 +94,12 @@ def test_aspect_ratio_families_take_no_size(family):
 def test_size_messages_name_the_allowed_values():
     assert "1024x1024, 1024x1536, 1536x1024 or auto" in refused("gpt-image", size="512x512").message
     assert "auto or WIDTHxHEIGHT with sides in [256, 4096]" in refused("gpt-image-2", size="100x100").message
-    assert ("WIDTHxHEIGHT with sides in [768, 1440] and at most 2000000 pixels"
-            in refused("wanx", size="1440x1440").message)
-    assert ("WIDTHxHEIGHT with sides in [64, 16384] and at least 4096 pixels"
-            in refused("stability", size="16x16").message)
+    assert (
+        "WIDTHxHEIGHT with sides in [768, 1440] and at most 2000000 pixels" in refused("wanx", size="1440x1440").message
+    )
+    assert (
+        "WIDTHxHEIGHT with sides in [64, 16384] and at least 4096 pixels" in refused("stability", size="16x16").message
+    )
 
 
 def test_stability_counts_pixels():
@@ -105,8 +107,7 @@ def test_stability_counts_pixels():
     assert refused(config("stability", min_pixels=5000), size="64x64").param == "size"
 
 
-@pytest.mark.parametrize("family,limit", [("dall-e-2", 1000), ("dall-e-3", 4000), ("gpt-image", 32000),
-                                          ("grok", 1000)])
+@pytest.mark.parametrize("family,limit", [("dall-e-2", 1000), ("dall-e-3", 4000), ("gpt-image", 32000), ("grok", 1000)])
 def test_prompt_limits(family, limit):
     check_request(request(prompt="x" * limit), config(family))
     # model_construct: 32001 characters is past the schema's own limit, and check_request is under test here.
@@ -188,14 +189,17 @@ def http(tmp_path_factory, settings, redis_dbs, migrated, api_key):
     return client
 
 
-@pytest.mark.parametrize("body,param,expected", [
-    ({"model": "dalle3", "size": "512x512"}, "size", ["1024x1024", "1792x1024", "1024x1792"]),
-    ({"model": "dalle3", "n": 2}, "n", ["at most 1"]),
-    ({"model": "dalle3", "prompt": "x" * 4001}, "prompt", ["4000"]),
-    ({"model": "imagen", "size": "1024x1024"}, "size", ["takes aspect_ratio, not size", "16:9"]),
-    ({"model": "imagen", "aspect_ratio": "21:9"}, "aspect_ratio", ["1:1", "3:4", "4:3", "9:16", "16:9"]),
-    ({"model": "wanx", "size": "1440x1440"}, "size", ["[768, 1440]", "2000000 pixels"]),
-])
+@pytest.mark.parametrize(
+    "body,param,expected",
+    [
+        ({"model": "dalle3", "size": "512x512"}, "size", ["1024x1024", "1792x1024", "1024x1792"]),
+        ({"model": "dalle3", "n": 2}, "n", ["at most 1"]),
+        ({"model": "dalle3", "prompt": "x" * 4001}, "prompt", ["4000"]),
+        ({"model": "imagen", "size": "1024x1024"}, "size", ["takes aspect_ratio, not size", "16:9"]),
+        ({"model": "imagen", "aspect_ratio": "21:9"}, "aspect_ratio", ["1:1", "3:4", "4:3", "9:16", "16:9"]),
+        ({"model": "wanx", "size": "1440x1440"}, "size", ["[768, 1440]", "2000000 pixels"]),
+    ],
+)
 def test_refused_requests_answer_400_and_store_nothing(http, count_tasks, body, param, expected):
     before = count_tasks()
     response = http.post("/v1/images/generations", json={"prompt": "a cat", "async": True} | body)
@@ -207,12 +211,15 @@ def test_refused_requests_answer_400_and_store_nothing(http, count_tasks, body, 
     assert count_tasks() == before
 
 
-@pytest.mark.parametrize("body", [
-    {"model": "dalle3", "size": "1792x1024"},
-    {"model": "imagen", "aspect_ratio": "16:9"},
-    {"model": "wanx", "size": "1024x1024"},
-    {"model": "dalle3-four", "n": 4},  # the model's own max_n overrides the family's 1
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"model": "dalle3", "size": "1792x1024"},
+        {"model": "imagen", "aspect_ratio": "16:9"},
+        {"model": "wanx", "size": "1024x1024"},
+        {"model": "dalle3-four", "n": 4},  # the model's own max_n overrides the family's 1
+    ],
+)
 def test_accepted_requests_answer_202(http, count_tasks, body):
     before = count_tasks()
     response = http.post("/v1/images/generations", json={"prompt": "a cat", "async": True} | body)

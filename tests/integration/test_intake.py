@@ -60,8 +60,7 @@ BAD_BODIES = [
 
 
 @pytest.mark.parametrize("body,status,param,code", BAD_BODIES)
-def test_bad_body_gets_its_error_and_stores_and_enqueues_nothing(http, count_tasks, queued, body, status, param,
-                                                                 code):
+def test_bad_body_gets_its_error_and_stores_and_enqueues_nothing(http, count_tasks, queued, body, status, param, code):
     before = count_tasks()
     response = http.post("/v1/images/generations", json=body)
     assert response.status_code == status
@@ -156,17 +155,25 @@ def _batch_error(http, **post) -> dict:
 
 def test_a_nul_character_in_a_batch_names_the_line_and_field(http, count_tasks):
     before = count_tasks()
-    lines = [{"custom_id": NUL, "body": {"prompt": "x"}},
-             {"custom_id": "b", "body": {"prompt": NUL}},
-             {"custom_id": "c", "body": {"prompt": "x", "extra_body": {"a": [NUL]}}},
-             {"custom_id": "d", "body": {"prompt": "x", "user": NUL}},
-             {"custom_id": "ok", "body": {"prompt": "x"}}]
-    for post in ({"json": {"requests": lines}},
-                 {"data": "\n".join(json.dumps(line) for line in lines), "content_type": "application/jsonl"}):
+    lines = [
+        {"custom_id": NUL, "body": {"prompt": "x"}},
+        {"custom_id": "b", "body": {"prompt": NUL}},
+        {"custom_id": "c", "body": {"prompt": "x", "extra_body": {"a": [NUL]}}},
+        {"custom_id": "d", "body": {"prompt": "x", "user": NUL}},
+        {"custom_id": "ok", "body": {"prompt": "x"}},
+    ]
+    for post in (
+        {"json": {"requests": lines}},
+        {"data": "\n".join(json.dumps(line) for line in lines), "content_type": "application/jsonl"},
+    ):
         error = _batch_error(http, **post)
         assert error["code"] == "invalid_batch"
         assert [(line["line"], line["param"]) for line in error["lines"]] == [
-            (1, "custom_id"), (2, "body.prompt"), (3, "body.extra_body"), (4, "body.user")]
+            (1, "custom_id"),
+            (2, "body.prompt"),
+            (3, "body.extra_body"),
+            (4, "body.user"),
+        ]
     error = _batch_error(http, json={"requests": lines[-1:], "metadata": {"note": [NUL]}})
     assert (error["param"], error["code"]) == ("metadata", "invalid_value")
     assert count_tasks() == before
@@ -189,8 +196,7 @@ def test_deeply_nested_json_is_a_400_not_a_500(http, count_tasks):
     assert error["code"] == "invalid_batch" and error["lines"][0]["line"] == 1
     error = _batch_error(http, data='{"requests": [%s]}' % line, content_type="application/json")
     assert error["code"] == "invalid_batch"
-    error = _batch_error(http, data='{"requests": [], "metadata": %s}' % _nested(DEEP),
-                         content_type="application/json")
+    error = _batch_error(http, data='{"requests": [], "metadata": %s}' % _nested(DEEP), content_type="application/json")
     assert error["code"] == "invalid_batch"
     assert count_tasks() == before
 
@@ -198,18 +204,28 @@ def test_deeply_nested_json_is_a_400_not_a_500(http, count_tasks):
 def test_a_batch_envelope_is_validated_by_its_model(http, count_tasks):
     before = count_tasks()
     line = {"custom_id": "a", "body": {"prompt": "x"}}
-    for body, param, code in [({"requests": [line], "colour": 1}, "colour", "unknown_parameter"),
-                              ({"requests": "nope"}, "requests", "invalid_value"),
-                              ({"requests": [line], "metadata": [1]}, "metadata", "invalid_value"),
-                              ({"requests": [line], "callback_url": 5}, "callback_url", "invalid_value"),
-                              ({"requests": []}, "requests", "empty_batch")]:
+    for body, param, code in [
+        ({"requests": [line], "colour": 1}, "colour", "unknown_parameter"),
+        ({"requests": "nope"}, "requests", "invalid_value"),
+        ({"requests": [line], "metadata": [1]}, "metadata", "invalid_value"),
+        ({"requests": [line], "callback_url": 5}, "callback_url", "invalid_value"),
+        ({"requests": []}, "requests", "empty_batch"),
+    ]:
         error = _batch_error(http, json=body)
         assert (error["param"], error["code"]) == (param, code), body
     assert count_tasks() == before
 
 
-@pytest.mark.parametrize("query", ["expires=%C2%B2&signature=x", f"expires={'9' * 5000}&signature=x",
-                                   "expires=99999999999&signature=%C3%A9", "expires=&signature=", ""])
+@pytest.mark.parametrize(
+    "query",
+    [
+        "expires=%C2%B2&signature=x",
+        f"expires={'9' * 5000}&signature=x",
+        "expires=99999999999&signature=%C3%A9",
+        "expires=&signature=",
+        "",
+    ],
+)
 def test_a_malformed_signed_image_url_is_a_404_not_a_500(app, query):
     response = app.test_client().get(f"/files/images/00000000-0000-0000-0000-000000000000.png?{query}")
     assert response.status_code == 404
@@ -223,10 +239,15 @@ def test_a_malformed_deliveries_limit_is_a_400(http, limit):
 
 
 def test_every_405_says_which_methods_are_allowed(http):
-    for method, path, allowed in [("delete", "/v1/images/generations", "POST"), ("put", "/v1/images/batches", "POST"),
-                                  ("post", "/v1/webhooks/deliveries", "GET"), ("post", "/openapi.json", "GET"),
-                                  # not a task lookup of a task called "generations"
-                                  ("get", "/v1/images/generations", "POST"), ("get", "/v1/images/batches", "POST")]:
+    for method, path, allowed in [
+        ("delete", "/v1/images/generations", "POST"),
+        ("put", "/v1/images/batches", "POST"),
+        ("post", "/v1/webhooks/deliveries", "GET"),
+        ("post", "/openapi.json", "GET"),
+        # not a task lookup of a task called "generations"
+        ("get", "/v1/images/generations", "POST"),
+        ("get", "/v1/images/batches", "POST"),
+    ]:
         response = getattr(http, method)(path)
         assert response.status_code == 405 and response.get_json()["error"]["code"] == "method_not_allowed"
         assert allowed in response.headers["Allow"].split(", ") and "DELETE" not in response.headers["Allow"], path

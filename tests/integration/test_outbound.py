@@ -113,6 +113,7 @@ def network(monkeypatch):
 
 # --- pinning ---------------------------------------------------------------------------------
 
+
 def test_a_name_that_rebinds_after_the_check_cannot_reach_a_private_address(images, dns, network):
     answers, lookups = dns
     # A public address for the check, then loopback for whoever asks again (DNS rebinding).
@@ -164,29 +165,38 @@ def test_an_environment_proxy_is_not_used(images, network, monkeypatch):
     assert network == ["127.0.0.1"]
 
 
-@pytest.mark.parametrize(("url", "base_url", "same"), [
-    ("http://127.0.0.1:8080/files/a.png", "http://127.0.0.1:8080/v1", True),
-    ("HTTP://Relay.Example.com/a.png", "http://relay.example.com:80/v1", True),
-    ("https://relay.example.com/a.png", "http://relay.example.com/v1", False),
-    ("http://127.0.0.1:8081/a.png", "http://127.0.0.1:8080/v1", False),
-    ("http://localhost:8080/a.png", "http://127.0.0.1:8080/v1", False),
-    ("http://127.0.0.1:8080@10.0.0.1/a.png", "http://127.0.0.1:8080/v1", False),
-    ("http://127.0.0.1:8080/a.png", None, False),
-    ("not a url at all", "http://127.0.0.1:8080/v1", False),
-])
+@pytest.mark.parametrize(
+    ("url", "base_url", "same"),
+    [
+        ("http://127.0.0.1:8080/files/a.png", "http://127.0.0.1:8080/v1", True),
+        ("HTTP://Relay.Example.com/a.png", "http://relay.example.com:80/v1", True),
+        ("https://relay.example.com/a.png", "http://relay.example.com/v1", False),
+        ("http://127.0.0.1:8081/a.png", "http://127.0.0.1:8080/v1", False),
+        ("http://localhost:8080/a.png", "http://127.0.0.1:8080/v1", False),
+        ("http://127.0.0.1:8080@10.0.0.1/a.png", "http://127.0.0.1:8080/v1", False),
+        ("http://127.0.0.1:8080/a.png", None, False),
+        ("not a url at all", "http://127.0.0.1:8080/v1", False),
+    ],
+)
 def test_same_origin(url, base_url, same):
     assert outbound.same_origin(url, base_url) is same
 
 
 # --- image downloads -------------------------------------------------------------------------
 
+
 def fetch(url: str, base_url: str, *, allow_private: bool = False) -> bytes:
     config = ModelConfig(name="m", adapter="openai", base_url=base_url, allow_private_downloads=allow_private)
     checked = outbound.CheckedClients()
     try:
         with http.make_client() as upstream_client:
-            [image] = fetch_images([UpstreamImage(url=url)], client=upstream_client, checked=checked,
-                                   config=config, settings=Settings(secret_key="x"))
+            [image] = fetch_images(
+                [UpstreamImage(url=url)],
+                client=upstream_client,
+                checked=checked,
+                config=config,
+                settings=Settings(secret_key="x"),
+            )
     finally:
         checked.close()
     return image.data
@@ -213,6 +223,7 @@ def test_malformed_image_urls_are_refused_for_good(url):
 
 # --- end to end: a worker of its own, its models allowing no private downloads ------------------
 
+
 @pytest.fixture(scope="module")
 def strict_gateway(env, settings, migrated, upstream, api_key, tmp_path_factory):
     """The in-process API and a real worker with their own Redis, serving two models over the fake
@@ -232,8 +243,7 @@ base_url = "http://localhost:{upstream.port}/v1"
     redis_server = start_redis()
     broker_url = f"{redis_server.url}/0"
     log = directory / "worker.log"
-    worker = _start_worker(env | {"IMAGEGATE_BROKER_URL": broker_url, "IMAGEGATE_PROVIDERS_FILE": str(providers)},
-                           log)
+    worker = _start_worker(env | {"IMAGEGATE_BROKER_URL": broker_url, "IMAGEGATE_PROVIDERS_FILE": str(providers)}, log)
     try:
         from imagegate.app.web import create_app
 
@@ -245,8 +255,13 @@ base_url = "http://localhost:{upstream.port}/v1"
 
 
 def _start_worker(env: dict[str, str], log) -> subprocess.Popen:
-    process = subprocess.Popen(IMAGEGATE + ["worker", "--concurrency", "10"], env=env, stdout=log.open("w"),
-                               stderr=subprocess.STDOUT, start_new_session=True)
+    process = subprocess.Popen(
+        IMAGEGATE + ["worker", "--concurrency", "10"],
+        env=env,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     wait_until(lambda: process.poll() is not None or "ready" in log.read_text(), 60, "the strict worker")
     assert process.poll() is None, log.read_text()
     return process
@@ -254,8 +269,11 @@ def _start_worker(env: dict[str, str], log) -> subprocess.Popen:
 
 def _run(gateway, model: str, prompt: str) -> dict:
     api, headers = gateway
-    response = api.post("/v1/images/generations", headers=headers,
-                        json={"model": model, "prompt": prompt, "async": True, "response_format": "url"})
+    response = api.post(
+        "/v1/images/generations",
+        headers=headers,
+        json={"model": model, "prompt": prompt, "async": True, "response_format": "url"},
+    )
     assert response.status_code == 202, response.text
     task_id = response.get_json()["task_id"]
     deadline = time.monotonic() + 30

@@ -63,7 +63,9 @@ def test_every_route_but_the_documents_own_is_in_the_document(app_client):
         path = re.sub(r"<(?:\w+:)?(\w+)>", r"{\1}", rule.rule.rstrip("/"))
         for method in rule.methods - {"HEAD", "OPTIONS"}:
             assert (path, method.lower()) in documented, (rule.rule, method)
-    operation_ids = [operation["operationId"] for methods in document["paths"].values() for operation in methods.values()]
+    operation_ids = [
+        operation["operationId"] for methods in document["paths"].values() for operation in methods.values()
+    ]
     assert len(operation_ids) == len(set(operation_ids)) == len(documented)
 
 

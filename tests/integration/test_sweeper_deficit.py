@@ -24,21 +24,27 @@ def pending_tasks(database_url: str, count: int, overdue_s: float) -> list[uuid.
     ids = [uuid.uuid4() for _ in range(count)]
     with engine.begin() as connection:
         key_id = connection.execute(text("SELECT id FROM api_keys")).scalar_one()
-        connection.execute(text(
-            "INSERT INTO tasks (id, api_key_id, model, status, request, response_format, attempts, route,"
-            " retries_used, run_after, cancel_requested, polls, created_at) VALUES"
-            " (:id, :key, 'local', 'pending', '{\"prompt\": \"x\"}', 'url', 0, 'local', 0, :run_after, false, 0,"
-            " :run_after)"),
-            [{"id": task_id, "key": key_id, "run_after": utcnow() - timedelta(seconds=overdue_s + index * 0.001)}
-             for index, task_id in enumerate(ids)])
+        connection.execute(
+            text(
+                "INSERT INTO tasks (id, api_key_id, model, status, request, response_format, attempts, route,"
+                " retries_used, run_after, cancel_requested, polls, created_at) VALUES"
+                " (:id, :key, 'local', 'pending', '{\"prompt\": \"x\"}', 'url', 0, 'local', 0, :run_after, false, 0,"
+                " :run_after)"
+            ),
+            [
+                {"id": task_id, "key": key_id, "run_after": utcnow() - timedelta(seconds=overdue_s + index * 0.001)}
+                for index, task_id in enumerate(ids)
+            ],
+        )
     engine.dispose()
     assert key
     return ids
 
 
 def test_overdue_tasks_whose_messages_are_queued_are_not_republished(settings, own_database, own_redis):
-    settings = settings.model_copy(update={"database_url": own_database, "broker_url": f"{own_redis.url}/0",
-                                           "republish_after_s": 30.0})
+    settings = settings.model_copy(
+        update={"database_url": own_database, "broker_url": f"{own_redis.url}/0", "republish_after_s": 30.0}
+    )
     broker = redis.Redis.from_url(settings.broker_url)
     ids = pending_tasks(own_database, 300, overdue_s=120)
     publish_runs(make_celery(settings), ids)  # no worker runs: the messages wait in the queue
@@ -58,12 +64,14 @@ def test_overdue_tasks_whose_messages_are_queued_are_not_republished(settings, o
 
 
 def test_unacknowledged_messages_count_only_while_their_task_waits(settings, own_database, own_redis):
-    settings = settings.model_copy(update={"database_url": own_database, "broker_url": f"{own_redis.url}/0",
-                                           "republish_after_s": 30.0})
+    settings = settings.model_copy(
+        update={"database_url": own_database, "broker_url": f"{own_redis.url}/0", "republish_after_s": 30.0}
+    )
     broker = redis.Redis.from_url(settings.broker_url)
     celery = make_celery(settings)
     ids = pending_tasks(own_database, 20, overdue_s=120)
     publish_runs(celery, ids)
+
     # What kombu does when a worker takes a message: out of the list, into the `unacked` hash, and
     # its delivery time into the `unacked_index` sorted set.
     def take(tag: str, message: bytes, delivered_at: float) -> None:
@@ -90,11 +98,11 @@ def take_message(broker, tag: str, message: bytes, delivered_at: float) -> None:
     broker.zadd("unacked_index", {tag: delivered_at})
 
 
-def test_messages_a_killed_worker_had_reserved_count_no_longer_than_republish_after(settings, own_database,
-                                                                                    own_redis):
+def test_messages_a_killed_worker_had_reserved_count_no_longer_than_republish_after(settings, own_database, own_redis):
     """They stay in the hash until the visibility timeout (an hour); their tasks must not wait that long."""
-    settings = settings.model_copy(update={"database_url": own_database, "broker_url": f"{own_redis.url}/0",
-                                           "republish_after_s": 30.0})
+    settings = settings.model_copy(
+        update={"database_url": own_database, "broker_url": f"{own_redis.url}/0", "republish_after_s": 30.0}
+    )
     broker = redis.Redis.from_url(settings.broker_url)
     publish_runs(make_celery(settings), pending_tasks(own_database, 10, overdue_s=120))
     for index in range(10):

@@ -129,28 +129,54 @@ def fake_dns(monkeypatch):
             addresses = answers[host]() if callable(answers[host]) else answers[host]
             if not addresses:
                 raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
-            return [(socket.AF_INET6 if ":" in a else socket.AF_INET, socket.SOCK_STREAM, 6, "", (a, port or 0))
-                    for a in addresses]
+            return [
+                (socket.AF_INET6 if ":" in a else socket.AF_INET, socket.SOCK_STREAM, 6, "", (a, port or 0))
+                for a in addresses
+            ]
         return real(host, port, *args, **kwargs)
 
     monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
     return answers, lookups
 
 
-def send(url: str, *, secrets: list[str] | None = None, body: bytes = b'{"event": "task.succeeded"}',
-         headers: dict | None = None, allow_private: bool = True, client: httpx.Client | None = None, **kwargs):
+def send(
+    url: str,
+    *,
+    secrets: list[str] | None = None,
+    body: bytes = b'{"event": "task.succeeded"}',
+    headers: dict | None = None,
+    allow_private: bool = True,
+    client: httpx.Client | None = None,
+    **kwargs,
+):
     if client is None:
         with outbound.make_client(allow_private=allow_private) as client:
             return send(url, secrets=secrets, body=body, headers=headers, client=client, **kwargs)
-    return deliver(client, url, body, headers or {}, secrets=secrets or [new_secret()], msg_id="msg_test1",
-                   timestamp=int(time.time()), **kwargs)
+    return deliver(
+        client,
+        url,
+        body,
+        headers or {},
+        secrets=secrets or [new_secret()],
+        msg_id="msg_test1",
+        timestamp=int(time.time()),
+        **kwargs,
+    )
 
 
 # --- signing ---------------------------------------------------------------------------------
 
+
 def test_signing_matches_the_standard_webhooks_test_vector():
-    assert signature_header(["whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"], "msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265330,
-                            b'{"test": 2432232314}') == "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="
+    assert (
+        signature_header(
+            ["whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"],
+            "msg_p5jXN8AQM9LWM0D4loKWxJek",
+            1614265330,
+            b'{"test": 2432232314}',
+        )
+        == "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="
+    )
 
 
 def test_new_secrets_are_random_24_byte_keys():
@@ -162,8 +188,10 @@ def test_new_secrets_are_random_24_byte_keys():
 def test_signature_header_has_one_signature_per_secret():
     old, new = new_secret(), new_secret()
     value = signature_header([old, new], "msg_1", 1700000000, b"{}")
-    assert value.split(" ") == [signature_header([old], "msg_1", 1700000000, b"{}"),
-                                signature_header([new], "msg_1", 1700000000, b"{}")]
+    assert value.split(" ") == [
+        signature_header([old], "msg_1", 1700000000, b"{}"),
+        signature_header([new], "msg_1", 1700000000, b"{}"),
+    ]
     assert value.split(" ")[0] != value.split(" ")[1]
 
 
@@ -179,6 +207,7 @@ def test_signing_needs_a_secret():
 
 
 # --- delivery --------------------------------------------------------------------------------
+
 
 def test_delivery_is_signed_with_every_rotated_secret(receiver):
     old, new = new_secret(), new_secret()
@@ -208,8 +237,9 @@ def test_callers_headers_cannot_replace_the_signature(receiver):
     secret = new_secret()
     send(receiver.url("/ok"), secrets=[secret], headers={"Webhook-Signature": "v1,forged", "webhook-id": "x"})
     [(_, headers, body)] = receiver.requests
-    assert headers["webhook-signature"] == signature_header([secret], "msg_test1", int(headers["webhook-timestamp"]),
-                                                            body)
+    assert headers["webhook-signature"] == signature_header(
+        [secret], "msg_test1", int(headers["webhook-timestamp"]), body
+    )
     assert headers["webhook-id"] == "msg_test1"
     assert Webhook(secret).verify(body, headers) == json.loads(body)
 
@@ -300,9 +330,28 @@ def test_https_checks_the_certificate_against_the_hostname_not_the_address(tmp_p
     """The connection goes to the checked IP, yet SNI and the certificate check use the name."""
     cert = tmp_path / "receiver.pem"
     try:
-        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-                        "-subj", "/CN=hooks.example.test", "-addext", "subjectAltName=DNS:hooks.example.test",
-                        "-keyout", str(cert), "-out", str(cert)], check=True, capture_output=True)
+        subprocess.run(
+            [
+                "openssl",
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-days",
+                "1",
+                "-subj",
+                "/CN=hooks.example.test",
+                "-addext",
+                "subjectAltName=DNS:hooks.example.test",
+                "-keyout",
+                str(cert),
+                "-out",
+                str(cert),
+            ],
+            check=True,
+            capture_output=True,
+        )
     except (OSError, subprocess.CalledProcessError):
         pytest.skip("openssl is needed to make a test certificate")
     answers, _ = fake_dns
@@ -323,33 +372,37 @@ def test_https_checks_the_certificate_against_the_hostname_not_the_address(tmp_p
 
 # --- SSRF ------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("url", [
-    "http://127.0.0.1/",
-    "http://[::1]/",
-    "http://169.254.169.254/",
-    "http://10.0.0.1/",
-    "http://172.16.0.1/",
-    "http://192.168.1.1/",
-    "http://2130706433/",
-    "http://0x7f000001/",
-    "http://0177.0.0.1/",
-    "http://127.1/",
-    "http://[::ffff:127.0.0.1]/",
-    "http://[::ffff:8.8.8.8]/",         # mapped addresses are refused whatever they map to
-    "http://100.64.0.1/",
-    "http://[fc00::1]/",
-    "http://[fe80::1]/",
-    "http://[2002:7f00:1::]/",          # 6to4 wrapping 127.0.0.1
-    "http://0.0.0.0/",
-    "http://[::]/",
-    "http://224.0.0.1/",
-    "http://[ff0e::1]/",
-    "http://240.0.0.1/",
-    "ftp://example.com/",
-    "file:///etc/passwd",
-    "http:///no-host",
-    "http://localhost/",                # a name resolving to loopback
-])
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1/",
+        "http://[::1]/",
+        "http://169.254.169.254/",
+        "http://10.0.0.1/",
+        "http://172.16.0.1/",
+        "http://192.168.1.1/",
+        "http://2130706433/",
+        "http://0x7f000001/",
+        "http://0177.0.0.1/",
+        "http://127.1/",
+        "http://[::ffff:127.0.0.1]/",
+        "http://[::ffff:8.8.8.8]/",  # mapped addresses are refused whatever they map to
+        "http://100.64.0.1/",
+        "http://[fc00::1]/",
+        "http://[fe80::1]/",
+        "http://[2002:7f00:1::]/",  # 6to4 wrapping 127.0.0.1
+        "http://0.0.0.0/",
+        "http://[::]/",
+        "http://224.0.0.1/",
+        "http://[ff0e::1]/",
+        "http://240.0.0.1/",
+        "ftp://example.com/",
+        "file:///etc/passwd",
+        "http:///no-host",
+        "http://localhost/",  # a name resolving to loopback
+    ],
+)
 def test_unsafe_urls_are_refused(url):
     with pytest.raises(UnsafeUrl):
         resolve_public(url)
@@ -366,8 +419,7 @@ def test_public_literals_pass_without_a_lookup(monkeypatch):
 
     monkeypatch.setattr(socket, "getaddrinfo", no_lookup)
     assert resolve_public("http://93.184.216.34/") == ("93.184.216.34", ["93.184.216.34"])
-    assert resolve_public("https://[2606:4700:4700::1111]:8443/x") == ("2606:4700:4700::1111",
-                                                                        ["2606:4700:4700::1111"])
+    assert resolve_public("https://[2606:4700:4700::1111]:8443/x") == ("2606:4700:4700::1111", ["2606:4700:4700::1111"])
 
 
 def test_names_resolve_to_every_address_and_one_bad_one_refuses(fake_dns):
@@ -375,7 +427,9 @@ def test_names_resolve_to_every_address_and_one_bad_one_refuses(fake_dns):
     answers["public.example.test"] = ["93.184.216.34", "2606:4700:4700::1111"]
     answers["rebind.example.test"] = ["93.184.216.34", "10.1.2.3"]
     assert resolve_public("https://Public.Example.Test/hook") == (
-        "public.example.test", ["93.184.216.34", "2606:4700:4700::1111"])
+        "public.example.test",
+        ["93.184.216.34", "2606:4700:4700::1111"],
+    )
     with pytest.raises(UnsafeUrl, match="10.1.2.3"):
         resolve_public("https://rebind.example.test/hook")
 
@@ -399,15 +453,32 @@ def test_public_addresses_pass(ip):
     check_address(ip)
 
 
-@pytest.mark.parametrize("ip", ["127.0.0.1", "::1", "169.254.169.254", "fe80::1", "100.64.0.1", "fc00::1",
-                                "::ffff:10.0.0.1", "0.0.0.0", "::", "239.1.1.1", "192.0.2.1", "fec0::1",
-                                "64:ff9b::7f00:1", "not-an-ip"])
+@pytest.mark.parametrize(
+    "ip",
+    [
+        "127.0.0.1",
+        "::1",
+        "169.254.169.254",
+        "fe80::1",
+        "100.64.0.1",
+        "fc00::1",
+        "::ffff:10.0.0.1",
+        "0.0.0.0",
+        "::",
+        "239.1.1.1",
+        "192.0.2.1",
+        "fec0::1",
+        "64:ff9b::7f00:1",
+        "not-an-ip",
+    ],
+)
 def test_non_public_addresses_are_refused(ip):
     with pytest.raises(UnsafeUrl):
         check_address(ip)
 
 
 # --- retry schedule --------------------------------------------------------------------------
+
 
 def test_retry_schedule_default_and_parsing():
     assert Settings().webhook_retry_delays_s == [5, 300, 1800, 7200, 18000, 36000, 86400]

@@ -20,11 +20,21 @@ def new_key(engine: Engine) -> uuid.UUID:
         return connection.scalar(select(ApiKey.id).where(ApiKey.name == name))
 
 
-def make_task(engine: Engine, key_id: uuid.UUID, *, n: int = 1, callback_url: str | None = None,
-              **values: Any) -> uuid.UUID:
+def make_task(
+    engine: Engine, key_id: uuid.UUID, *, n: int = 1, callback_url: str | None = None, **values: Any
+) -> uuid.UUID:
     """A task as intake makes it, then set to `values` (status, attempts, ...) as a test needs."""
-    row = new_task(api_key_id=key_id, model="local", request={"model": "local", "prompt": "p", "n": n},
-                   response_format="b64_json", callback_url=callback_url, now=utcnow()) | values
+    row = (
+        new_task(
+            api_key_id=key_id,
+            model="local",
+            request={"model": "local", "prompt": "p", "n": n},
+            response_format="b64_json",
+            callback_url=callback_url,
+            now=utcnow(),
+        )
+        | values
+    )
     with engine.begin() as connection:
         connection.execute(insert(Task), row)
     return row["id"]

@@ -120,8 +120,12 @@ def test_a_group_of_successes_writes_each_one_still_owned_and_says_why_not_for_t
     mine, cancelled, taken_back = (claimed(store, key_id) for _ in range(3))
     set_task(store, cancelled.task_id, cancel_requested=True)
     set_task(store, taken_back.task_id, status=TaskStatus.PENDING)  # the sweeper gave this attempt away
-    written = store.succeed_many([Success(claim, [NewImage(PNG, "image/png")], {"total_tokens": 7}, [])
-                                  for claim in (mine, cancelled, taken_back)])
+    written = store.succeed_many(
+        [
+            Success(claim, [NewImage(PNG, "image/png")], {"total_tokens": 7}, [])
+            for claim in (mine, cancelled, taken_back)
+        ]
+    )
     assert written == [True, Refused.CANCELLED, Refused.STALE_ATTEMPT]
     with store.engine.connect() as connection:
         rows = {row.id: row for row in connection.execute(select(Task.id, Task.status, Task.usage))}

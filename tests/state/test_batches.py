@@ -25,9 +25,17 @@ def batches(engine):
 
 def new_batch(batches, engine, key_id, *statuses: TaskStatus) -> tuple[uuid.UUID, list[uuid.UUID]]:
     batch, _ = batches.create(api_key_id=key_id, lines=[], callback_url="https://hooks.example/b", metadata=None)
-    tasks = [make_task(engine, key_id, batch_id=batch.id, batch_line=line, status=status,
-                       attempts=0 if status == TaskStatus.PENDING else 1)
-             for line, status in enumerate(statuses)]
+    tasks = [
+        make_task(
+            engine,
+            key_id,
+            batch_id=batch.id,
+            batch_line=line,
+            status=status,
+            attempts=0 if status == TaskStatus.PENDING else 1,
+        )
+        for line, status in enumerate(statuses)
+    ]
     return batch.id, tasks
 
 
@@ -56,12 +64,15 @@ def test_a_batch_completes_once_its_last_task_ended_and_only_once(batches, engin
 
 
 def test_a_cancelled_batch_ends_its_pending_tasks_stops_its_running_ones_and_closes_cancelled(batches, engine, key_id):
-    batch_id, (pending, running, done) = new_batch(batches, engine, key_id, TaskStatus.PENDING, TaskStatus.RUNNING,
-                                                   TaskStatus.SUCCEED)
+    batch_id, (pending, running, done) = new_batch(
+        batches, engine, key_id, TaskStatus.PENDING, TaskStatus.RUNNING, TaskStatus.SUCCEED
+    )
     assert batches.cancel(batch_id, key_id) is True
     assert status_of(engine, batch_id) == BatchStatus.CANCELLING
-    assert (task_row(engine, pending).status, task_row(engine, pending).error_code) == (TaskStatus.FAILED,
-                                                                                         ErrorCode.CANCELLED)
+    assert (task_row(engine, pending).status, task_row(engine, pending).error_code) == (
+        TaskStatus.FAILED,
+        ErrorCode.CANCELLED,
+    )
     assert (task_row(engine, running).status, task_row(engine, running).cancel_requested) == (TaskStatus.RUNNING, True)
     assert task_row(engine, done).status == TaskStatus.SUCCEED
     assert batches.cancel(batch_id, key_id) is True  # again: harmless

@@ -21,9 +21,10 @@ MACHINES = {"tasks": TaskStatus, "batches": BatchStatus, "webhook_events": Event
 @pytest.mark.parametrize("table", MACHINES)
 def test_the_database_allows_exactly_the_enum(engine, table):
     with engine.connect() as connection:
-        definition, valid = connection.execute(text(
-            "SELECT pg_get_constraintdef(oid), convalidated FROM pg_constraint WHERE conname = :name"),
-            {"name": f"ck_{table}_status"}).one()
+        definition, valid = connection.execute(
+            text("SELECT pg_get_constraintdef(oid), convalidated FROM pg_constraint WHERE conname = :name"),
+            {"name": f"ck_{table}_status"},
+        ).one()
     enum: type[StrEnum] = MACHINES[table]
     assert valid and set(re.findall(r"'([^']*)'", definition)) == {status.value for status in enum}
 

@@ -32,7 +32,12 @@ def events_of(engine, task_id) -> list[str]:
 def test_intake_accepts_a_pending_task(store, engine, key_id):
     task, new = store.create(api_key_id=key_id, model="local", request={"prompt": "p"}, response_format="url")
     row = task_row(engine, task.id)
-    assert new and (row.status, row.attempts, row.route, row.cancel_requested) == (TaskStatus.PENDING, 0, "local", False)
+    assert new and (row.status, row.attempts, row.route, row.cancel_requested) == (
+        TaskStatus.PENDING,
+        0,
+        "local",
+        False,
+    )
 
 
 def test_cancelling_a_pending_task_ends_it_and_announces_it(store, engine, key_id):
@@ -64,8 +69,9 @@ def test_expired_attempts_go_back_to_pending_or_fail(engine, key_id):
     expired = utcnow() - timedelta(minutes=1)
     lost = make_task(engine, key_id, status=TaskStatus.RUNNING, attempts=1, lease_expires_at=expired)
     last = make_task(engine, key_id, status=TaskStatus.RUNNING, attempts=3, lease_expires_at=expired)
-    alive = make_task(engine, key_id, status=TaskStatus.RUNNING, attempts=1,
-                      lease_expires_at=utcnow() + timedelta(minutes=1))
+    alive = make_task(
+        engine, key_id, status=TaskStatus.RUNNING, attempts=1, lease_expires_at=utcnow() + timedelta(minutes=1)
+    )
     pending = make_task(engine, key_id, run_after=expired)
     with engine.begin() as connection:
         failed = transitions.fail_expired(connection, utcnow(), max_attempts=3)
@@ -79,20 +85,25 @@ def test_expired_attempts_go_back_to_pending_or_fail(engine, key_id):
 
 def test_overdue_tasks_fail_whatever_they_were_doing_unless_ended(engine, key_id):
     old = utcnow() - timedelta(hours=2)
-    unfinished = [make_task(engine, key_id, created_at=old),
-                  make_task(engine, key_id, status=TaskStatus.RUNNING, attempts=1, created_at=old)]
+    unfinished = [
+        make_task(engine, key_id, created_at=old),
+        make_task(engine, key_id, status=TaskStatus.RUNNING, attempts=1, created_at=old),
+    ]
     ended = make_task(engine, key_id, status=TaskStatus.SUCCEED, attempts=1, created_at=old)
     with engine.begin() as connection:
-        failed = transitions.fail_overdue(connection, utcnow() - timedelta(hours=1),
-                                          Failure(ErrorCode.DEADLINE_EXCEEDED, "late"))
+        failed = transitions.fail_overdue(
+            connection, utcnow() - timedelta(hours=1), Failure(ErrorCode.DEADLINE_EXCEEDED, "late")
+        )
     assert set(unfinished) <= set(failed) and ended not in failed
     assert {task_row(engine, task_id).status for task_id in unfinished} == {TaskStatus.FAILED}
 
 
 def test_republishing_takes_the_oldest_overdue_pending_tasks_once(engine, key_id):
     lane = uuid.uuid4().hex  # keeps other tests' overdue tasks out
-    tasks = [make_task(engine, key_id, run_after=utcnow() - timedelta(minutes=10 - index), custom_id=lane)
-             for index in range(3)]
+    tasks = [
+        make_task(engine, key_id, run_after=utcnow() - timedelta(minutes=10 - index), custom_id=lane)
+        for index in range(3)
+    ]
     mine = Task.custom_id == lane
     due_before = utcnow() - timedelta(minutes=1)
     with engine.begin() as connection:

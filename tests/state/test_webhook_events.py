@@ -23,8 +23,9 @@ def webhooks(engine):
 
 
 def new_event(engine, key_id) -> str:
-    row = transitions.new_event(api_key_id=key_id, type="image.task.succeed", url="https://hooks.example/e",
-                                now=utcnow(), task_id=uuid.uuid4())
+    row = transitions.new_event(
+        api_key_id=key_id, type="image.task.succeed", url="https://hooks.example/e", now=utcnow(), task_id=uuid.uuid4()
+    )
     with engine.begin() as connection:
         transitions.enqueue(connection, [row])
     return row["id"]
@@ -48,8 +49,10 @@ def test_a_delivered_event_is_done(webhooks, engine, key_id):
     assert webhooks.record(event, status_code=200, latency_ms=5, error=None, outcome=EventStatus.DELIVERED) is True
     assert event_row(engine, event.id).status == EventStatus.DELIVERED
     assert webhooks.claim(event.id, lease_s=60) is Refused.ALREADY_ENDED
-    assert webhooks.record(event, status_code=200, latency_ms=5, error=None,
-                           outcome=EventStatus.DELIVERED) is Refused.ALREADY_ENDED
+    assert (
+        webhooks.record(event, status_code=200, latency_ms=5, error=None, outcome=EventStatus.DELIVERED)
+        is Refused.ALREADY_ENDED
+    )
 
 
 def test_a_sender_whose_lease_was_taken_back_records_its_attempt_but_moves_nothing(webhooks, engine, key_id):
@@ -58,12 +61,18 @@ def test_a_sender_whose_lease_was_taken_back_records_its_attempt_but_moves_nothi
     assert event_row(engine, event.id).status == EventStatus.PENDING
     again = webhooks.claim(event.id, lease_s=60)
     assert again.attempt == 2
-    assert webhooks.record(event, status_code=500, latency_ms=5, error=None, outcome=EventStatus.FAILED) \
+    assert (
+        webhooks.record(event, status_code=500, latency_ms=5, error=None, outcome=EventStatus.FAILED)
         is Refused.STALE_ATTEMPT
+    )
     assert event_row(engine, event.id).status == EventStatus.SENDING
     retry_at = utcnow() + timedelta(seconds=5)
-    assert webhooks.record(again, status_code=500, latency_ms=5, error=None, outcome=EventStatus.PENDING,
-                           retry_at=retry_at) is True
+    assert (
+        webhooks.record(
+            again, status_code=500, latency_ms=5, error=None, outcome=EventStatus.PENDING, retry_at=retry_at
+        )
+        is True
+    )
     row = event_row(engine, event.id)
     assert (row.status, row.attempts, row.next_attempt_at) == (EventStatus.PENDING, 2, retry_at)
     with engine.connect() as connection:

@@ -51,8 +51,9 @@ def last_user_text(body: dict) -> str:
     users = [m for m in body.get("messages") or [] if isinstance(m, dict) and m.get("role") == "user"]
     content = users[-1].get("content") if users else ""
     if isinstance(content, list):
-        return "".join(part.get("text", "") for part in content
-                       if isinstance(part, dict) and part.get("type") == "text")
+        return "".join(
+            part.get("text", "") for part in content if isinstance(part, dict) and part.get("type") == "text"
+        )
     return content if isinstance(content, str) else ""
 
 
@@ -67,19 +68,29 @@ class FakeChat(ScriptedServer):
     def reply(self, step: ChatStep, model: str) -> dict:
         data_uri = "data:image/png;base64," + base64.b64encode(png_bytes(8, 8, (200, 30, 30))).decode()
         if step.style == "geekai":
-            message = {"role": "assistant",
-                       "content": f"好的,这是一只在草丛中玩耍的可爱小猫: \n![]({self.image_url})\n",
-                       "image": {"url": self.image_url}}
+            message = {
+                "role": "assistant",
+                "content": f"好的,这是一只在草丛中玩耍的可爱小猫: \n![]({self.image_url})\n",
+                "image": {"url": self.image_url},
+            }
         elif step.style == "openrouter":
-            message = {"role": "assistant", "content": "Here is your image.",
-                       "images": [{"type": "image_url", "image_url": {"url": data_uri}}]}
+            message = {
+                "role": "assistant",
+                "content": "Here is your image.",
+                "images": [{"type": "image_url", "image_url": {"url": data_uri}}],
+            }
         elif step.style == "markdown_data":
             message = {"role": "assistant", "content": f"Here it is:\n{data_uri}\n"}
         else:
             message = {"role": "assistant", "content": "我无法生成图片,但可以为你描述一只小猫。"}
-        return {"id": str(uuid.uuid4()), "object": "chat.completion", "created": int(time.time()), "model": model,
-                "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
-                "usage": {"prompt_tokens": 12, "completion_tokens": 1290, "total_tokens": 1302}}
+        return {
+            "id": str(uuid.uuid4()),
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": model,
+            "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 12, "completion_tokens": 1290, "total_tokens": 1302},
+        }
 
     def handler_class(self):
         fake = self

@@ -7,8 +7,9 @@ import io
 import json
 import threading
 import time
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable
+from typing import Any
 
 from PIL import Image
 
@@ -36,8 +37,9 @@ class JsonHandler(BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError):
             pass  # the caller gave up (a deadline, a killed worker): nothing to answer
 
-    def send(self, status: int, body: bytes, content_type: str = "application/json",
-             headers: dict[str, str] | None = None) -> None:
+    def send(
+        self, status: int, body: bytes, content_type: str = "application/json", headers: dict[str, str] | None = None
+    ) -> None:
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
@@ -49,10 +51,14 @@ class JsonHandler(BaseHTTPRequestHandler):
     def send_json(self, status: int, document: Any, headers: dict[str, str] | None = None) -> None:
         self.send(status, json.dumps(document, ensure_ascii=False).encode(), headers=headers)
 
-    def send_error_json(self, status: int, message: str, code: str | None = None,
-                        headers: dict[str, str] | None = None) -> None:
-        self.send_json(status, {"error": {"message": message, "type": "invalid_request_error", "param": None,
-                                          "code": code}}, headers)
+    def send_error_json(
+        self, status: int, message: str, code: str | None = None, headers: dict[str, str] | None = None
+    ) -> None:
+        self.send_json(
+            status,
+            {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": code}},
+            headers,
+        )
 
     def read_json(self) -> dict:
         length = int(self.headers.get("Content-Length") or 0)

@@ -67,13 +67,20 @@ class FakeUpstream(ScriptedServer):
     def images_reply(self, step: Step, n: int) -> dict:
         items = []
         for _ in range(n):
-            item = ({"url": f"http://127.0.0.1:{self.port}/files/image.png"} if step.as_url
-                    else {"b64_json": base64.b64encode(png_bytes()).decode()})
+            item = (
+                {"url": f"http://127.0.0.1:{self.port}/files/image.png"}
+                if step.as_url
+                else {"b64_json": base64.b64encode(png_bytes()).decode()}
+            )
             if step.revised_prompt:
                 item["revised_prompt"] = step.revised_prompt
             items.append(item)
-        usage = step.usage or {"total_tokens": 100, "input_tokens": 10, "output_tokens": 90,
-                               "input_tokens_details": {"text_tokens": 10, "image_tokens": 0}}
+        usage = step.usage or {
+            "total_tokens": 100,
+            "input_tokens": 10,
+            "output_tokens": 90,
+            "input_tokens_details": {"text_tokens": 10, "image_tokens": 0},
+        }
         return {"created": int(time.time()), "data": items, "usage": usage}
 
     def handler_class(self):
@@ -101,17 +108,31 @@ class FakeUpstream(ScriptedServer):
                 elif step.final_status == "succeed":
                     reply |= upstream.images_reply(step, task["n"]) | {"task_status": "succeed"}
                 else:
-                    reply |= {"task_status": "failed", "data": [],
-                              "error": {"code": step.error_code or "generation_failed", "message": step.message,
-                                        "details": {}}}
+                    reply |= {
+                        "task_status": "failed",
+                        "data": [],
+                        "error": {
+                            "code": step.error_code or "generation_failed",
+                            "message": step.message,
+                            "details": {},
+                        },
+                    }
                 self.send_json(200, reply)
 
             def do_POST(self) -> None:
                 body = self.read_json()
                 prompt = body.get("prompt", "")
                 kind = "submit" if body.get("async") else "generate"
-                upstream.log(Call(prompt, time.time(), body, self.headers.get("Authorization"), kind,
-                                  self.headers.get("Idempotency-Key")))
+                upstream.log(
+                    Call(
+                        prompt,
+                        time.time(),
+                        body,
+                        self.headers.get("Authorization"),
+                        kind,
+                        self.headers.get("Idempotency-Key"),
+                    )
+                )
                 step = upstream.next_step(prompt)
                 if step.hang:
                     time.sleep(3600)
@@ -122,10 +143,16 @@ class FakeUpstream(ScriptedServer):
                 elif kind == "submit":
                     task_id = uuid.uuid4().hex
                     with upstream._lock:
-                        upstream._async_tasks[task_id] = {"prompt": prompt, "step": step, "n": int(body.get("n", 1)),
-                                                          "model": body.get("model"), "created": int(time.time())}
-                    self.send_json(200, {"created": int(time.time()), "task_id": task_id, "task_status": "pending",
-                                         "data": []})
+                        upstream._async_tasks[task_id] = {
+                            "prompt": prompt,
+                            "step": step,
+                            "n": int(body.get("n", 1)),
+                            "model": body.get("model"),
+                            "created": int(time.time()),
+                        }
+                    self.send_json(
+                        200, {"created": int(time.time()), "task_id": task_id, "task_status": "pending", "data": []}
+                    )
                 elif step.trickle:
                     self._trickle(upstream.images_reply(step, int(body.get("n", 1))))
                 else:

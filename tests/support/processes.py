@@ -17,8 +17,7 @@ def run_cli(args: list[str], env: dict[str, str], **kwargs) -> subprocess.Comple
 
 def start_process(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
     handle = log.open("w")
-    return subprocess.Popen(IMAGEGATE + args, env=env, stdout=handle, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    return subprocess.Popen(IMAGEGATE + args, env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def stop_process(process: subprocess.Popen) -> None:

@@ -99,8 +99,10 @@ class Throwaway:
 def start_postgres() -> Throwaway:
     initdb, pg_ctl = _find("initdb"), _find("pg_ctl")
     if not (initdb and pg_ctl):
-        raise MissingService("Postgres is not reachable at 127.0.0.1:5432 and initdb/pg_ctl are not installed "
-                             "(apt-get install postgresql)")
+        raise MissingService(
+            "Postgres is not reachable at 127.0.0.1:5432 and initdb/pg_ctl are not installed "
+            "(apt-get install postgresql)"
+        )
     directory = Path(tempfile.mkdtemp(prefix="imagegate-pg-"))
     run_as: list[str] = []
     if os.geteuid() == 0:  # Postgres refuses to run as root
@@ -108,21 +110,39 @@ def start_postgres() -> Throwaway:
         run_as = ["runuser", "-u", "postgres", "--"]
     port = free_port()
     data = directory / "data"
-    subprocess.run(run_as + [initdb, "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8"],
-                   check=True, capture_output=True, timeout=120)
-    start = [pg_ctl, "-D", str(data), "-l", str(directory / "log"), "-w", "-o",
-             f"-p {port} -k {directory} -c listen_addresses=127.0.0.1 -c fsync=off", "start"]
+    subprocess.run(
+        run_as + [initdb, "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8"],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    start = [
+        pg_ctl,
+        "-D",
+        str(data),
+        "-l",
+        str(directory / "log"),
+        "-w",
+        "-o",
+        f"-p {port} -k {directory} -c listen_addresses=127.0.0.1 -c fsync=off",
+        "start",
+    ]
     subprocess.run(run_as + start, check=True, capture_output=True, timeout=120)
-    return Throwaway(f"postgresql+psycopg://postgres@127.0.0.1:{port}", directory=directory,
-                     stop_command=[pg_ctl, "-D", str(data), "-m", "fast", "-w", "stop"], start_command=start,
-                     run_as=run_as)
+    return Throwaway(
+        f"postgresql+psycopg://postgres@127.0.0.1:{port}",
+        directory=directory,
+        stop_command=[pg_ctl, "-D", str(data), "-m", "fast", "-w", "stop"],
+        start_command=start,
+        run_as=run_as,
+    )
 
 
 def start_redis() -> Throwaway:
     binary = shutil.which("redis-server")
     if not binary:
-        raise MissingService("Redis is not reachable at 127.0.0.1:6379 and redis-server is not installed "
-                             "(apt-get install redis-server)")
+        raise MissingService(
+            "Redis is not reachable at 127.0.0.1:6379 and redis-server is not installed (apt-get install redis-server)"
+        )
     port = free_port()
     command = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL)

@@ -45,16 +45,20 @@ def request(**values) -> GenerationRequest:
 
 
 def error_reply(status: int, message: str = "nope", code: str | None = None, **headers) -> httpx.Response:
-    return httpx.Response(status, json={"error": {"message": message, "type": "invalid_request_error",
-                                                  "code": code}}, headers=headers)
+    return httpx.Response(
+        status, json={"error": {"message": message, "type": "invalid_request_error", "code": code}}, headers=headers
+    )
 
 
 # -- openai -----------------------------------------------------------------------------------
 
+
 def test_openai_posts_the_request_with_the_key_and_reads_b64_images():
     seen: list[httpx.Request] = []
-    reply = httpx.Response(200, json={"created": 1, "data": [{"b64_json": PNG_B64, "revised_prompt": "a kite"}],
-                                      "usage": {"total_tokens": 7}})
+    reply = httpx.Response(
+        200,
+        json={"created": 1, "data": [{"b64_json": PNG_B64, "revised_prompt": "a kite"}], "usage": {"total_tokens": 7}},
+    )
     adapter = OpenAIAdapter(config("openai", upstream_model="dall-e-3"), mock_client(reply, seen=seen), KEY)
 
     generation = adapter.generate(request(size="1024x1024"))
@@ -71,19 +75,23 @@ def test_openai_posts_the_request_with_the_key_and_reads_b64_images():
 
 def test_openai_reads_url_images_and_sends_no_key_when_none_is_configured():
     seen: list[httpx.Request] = []
-    reply = httpx.Response(200, json={"data": [{"url": "https://cdn.example/1.png"},
-                                               {"url": "https://cdn.example/2.png"}]})
+    reply = httpx.Response(
+        200, json={"data": [{"url": "https://cdn.example/1.png"}, {"url": "https://cdn.example/2.png"}]}
+    )
     generation = OpenAIAdapter(config("openai"), mock_client(reply, seen=seen), None).generate(request(n=2))
     assert [image.url for image in generation.images] == ["https://cdn.example/1.png", "https://cdn.example/2.png"]
     assert "Authorization" not in seen[0].headers
 
 
-@pytest.mark.parametrize("status, code, retryable", [
-    (400, ErrorCode.UPSTREAM_REJECTED, False),
-    (401, ErrorCode.UPSTREAM_AUTH, False),
-    (429, ErrorCode.UPSTREAM_RATE_LIMITED, True),
-    (500, ErrorCode.UPSTREAM_ERROR, True),
-])
+@pytest.mark.parametrize(
+    "status, code, retryable",
+    [
+        (400, ErrorCode.UPSTREAM_REJECTED, False),
+        (401, ErrorCode.UPSTREAM_AUTH, False),
+        (429, ErrorCode.UPSTREAM_RATE_LIMITED, True),
+        (500, ErrorCode.UPSTREAM_ERROR, True),
+    ],
+)
 def test_openai_maps_error_statuses(status, code, retryable):
     adapter = OpenAIAdapter(config("openai"), mock_client(error_reply(status, "scripted")), KEY)
     with pytest.raises(UpstreamError) as caught:
@@ -107,11 +115,14 @@ def test_openai_content_policy_400_is_its_own_code():
     assert caught.value.details["upstream_code"] == "content_policy_violation"
 
 
-@pytest.mark.parametrize("reply", [
-    httpx.Response(200, text="<html>gateway</html>"),
-    httpx.Response(200, json={"data": []}),
-    httpx.Response(200, json={"data": [{"revised_prompt": "no image"}]}),
-])
+@pytest.mark.parametrize(
+    "reply",
+    [
+        httpx.Response(200, text="<html>gateway</html>"),
+        httpx.Response(200, json={"data": []}),
+        httpx.Response(200, json={"data": [{"revised_prompt": "no image"}]}),
+    ],
+)
 def test_openai_unreadable_success_is_a_retryable_bad_response(reply):
     with pytest.raises(UpstreamError) as caught:
         OpenAIAdapter(config("openai"), mock_client(reply), KEY).generate(request())
@@ -129,18 +140,28 @@ def test_openai_wraps_the_params_a_relay_wants_as_arrays():
 
 # -- chat_image -------------------------------------------------------------------------------
 
+
 def chat_reply(message: dict) -> httpx.Response:
-    return httpx.Response(200, json={"id": "c1", "object": "chat.completion",
-                                     "choices": [{"index": 0, "message": {"role": "assistant", **message}}],
-                                     "usage": {"total_tokens": 42}})
+    return httpx.Response(
+        200,
+        json={
+            "id": "c1",
+            "object": "chat.completion",
+            "choices": [{"index": 0, "message": {"role": "assistant", **message}}],
+            "usage": {"total_tokens": 42},
+        },
+    )
 
 
 def test_chat_image_parses_the_image_from_a_chat_reply():
     seen: list[httpx.Request] = []
     url = "https://cdn.example/cat.png"
     reply = chat_reply({"content": f"here you go\n![]({url})\n", "image": {"url": url}})
-    adapter = ChatImageAdapter(config("chat_image", upstream_model="gemini-2.5-flash-image", image_generation=True,
-                                      system_prompt="draw"), mock_client(reply, seen=seen), KEY)
+    adapter = ChatImageAdapter(
+        config("chat_image", upstream_model="gemini-2.5-flash-image", image_generation=True, system_prompt="draw"),
+        mock_client(reply, seen=seen),
+        KEY,
+    )
 
     generation = adapter.generate(request())
 
@@ -177,14 +198,17 @@ def test_chat_image_sends_input_images_as_image_url_parts():
 
 # -- geekai_async -----------------------------------------------------------------------------
 
+
 def test_geekai_async_submits_then_polls_until_the_images():
     seen: list[httpx.Request] = []
     client = mock_client(
         httpx.Response(200, json={"task_id": "up-1", "task_status": "pending", "data": []}),
         httpx.Response(200, json={"task_id": "up-1", "task_status": "running", "data": []}),
-        httpx.Response(200, json={"task_id": "up-1", "task_status": "succeed",
-                                  "data": [{"url": "https://cdn.example/k.png"}]}),
-        seen=seen)
+        httpx.Response(
+            200, json={"task_id": "up-1", "task_status": "succeed", "data": [{"url": "https://cdn.example/k.png"}]}
+        ),
+        seen=seen,
+    )
     adapter = GeekAIAsyncAdapter(config("geekai_async", upstream_model="kling-v2"), client, KEY)
 
     assert adapter.submit(request(n=1)) == "up-1"
@@ -205,13 +229,24 @@ def test_geekai_async_submit_without_a_task_id_is_a_bad_response():
     assert caught.value.code == ErrorCode.UPSTREAM_BAD_RESPONSE
 
 
-@pytest.mark.parametrize("upstream_code, code, retryable", [
-    ("generation_failed", ErrorCode.UPSTREAM_ERROR, True),
-    ("sensitive_content", ErrorCode.CONTENT_POLICY, False),
-])
+@pytest.mark.parametrize(
+    "upstream_code, code, retryable",
+    [
+        ("generation_failed", ErrorCode.UPSTREAM_ERROR, True),
+        ("sensitive_content", ErrorCode.CONTENT_POLICY, False),
+    ],
+)
 def test_geekai_async_failed_upstream_task(upstream_code, code, retryable):
-    client = mock_client(httpx.Response(200, json={"task_id": "up-1", "task_status": "failed",
-                                                   "error": {"code": upstream_code, "message": "gpu on fire"}}))
+    client = mock_client(
+        httpx.Response(
+            200,
+            json={
+                "task_id": "up-1",
+                "task_status": "failed",
+                "error": {"code": upstream_code, "message": "gpu on fire"},
+            },
+        )
+    )
     with pytest.raises(UpstreamError) as caught:
         GeekAIAsyncAdapter(config("geekai_async"), client, KEY).poll("up-1")
     assert (caught.value.code, caught.value.retryable) == (code, retryable)
@@ -219,6 +254,7 @@ def test_geekai_async_failed_upstream_task(upstream_code, code, retryable):
 
 
 # -- local ------------------------------------------------------------------------------------
+
 
 def test_local_renders_the_requested_number_size_and_format():
     adapter = LocalAdapter(ModelConfig(name="local", adapter="local"), mock_client(), None)

@@ -41,22 +41,28 @@ def write(tmp_path: Path, text: str) -> Path:
 
 
 def test_a_providers_file_is_read(tmp_path):
-    path = write(tmp_path, '[models."dall-e-3"]\nadapter = "openai"\nbase_url = "https://x/v1"\n'
-                           'api_key_env = "OPENAI_API_KEY"\ntimeout_s = 120\nmax_retries = 2\n')
+    path = write(
+        tmp_path,
+        '[models."dall-e-3"]\nadapter = "openai"\nbase_url = "https://x/v1"\n'
+        'api_key_env = "OPENAI_API_KEY"\ntimeout_s = 120\nmax_retries = 2\n',
+    )
     model = load_models(path, ADAPTERS)["dall-e-3"]
     assert (model.adapter, model.upstream_name, model.timeout_s, model.max_retries) == ("openai", "dall-e-3", 120, 2)
 
 
-@pytest.mark.parametrize("text,expected", [
-    ('[models."m1"]\nadapter = "nope"\nbase_url = "https://x"\n', ["m1", "'adapter'", "nope"]),
-    ('[models."m2"]\nadapter = "openai"\nbase_url = "https://x"\ntimeout_s = "slow"\n', ["m2", "'timeout_s'"]),
-    ('[models."m3"]\nadapter = "openai"\nbase_url = "https://x"\napi_key = "sk-1"\n', ["m3", "'api_key'"]),
-    ('[models."m4"]\nadapter = "openai"\n', ["m4", "'base_url'"]),
-    ('[models."m5"\nadapter = "openai"\n', ["not valid TOML"]),
-    ('title = "x"\n', ["'title'"]),
-    ('[models."m6"]\nadapter = "openai"\nbase_url = "https://x"\nfamily = "midjourney"\n', ["m6", "'family'"]),
-    ('[models."m7"]\nadapter = "openai"\nbase_url = "https://x"\nfallbacks = ["nope"]\n', ["m7", "'fallbacks'"]),
-])
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ('[models."m1"]\nadapter = "nope"\nbase_url = "https://x"\n', ["m1", "'adapter'", "nope"]),
+        ('[models."m2"]\nadapter = "openai"\nbase_url = "https://x"\ntimeout_s = "slow"\n', ["m2", "'timeout_s'"]),
+        ('[models."m3"]\nadapter = "openai"\nbase_url = "https://x"\napi_key = "sk-1"\n', ["m3", "'api_key'"]),
+        ('[models."m4"]\nadapter = "openai"\n', ["m4", "'base_url'"]),
+        ('[models."m5"\nadapter = "openai"\n', ["not valid TOML"]),
+        ('title = "x"\n', ["'title'"]),
+        ('[models."m6"]\nadapter = "openai"\nbase_url = "https://x"\nfamily = "midjourney"\n', ["m6", "'family'"]),
+        ('[models."m7"]\nadapter = "openai"\nbase_url = "https://x"\nfallbacks = ["nope"]\n', ["m7", "'fallbacks'"]),
+    ],
+)
 def test_a_bad_providers_file_names_the_file_the_model_and_the_key(tmp_path, text, expected):
     path = write(tmp_path, text)
     with pytest.raises(ProvidersFileError) as raised:
@@ -97,8 +103,10 @@ def test_delivery_settings_are_at_least_once_and_below_the_visibility_timeout():
     assert config["worker_prefetch_multiplier"] == 1
     assert config["task_soft_time_limit"] < config["task_time_limit"] < visibility
     assert settings.retry_max_s < visibility  # the longest retry countdown
-    assert settings.download_timeout_s + max(m.timeout_s for m in load_models(None).values()) \
+    assert (
+        settings.download_timeout_s + max(m.timeout_s for m in load_models(None).values())
         < config["task_soft_time_limit"]
+    )
 
 
 def test_settings_that_would_redeliver_a_running_task_are_refused():
@@ -110,7 +118,7 @@ def test_settings_that_would_redeliver_a_running_task_are_refused():
 
 def test_the_readme_providers_example_loads_with_one_model_per_adapter(tmp_path):
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    section = readme[readme.index("### The providers file"):]
+    section = readme[readme.index("### The providers file") :]
     example = section.split("```toml\n", 1)[1].split("```", 1)[0]
     models = load_models(write(tmp_path, example), installed_adapters())
     assert {model.adapter for model in models.values()} == installed_adapters()

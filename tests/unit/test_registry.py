@@ -44,8 +44,11 @@ def test_a_plugin_that_does_not_declare_what_it_does_is_refused_at_load():
 
 
 def test_keys_are_resolved_once_from_api_key_env():
-    models = {"keyed": model("keyed", "openai", api_key_env="K"), "keyless": model("keyless", "openai"),
-              "missing": model("missing", "openai", api_key_env="UNSET")}
+    models = {
+        "keyed": model("keyed", "openai", api_key_env="K"),
+        "keyless": model("keyless", "openai"),
+        "missing": model("missing", "openai", api_key_env="UNSET"),
+    }
     upstreams = resolve_upstreams(models, load_adapters(), environ={"K": "sk-resolved-key-123", "UNSET": ""})
     assert upstreams["keyed"].api_key == "sk-resolved-key-123" and upstreams["keyed"].unavailable is None
     assert upstreams["keyless"].api_key is None and upstreams["keyless"].unavailable is None
@@ -53,11 +56,19 @@ def test_keys_are_resolved_once_from_api_key_env():
 
 
 def test_images_per_call_the_model_then_its_family_then_the_adapter():
-    models = {"chat": model("chat", "chat_image"), "dalle": model("dalle", "openai", family="dall-e-3"),
-              "own": model("own", "chat_image", max_images_per_call=3), "any": model("any", "openai")}
+    models = {
+        "chat": model("chat", "chat_image"),
+        "dalle": model("dalle", "openai", family="dall-e-3"),
+        "own": model("own", "chat_image", max_images_per_call=3),
+        "any": model("any", "openai"),
+    }
     upstreams = resolve_upstreams(models, load_adapters(), environ={})
-    assert {name: upstream.max_images_per_call for name, upstream in upstreams.items()} == \
-        {"chat": 1, "dalle": 1, "own": 3, "any": None}
+    assert {name: upstream.max_images_per_call for name, upstream in upstreams.items()} == {
+        "chat": 1,
+        "dalle": 1,
+        "own": 3,
+        "any": None,
+    }
 
 
 def claim(route: str, n: int) -> SimpleNamespace:
@@ -65,8 +76,12 @@ def claim(route: str, n: int) -> SimpleNamespace:
 
 
 def test_plan_calls_reads_the_declarations():
-    models = {"chat": model("chat", "chat_image"), "async": model("async", "geekai_async"),
-              "any": model("any", "openai"), "missing": model("missing", "openai", api_key_env="UNSET")}
+    models = {
+        "chat": model("chat", "chat_image"),
+        "async": model("async", "geekai_async"),
+        "any": model("any", "openai"),
+        "missing": model("missing", "openai", api_key_env="UNSET"),
+    }
     upstreams = resolve_upstreams(models, load_adapters(), environ={})
     assert plan_calls(upstreams, claim("chat", 3), done={1}) == [0, 2]  # one call per image, less the stored
     assert plan_calls(upstreams, claim("async", 3), done=set()) == [0]  # polling: one submission

@@ -24,10 +24,13 @@ def checked(name: str, adapter: type) -> type[Adapter]:
     not at its first task."""
     capabilities = getattr(adapter, "capabilities", None)
     if not isinstance(capabilities, Capabilities):
-        raise TypeError(f"adapter {name!r} ({adapter.__qualname__}): `capabilities` must be a "
-                        f"imagegate.workers.adapters.base.Capabilities")
-    missing = [method for method in REQUIRED_METHODS[capabilities.polling]
-               if not callable(getattr(adapter, method, None))]
+        raise TypeError(
+            f"adapter {name!r} ({adapter.__qualname__}): `capabilities` must be a "
+            f"imagegate.workers.adapters.base.Capabilities"
+        )
+    missing = [
+        method for method in REQUIRED_METHODS[capabilities.polling] if not callable(getattr(adapter, method, None))
+    ]
     if missing:
         kind = "a polling adapter" if capabilities.polling else "an adapter"
         raise TypeError(f"adapter {name!r} ({adapter.__qualname__}): {kind} needs {' and '.join(missing)}()")
@@ -54,8 +57,9 @@ class Upstream:
         return self.adapter(self.config, http, self.api_key)
 
 
-def resolve_upstreams(models: Mapping[str, ModelConfig], adapters: Mapping[str, type[Adapter]],
-                      environ: Mapping[str, str] = os.environ) -> dict[str, Upstream]:
+def resolve_upstreams(
+    models: Mapping[str, ModelConfig], adapters: Mapping[str, type[Adapter]], environ: Mapping[str, str] = os.environ
+) -> dict[str, Upstream]:
     """Every model whose adapter is installed, with its key read from `api_key_env` once."""
     upstreams = {}
     for name, config in models.items():
@@ -63,8 +67,11 @@ def resolve_upstreams(models: Mapping[str, ModelConfig], adapters: Mapping[str, 
         if adapter is None:
             continue
         api_key = environ.get(config.api_key_env) if config.api_key_env else None
-        unavailable = (f"the environment variable {config.api_key_env} holding the upstream key is not set"
-                       if config.api_key_env and not api_key else None)
+        unavailable = (
+            f"the environment variable {config.api_key_env} holding the upstream key is not set"
+            if config.api_key_env and not api_key
+            else None
+        )
         per_call = constraints(config).get("max_images_per_call") or adapter.capabilities.max_images_per_call
         upstreams[name] = Upstream(config, adapter, api_key or None, per_call, unavailable)
     return upstreams

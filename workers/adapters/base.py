@@ -53,8 +53,9 @@ class UpstreamError(Exception):
 RETRYABLE_STATUSES = frozenset({408, 409, 429})
 
 
-def error_for_status(status: int, message: str, *, retry_after_s: float | None = None,
-                     details: dict[str, Any] | None = None) -> UpstreamError:
+def error_for_status(
+    status: int, message: str, *, retry_after_s: float | None = None, details: dict[str, Any] | None = None
+) -> UpstreamError:
     if status == 429:
         code, retryable = ErrorCode.UPSTREAM_RATE_LIMITED, True
     elif status >= 500 or status in RETRYABLE_STATUSES:
@@ -63,8 +64,9 @@ def error_for_status(status: int, message: str, *, retry_after_s: float | None =
         code, retryable = ErrorCode.UPSTREAM_AUTH, False
     else:
         code, retryable = ErrorCode.UPSTREAM_REJECTED, False
-    return UpstreamError(code, message, retryable, upstream_status=status, retry_after_s=retry_after_s,
-                         details=details or {})
+    return UpstreamError(
+        code, message, retryable, upstream_status=status, retry_after_s=retry_after_s, details=details or {}
+    )
 
 
 @dataclass(frozen=True)

@@ -42,15 +42,17 @@ class ChatImageAdapter(HttpAdapter):
     capabilities: ClassVar[Capabilities] = Capabilities(max_images_per_call=1)
 
     def generate(self, request: GenerationRequest) -> Generation:
-        reply, document = call(self.http, self.config, self.api_key, "POST", "/chat/completions",
-                               json=chat_body(request, self.config))
+        reply, document = call(
+            self.http, self.config, self.api_key, "POST", "/chat/completions", json=chat_body(request, self.config)
+        )
         urls = image_urls(document)
         if not urls:
-            raise UpstreamError(NO_IMAGE, "the model answered without an image", retryable=True,
-                                upstream_status=reply.status)
+            raise UpstreamError(
+                NO_IMAGE, "the model answered without an image", retryable=True, upstream_status=reply.status
+            )
         usage = document.get("usage")
         # Never more than the call asked for, should the model draw a few variants.
-        images = [UpstreamImage(url=url) for url in urls[:request.n]]
+        images = [UpstreamImage(url=url) for url in urls[: request.n]]
         return Generation(images, usage if isinstance(usage, dict) else None, reply.status)
 
 
@@ -63,7 +65,8 @@ def chat_body(request: GenerationRequest, config: ModelConfig) -> dict[str, Any]
     inputs = [request.image] if isinstance(request.image, str) else list(request.image or [])
     if inputs:
         content: str | list[dict[str, Any]] = [{"type": "text", "text": request.prompt}] + [
-            {"type": "image_url", "image_url": {"url": as_image_url(value)}} for value in inputs]
+            {"type": "image_url", "image_url": {"url": as_image_url(value)}} for value in inputs
+        ]
     else:
         content = request.prompt
     messages.append({"role": "user", "content": content})

@@ -25,8 +25,12 @@ class GeekAIAsyncAdapter(HttpAdapter):
         reply, document = call(self.http, self.config, self.api_key, "POST", "/images/generations", json=body)
         task_id = document.get("task_id")
         if not isinstance(task_id, str) or not task_id:
-            raise UpstreamError(ErrorCode.UPSTREAM_BAD_RESPONSE, "asynchronous upstream gave no task_id",
-                                retryable=True, upstream_status=reply.status)
+            raise UpstreamError(
+                ErrorCode.UPSTREAM_BAD_RESPONSE,
+                "asynchronous upstream gave no task_id",
+                retryable=True,
+                upstream_status=reply.status,
+            )
         return task_id
 
     def poll(self, upstream_task_id: str) -> Generation | None:
@@ -39,7 +43,10 @@ class GeekAIAsyncAdapter(HttpAdapter):
         error = document.get("error") if isinstance(document.get("error"), dict) else {}
         code = str(error.get("code") or "")
         refused = any(word in code.lower() for word in REFUSAL_WORDS)
-        raise UpstreamError(ErrorCode.CONTENT_POLICY if refused else ErrorCode.UPSTREAM_ERROR,
-                            str(error.get("message") or f"upstream task {status or 'unknown'}"),
-                            retryable=not refused and status == "failed", upstream_status=reply.status,
-                            details={"upstream_task_id": upstream_task_id, "upstream_code": code})
+        raise UpstreamError(
+            ErrorCode.CONTENT_POLICY if refused else ErrorCode.UPSTREAM_ERROR,
+            str(error.get("message") or f"upstream task {status or 'unknown'}"),
+            retryable=not refused and status == "failed",
+            upstream_status=reply.status,
+            details={"upstream_task_id": upstream_task_id, "upstream_code": code},
+        )

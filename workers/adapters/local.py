@@ -57,8 +57,11 @@ class LocalAdapter:
         except ValueError:
             width = height = 0  # refused just below, in the same words
         if not (1 <= width <= MAX_SIDE and 1 <= height <= MAX_SIDE):
-            raise UpstreamError(ErrorCode.UPSTREAM_REJECTED, f"size must be at most {MAX_SIDE}x{MAX_SIDE}",
-                                retryable=False)
-        images = [UpstreamImage(data=render(request.prompt, index, width, height, request.image_format))
-                  for index in range(request.n)]
+            raise UpstreamError(
+                ErrorCode.UPSTREAM_REJECTED, f"size must be at most {MAX_SIDE}x{MAX_SIDE}", retryable=False
+            )
+        images = [
+            UpstreamImage(data=render(request.prompt, index, width, height, request.image_format))
+            for index in range(request.n)
+        ]
         return Generation(images=images, usage={"generated_images": len(images)})

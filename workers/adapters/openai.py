@@ -31,8 +31,9 @@ class OpenAIAdapter(HttpAdapter):
     capabilities: ClassVar[Capabilities] = Capabilities()
 
     def generate(self, request: GenerationRequest) -> Generation:
-        reply, document = call(self.http, self.config, self.api_key, "POST", "/images/generations",
-                               json=images_body(request, self.config))
+        reply, document = call(
+            self.http, self.config, self.api_key, "POST", "/images/generations", json=images_body(request, self.config)
+        )
         return images_of(reply, document)
 
 
@@ -45,32 +46,48 @@ def images_body(request: GenerationRequest, config: ModelConfig) -> dict[str, An
     return body
 
 
-def call(client: httpx.Client, config: ModelConfig, api_key: str | None, method: str, path: str,
-         **kwargs) -> tuple[http.Reply, dict[str, Any]]:
+def call(
+    client: httpx.Client, config: ModelConfig, api_key: str | None, method: str, path: str, **kwargs
+) -> tuple[http.Reply, dict[str, Any]]:
     """One call to the upstream; an error reply raises UpstreamError, a good one gives its JSON."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    reply = http.request(client, method, f"{config.base_url.rstrip('/')}{path}", headers=headers,
-                         deadline_s=config.timeout_s, **kwargs)
+    reply = http.request(
+        client, method, f"{config.base_url.rstrip('/')}{path}", headers=headers, deadline_s=config.timeout_s, **kwargs
+    )
     document = _json_object(reply.body)
     if reply.status >= 400:
         raise _error(reply, document)
     if document is None:
-        raise UpstreamError(ErrorCode.UPSTREAM_BAD_RESPONSE, "upstream reply is not a JSON object",
-                            retryable=True, upstream_status=reply.status)
+        raise UpstreamError(
+            ErrorCode.UPSTREAM_BAD_RESPONSE,
+            "upstream reply is not a JSON object",
+            retryable=True,
+            upstream_status=reply.status,
+        )
     return reply, document
 
 
 def images_of(reply: http.Reply, document: dict[str, Any]) -> Generation:
     items = document.get("data")
     if not isinstance(items, list) or not items:
-        raise UpstreamError(ErrorCode.UPSTREAM_BAD_RESPONSE, "upstream reply has no images",
-                            retryable=True, upstream_status=reply.status)
-    images = [UpstreamImage(b64_json=item.get("b64_json"), url=item.get("url"),
-                            revised_prompt=item.get("revised_prompt"))
-              for item in items if isinstance(item, dict) and (item.get("b64_json") or item.get("url"))]
+        raise UpstreamError(
+            ErrorCode.UPSTREAM_BAD_RESPONSE,
+            "upstream reply has no images",
+            retryable=True,
+            upstream_status=reply.status,
+        )
+    images = [
+        UpstreamImage(b64_json=item.get("b64_json"), url=item.get("url"), revised_prompt=item.get("revised_prompt"))
+        for item in items
+        if isinstance(item, dict) and (item.get("b64_json") or item.get("url"))
+    ]
     if len(images) != len(items):
-        raise UpstreamError(ErrorCode.UPSTREAM_BAD_RESPONSE, "upstream image without b64_json or url",
-                            retryable=True, upstream_status=reply.status)
+        raise UpstreamError(
+            ErrorCode.UPSTREAM_BAD_RESPONSE,
+            "upstream image without b64_json or url",
+            retryable=True,
+            upstream_status=reply.status,
+        )
     usage = document.get("usage")
     return Generation(images, usage if isinstance(usage, dict) else None, reply.status)
 
@@ -91,8 +108,7 @@ def _error(reply: http.Reply, document: dict[str, Any] | None) -> UpstreamError:
     details = {"upstream_status": reply.status}
     if error.get("code"):
         details["upstream_code"] = str(error["code"])
-    failure = error_for_status(reply.status, message, retry_after_s=http.retry_after_s(reply.headers),
-                               details=details)
+    failure = error_for_status(reply.status, message, retry_after_s=http.retry_after_s(reply.headers), details=details)
     if reply.status == 400 and str(error.get("code")) in CONTENT_POLICY_CODES:
         failure.code = ErrorCode.CONTENT_POLICY
     return failure
