@@ -1,4 +1,4 @@
-"""Task-ended events: workers announce a task's end; synchronous requests wait for it.
+"""Wake-ups: workers announce a task's end; the synchronous requests waiting for it wake.
 
 With Redis, one listener per web process holds one pub/sub connection and wakes the requests
 waiting on the ended task, so hundreds of waiting requests cost one connection and no polling.

@@ -21,6 +21,7 @@ from tests.support.processes import (
     create_key,
     run_cli,
     start_process,
+    start_worker,
     stop_process,
 )
 from tests.support.services import (
@@ -223,9 +224,7 @@ def migrated(env):
 @pytest.fixture(scope="session")
 def worker(migrated, env, run_dir):
     log = run_dir / "worker.log"
-    process = start_process(["worker", "--concurrency", "100"], env, log)
-    wait_until(lambda: process.poll() is not None or "ready" in log.read_text(), 60, "the Celery worker")
-    assert process.poll() is None, log.read_text()
+    process = start_worker(env, log, concurrency=100)
     yield process
     stop_process(process)
 

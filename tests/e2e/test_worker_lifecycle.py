@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import time
 import uuid
 
@@ -13,21 +12,8 @@ import pytest
 import redis
 
 from imagegate.app.queue import QUEUE
-from tests.support.processes import IMAGEGATE
+from tests.support.processes import start_worker
 from tests.support.services import wait_until
-
-
-def start_worker(env: dict[str, str], log, *extra: str) -> subprocess.Popen:
-    process = subprocess.Popen(
-        IMAGEGATE + ["worker", "--concurrency", "10", *extra],
-        env=env,
-        stdout=log.open("w"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    wait_until(lambda: process.poll() is not None or "ready" in log.read_text(), 60, "the worker")
-    assert process.poll() is None, log.read_text()
-    return process
 
 
 @pytest.mark.parametrize("pool", ["gevent", "threads"])

@@ -1,4 +1,4 @@
-"""The `chat_image` adapter against a real HTTP fake of a chat-completions relay (seed 002), down to
+"""The `chat_image` adapter against a real HTTP fake of a chat-completions relay, down to
 stored PNG bytes. No database, broker or worker: the adapter and fetch_images only."""
 
 from __future__ import annotations

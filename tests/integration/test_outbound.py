@@ -9,7 +9,6 @@ connection to the one public address used is refused before it leaves the machin
 from __future__ import annotations
 
 import socket
-import subprocess
 import threading
 import time
 import uuid
@@ -27,8 +26,8 @@ from imagegate.workers.adapters.base import UpstreamError, UpstreamImage
 from imagegate.workers.images import fetch_images
 from tests.support.fake_http import png_bytes
 from tests.support.fake_upstream import Step
-from tests.support.processes import IMAGEGATE, stop_process
-from tests.support.services import start_redis, wait_until
+from tests.support.processes import start_worker, stop_process
+from tests.support.services import start_redis
 
 PUBLIC = "93.184.216.34"  # passes the check; connections to it are refused by the `network` fixture
 
@@ -243,7 +242,7 @@ base_url = "http://localhost:{upstream.port}/v1"
     redis_server = start_redis()
     broker_url = f"{redis_server.url}/0"
     log = directory / "worker.log"
-    worker = _start_worker(env | {"IMAGEGATE_BROKER_URL": broker_url, "IMAGEGATE_PROVIDERS_FILE": str(providers)}, log)
+    worker = start_worker(env | {"IMAGEGATE_BROKER_URL": broker_url, "IMAGEGATE_PROVIDERS_FILE": str(providers)}, log)
     try:
         from imagegate.app.web import create_app
 
@@ -252,19 +251,6 @@ base_url = "http://localhost:{upstream.port}/v1"
     finally:
         stop_process(worker)
         redis_server.stop()
-
-
-def _start_worker(env: dict[str, str], log) -> subprocess.Popen:
-    process = subprocess.Popen(
-        IMAGEGATE + ["worker", "--concurrency", "10"],
-        env=env,
-        stdout=log.open("w"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    wait_until(lambda: process.poll() is not None or "ready" in log.read_text(), 60, "the strict worker")
-    assert process.poll() is None, log.read_text()
-    return process
 
 
 def _run(gateway, model: str, prompt: str) -> dict:

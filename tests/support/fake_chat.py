@@ -1,4 +1,4 @@
-"""A real HTTP server on 127.0.0.1 that draws through chat completions (seed 002), scripted per prompt.
+"""A real HTTP server on 127.0.0.1 that draws through chat completions, scripted per prompt.
 
 The prompt is the text of the last user message, so tests key their script by a unique prompt and
 stay independent while sharing one server. Reply styles are the places relays put the image:

@@ -30,7 +30,7 @@ class Step:
     usage: dict | None = None
     # Send the reply one byte per second (an upstream that never quite finishes).
     trickle: bool = False
-    # Asynchronous upstream (seed 000): answer `pending` to this many polls, then end so.
+    # Asynchronous upstream: answer `pending` to this many polls, then end so.
     pending_polls: int = 0
     final_status: str = "succeed"
     # Answer every call with this step until this time.time() (then go on with the next step).

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.support.services import wait_until
+
 IMAGEGATE = [str(Path(sys.executable).with_name("imagegate"))]  # the console script, as users run it
 
 
@@ -34,3 +36,11 @@ def create_key(env, name: str) -> str:
     result = run_cli(["keys", "create", "--name", name], env)
     assert result.returncode == 0, result.stderr
     return result.stdout.strip().splitlines()[-1]
+
+
+def start_worker(env: dict[str, str], log: Path, *extra: str, concurrency: int = 10) -> subprocess.Popen:
+    """`imagegate worker`, returned once it says it is ready (its log is in the failure otherwise)."""
+    process = start_process(["worker", "--concurrency", str(concurrency), *extra], env, log)
+    wait_until(lambda: process.poll() is not None or "ready" in log.read_text(), 60, "the Celery worker")
+    assert process.poll() is None, log.read_text()
+    return process

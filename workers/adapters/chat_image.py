@@ -1,4 +1,4 @@
-"""`chat_image`: models that draw inside a chat completion (Gemini image models, gpt-4o-image, ...; seed 002).
+"""`chat_image`: models that draw inside a chat completion (Gemini image models, gpt-4o-image, ...).
 
 One `POST /chat/completions` per image: the prompt (and any input images, as `image_url` content
 parts) goes in as the user message, and the image comes back somewhere in the assistant message.

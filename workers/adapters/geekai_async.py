@@ -1,4 +1,4 @@
-"""`geekai_async`: an upstream that is itself asynchronous (seed 000).
+"""`geekai_async`: an upstream that is itself asynchronous (GeekAI style: submit, then poll).
 
 Submit with `async: true` and read the upstream's `task_id`; then `GET /images/{task_id}` until
 `task_status` is `succeed` or `failed`. The runner records the task id and polls by rescheduling,

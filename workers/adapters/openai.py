@@ -40,7 +40,7 @@ class OpenAIAdapter(HttpAdapter):
 def images_body(request: GenerationRequest, config: ModelConfig) -> dict[str, Any]:
     """The fields the client sent, the upstream's model name, and the relay's array quirks."""
     body = request.upstream_params() | {"model": config.upstream_name}
-    for name in config.wrap_params:  # some relays want `[null, value]` (seed 003)
+    for name in config.wrap_params:  # some relays (a grok relay) want `[null, value]`
         if name in body:
             body[name] = [None, body[name]]
     return body
