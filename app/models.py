@@ -207,3 +207,18 @@ class DisabledCallback(Base):
     api_key_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("api_keys.id"), primary_key=True)
     url: Mapped[str] = mapped_column(Text, primary_key=True)
     disabled_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Heartbeat(Base):
+    """A worker or sweeper process saying it is alive; /readyz and the dashboard read the recent ones."""
+
+    __tablename__ = "heartbeats"
+
+    # "{kind}:{hostname}:{pid}": one row per process, rewritten in place.
+    id: Mapped[str] = mapped_column(String(300), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(20))  # worker | sweeper
+    hostname: Mapped[str] = mapped_column(String(200))
+    pid: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[datetime]
+    seen_at: Mapped[datetime] = mapped_column(index=True)
+    info: Mapped[dict[str, Any]] = mapped_column(default=dict)

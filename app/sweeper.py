@@ -31,6 +31,8 @@ from typing import Any
 
 from sqlalchemy import func, select
 
+from imagegate.app.heartbeats import Heart
+from imagegate.app.heartbeats import forget_old as forget_old_heartbeats
 from imagegate.app.ids import parse_id
 from imagegate.app.models import Task, utcnow
 from imagegate.app.queue import (
@@ -93,18 +95,22 @@ class Sweeper:
         for batch_id in self.runtime.batches.open_batches():
             self.runtime.after_end.batch_touched(batch_id)
         self.runtime.tasks.forget_idempotency_keys(self.settings.idempotency_ttl_s)
+        forget_old_heartbeats(self.runtime.engine)
         report = SweepReport(len(overdue), len(requeued), len(exhausted), len(republished), errors)
         if report:
             log.info("sweep: %s", report)
         return report
 
     def run(self, stop: threading.Event) -> None:
+        heart = Heart(self.runtime.engine, "sweeper", {"interval_s": self.settings.sweep_interval_s})
+        heart.start()
         while not stop.is_set():
             try:
                 self.sweep_once()
             except Exception:  # a database or broker outage: try again next period
                 log.exception("sweep failed; retrying in %.0f s", self.settings.sweep_interval_s)
             stop.wait(self.settings.sweep_interval_s)
+        heart.stop()
 
     def _lost_pending(self) -> list[Requeued]:
         if self.broker is None:

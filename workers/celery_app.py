@@ -8,6 +8,7 @@ import os
 from celery import Celery
 from celery.signals import task_received, worker_ready, worker_shutting_down
 
+from imagegate.app.heartbeats import Heart
 from imagegate.app.providers import load_models
 from imagegate.app.queue import DELIVER_WEBHOOK, RUN_TASK, WEBHOOK_QUEUE, WORKER_QUEUES
 from imagegate.app.runtime import build_runtime
@@ -61,6 +62,12 @@ def make_worker_app(settings: Settings, *, concurrency: int = 1000) -> Celery:
     def deliver_webhook(event_id: str) -> None:
         sender.run(event_id)
 
+    heart = Heart(runtime.engine, "worker", {"concurrency": concurrency, "queues": list(WORKER_QUEUES)})
+
+    @worker_ready.connect(weak=False)
+    def _start_the_heartbeat(**_) -> None:
+        heart.start()
+
     watchdog: ConsumerWatchdog | None = None
     if settings.uses_redis:
         import redis
@@ -82,6 +89,7 @@ def make_worker_app(settings: Settings, *, concurrency: int = 1000) -> Celery:
 
     @worker_shutting_down.connect(weak=False)
     def _bounded_warm_shutdown(**_) -> None:
+        heart.stop()
         # Celery's warm shutdown waits for running tasks without limit; past the grace period the
         # process exits, and the sweeper takes back what it held once the leases expire. Under the
         # gevent pool this handler runs in the event loop, where nothing may block: spawn() only
