@@ -4,6 +4,8 @@ carries the statement's parameters, which may be a new key's hash or webhook sec
 
 from __future__ import annotations
 
+import sys
+
 UPGRADE_HINT = "run `imagegate db upgrade`"
 
 
@@ -28,13 +30,14 @@ def explain(exc: BaseException) -> str | None:
     """One line saying what went wrong and what to do, or None for anything else (a bug: let it show)."""
     import kombu.exceptions
     import redis
-    from alembic.util import CommandError
     from sqlalchemy.exc import InterfaceError, OperationalError, ProgrammingError
+
+    alembic_util = sys.modules.get("alembic.util")  # loaded if the failure is a migration's
 
     if isinstance(exc, (OperationalError, ProgrammingError, InterfaceError)):
         return _database(exc)
     if isinstance(exc, (redis.ConnectionError, redis.TimeoutError, kombu.exceptions.OperationalError)):
         return f"the broker does not answer: {_first_line(exc)} (check IMAGEGATE_BROKER_URL)"
-    if isinstance(exc, CommandError):
+    if alembic_util is not None and isinstance(exc, alembic_util.CommandError):
         return f"migrations: {_first_line(exc)}"
     return None

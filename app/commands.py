@@ -255,8 +255,13 @@ def sweeper(once: bool) -> None:
 
     from imagegate.app.sweeper import make_sweeper
 
-    sweep = make_sweeper(load_settings())
+    settings = load_settings()
+    sweep = make_sweeper(settings)
     if once:
+        if settings.uses_redis:  # a pass that cannot publish is no pass: say so, in one line
+            import redis
+
+            redis.Redis.from_url(settings.broker_url, socket_connect_timeout=3, socket_timeout=3).ping()
         click.echo(str(sweep.sweep_once()))
         return
     stop = threading.Event()
@@ -307,8 +312,7 @@ def up(host: str, port: int, data_dir: Path, new_key: bool, verbose: bool) -> No
     engine = make_engine(settings.database_url)
     key, reused = embedded.api_key(make_sessionmaker(engine), data_dir, new_key)
 
-    # SIGTERM ends `up` as Ctrl-C does: its processes are stopped on the way out.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    signal.signal(signal.SIGTERM, _interrupt)  # ends `up` as Ctrl-C does: its processes stopped, exit 0
     helpers = embedded.start_helpers(imagegate_command(), host, port, data_dir, verbose)
     try:
         local = embedded.public_url("127.0.0.1" if host in ("0.0.0.0", "") else host, port)
@@ -321,6 +325,10 @@ def up(host: str, port: int, data_dir: Path, new_key: bool, verbose: bool) -> No
         pass
     finally:
         embedded.stop(helpers)
+
+
+def _interrupt(*_) -> None:
+    raise KeyboardInterrupt
 
 
 def _print_banner(url: str, model: str, key: str, reused: bool, data_dir: Path, verbose: bool) -> None:
