@@ -71,6 +71,8 @@ def cli() -> None:
     logging.basicConfig(
         level=os.environ.get("IMAGEGATE_LOG_LEVEL", "INFO"), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    # Alembic announces each of its plugins at INFO when imported: noise above a command's own line.
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
 
 
 @cli.group()
