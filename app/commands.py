@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
-import secrets
 import shlex
-import subprocess
 import sys
 from pathlib import Path
 
@@ -48,12 +46,33 @@ def _providers_guard(func):
     return wrapper
 
 
-@click.group()
+class Commands(click.Group):
+    """Turns an ordinary failure (no schema yet, a database or broker that does not answer) into one
+    line and a non-zero exit instead of a traceback."""
+
+    def invoke(self, ctx: click.Context):
+        from imagegate.app.command_errors import explain
+
+        try:
+            return super().invoke(ctx)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except Exception as exc:
+            message = explain(exc)
+            if message is None:
+                raise
+            raise click.ClickException(message) from None
+
+
+@click.group(cls=Commands)
+@click.version_option(package_name="imagegate", prog_name="imagegate")
 def cli() -> None:
     """imagegate: OpenAI-compatible image generation as durable jobs."""
     logging.basicConfig(
         level=os.environ.get("IMAGEGATE_LOG_LEVEL", "INFO"), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    # Alembic announces each of its plugins at INFO when imported: noise above a command's own line.
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
 
 
 @cli.group()
@@ -93,16 +112,59 @@ def _checked_callback(url: str | None) -> str | None:
 
 
 @keys.command("create")
-@click.option("--name", required=True, help="What the key is for.")
+@click.option("--name", required=True, help="What the key is for; unique among live keys.")
 @click.option("--callback-url", default=None, help="Default webhook URL for this key's tasks and batches.")
 def keys_create(name: str, callback_url: str | None) -> None:
     """Create an API key; the key is printed once, alone on the last line."""
-    from imagegate.app.keys import create_key
+    from imagegate.app.keys import KeyNameTaken, create_key
 
-    created = create_key(_key_sessions(), name, _checked_callback(callback_url))
+    try:
+        created = create_key(_key_sessions(), name, _checked_callback(callback_url))
+    except KeyNameTaken:
+        raise click.ClickException(f"a live key is already named {name!r}: choose another --name") from None
     click.echo(f"Webhook signing secret (verify webhook-signature with it): {created.webhook_secret}")
     click.echo(f"Created API key {name!r}. It is shown only now; store it:")
     click.echo(created.key)
+
+
+@keys.command("list")
+def keys_list() -> None:
+    """Every key: name, prefix, created, last used, revoked (never the key or its secret)."""
+    from imagegate.app.keys import list_keys
+
+    _print_keys(list_keys(_key_sessions()))
+
+
+def _print_keys(listing) -> None:
+    """A table on a terminal; tab-separated lines (a header first) for a pipe or a file."""
+    from rich.console import Console
+    from rich.table import Table
+
+    def when(moment) -> str:
+        return moment.strftime("%Y-%m-%d %H:%M:%S") if moment else "-"
+
+    header = ("name", "prefix", "created", "last used", "revoked")
+    rows = [(k.name, k.prefix, when(k.created_at), when(k.last_used_at), when(k.revoked_at)) for k in listing]
+    console = Console()
+    if not console.is_terminal:
+        for row in (header, *rows):
+            click.echo("\t".join(row))
+        return
+    table = Table(*header)
+    for row in rows:
+        table.add_row(*row, style="dim" if row[-1] != "-" else None)
+    console.print(table)
+
+
+@keys.command("revoke")
+@click.argument("name")
+def keys_revoke(name: str) -> None:
+    """Revoke the live key named NAME. Each API process refuses it within IMAGEGATE_KEY_CACHE_TTL_S."""
+    from imagegate.app.keys import revoke_key
+
+    if not revoke_key(_key_sessions(), name):
+        raise click.ClickException(f"no live key named {name!r} (see `imagegate keys list`)")
+    click.echo(f"revoked {name!r}")
 
 
 @keys.command("rotate-webhook-secret")
@@ -195,8 +257,13 @@ def sweeper(once: bool) -> None:
 
     from imagegate.app.sweeper import make_sweeper
 
-    sweep = make_sweeper(load_settings())
+    settings = load_settings()
+    sweep = make_sweeper(settings)
     if once:
+        if settings.uses_redis:  # a pass that cannot publish is no pass: say so, in one line
+            import redis
+
+            redis.Redis.from_url(settings.broker_url, socket_connect_timeout=3, socket_timeout=3).ping()
         click.echo(str(sweep.sweep_once()))
         return
     stop = threading.Event()
@@ -206,66 +273,80 @@ def sweeper(once: bool) -> None:
 
 
 @cli.command()
-@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Listen here; 0.0.0.0 serves the network.")
 @click.option("--port", default=8000, show_default=True, type=int)
 @click.option(
     "--data-dir", default="imagegate-data", show_default=True, type=click.Path(file_okay=False, path_type=Path)
 )
+@click.option("--new-key", is_flag=True, help="Revoke the key of the last run and make a new one.")
+@click.option("--verbose", is_flag=True, help="Show the API's, worker's and sweeper's output here, not in DATA/logs.")
 @_providers_guard
-def up(host: str, port: int, data_dir: Path) -> None:
-    """Everything on one machine with no servers: SQLite file, filesystem broker, API and worker."""
+def up(host: str, port: int, data_dir: Path, new_key: bool, verbose: bool) -> None:
+    """Everything on one machine with no servers: SQLite file, filesystem broker, API, worker, sweeper."""
+    if not verbose:  # keep the banner on screen: migrations log nothing, helpers log to files
+        logging.getLogger().setLevel(logging.WARNING)
+    import signal
+
+    from imagegate.app import embedded
     from imagegate.app.db import make_engine, make_sessionmaker
-    from imagegate.app.keys import create_key
     from imagegate.app.migrate import upgrade
     from imagegate.app.providers import load_models
-    from imagegate.app.web.server import serve
 
+    try:
+        embedded.check_port(host, port)
+    except embedded.UpError as exc:
+        raise click.ClickException(str(exc)) from None
     data_dir = data_dir.resolve()
     (data_dir / "broker").mkdir(parents=True, exist_ok=True)
-    secret_file = data_dir / "secret_key"
-    if not secret_file.exists():
-        secret_file.write_text(secrets.token_urlsafe(48))
-        secret_file.chmod(0o600)
     # Explicit IMAGEGATE_* variables win; the rest is the embedded default.
     for name, value in {
         "IMAGEGATE_EMBEDDED": "1",
         "IMAGEGATE_DATA_DIR": str(data_dir),
         "IMAGEGATE_DATABASE_URL": f"sqlite:///{data_dir / 'imagegate.db'}",
         "IMAGEGATE_BROKER_URL": "filesystem://",
-        "IMAGEGATE_SECRET_KEY": secret_file.read_text().strip(),
-        "IMAGEGATE_PUBLIC_URL": f"http://{host}:{port}",
+        "IMAGEGATE_SECRET_KEY": embedded.secret_key(data_dir),
+        "IMAGEGATE_PUBLIC_URL": embedded.public_url(host, port),
     }.items():
         os.environ.setdefault(name, value)
     settings = load_settings()
     models = load_models(settings.providers_file)
     upgrade(settings.database_url)
-    key = create_key(make_sessionmaker(make_engine(settings.database_url)), "embedded").key
+    engine = make_engine(settings.database_url)
+    key, reused = embedded.api_key(make_sessionmaker(engine), data_dir, new_key)
 
-    helpers = [
-        subprocess.Popen(imagegate_command() + ["worker", "--concurrency", "8"]),
-        subprocess.Popen(imagegate_command() + ["sweeper"]),
-    ]
-    model = next(iter(models))
+    signal.signal(signal.SIGTERM, _interrupt)  # ends `up` as Ctrl-C does: its processes stopped, exit 0
+    helpers = embedded.start_helpers(imagegate_command(), host, port, data_dir, verbose)
+    try:
+        local = embedded.public_url("127.0.0.1" if host in ("0.0.0.0", "") else host, port)
+        embedded.wait_until_ready(helpers, local, engine)
+        _print_banner(settings.public_url, next(iter(models)), key, reused, data_dir, verbose)
+        embedded.watch(helpers)
+    except embedded.UpError as exc:
+        raise click.ClickException(str(exc)) from None
+    except KeyboardInterrupt:
+        pass
+    finally:
+        embedded.stop(helpers)
+
+
+def _interrupt(*_) -> None:
+    raise KeyboardInterrupt
+
+
+def _print_banner(url: str, model: str, key: str, reused: bool, data_dir: Path, verbose: bool) -> None:
     body = '{"model": "%s", "prompt": "a lighthouse at dusk", "response_format": "b64_json"}' % model
-    click.echo(f"\nimagegate is up at {settings.public_url} (data in {data_dir})")
-    click.echo(f"API key (shown once): {key}")
+    kept = "kept from the last run; --new-key makes a new one" if reused else f"new; kept in {data_dir / 'api_key'}"
+    click.echo(f"\nimagegate is up at {url} (data in {data_dir})")
+    click.echo(f"API key ({kept}):\n  {key}")
     click.echo("Try it:")
     click.echo(
-        f"  curl -s {settings.public_url}/v1/images/generations -H 'Authorization: Bearer {key}' "
-        f"-H 'Content-Type: application/json' -d {shlex.quote(body)}\n",
-        nl=True,
+        f"  curl -s {url}/v1/images/generations -H 'Authorization: Bearer {key}' "
+        f"-H 'Content-Type: application/json' -d {shlex.quote(body)}"
     )
+    if not verbose:
+        click.echo(f"Logs in {data_dir / 'logs'} (--verbose shows them here).")
+    click.echo("Ctrl-C stops everything.\n")
     sys.stdout.flush()
-    try:
-        serve(settings, host=host, port=port, workers=1, connections=1000)
-    finally:
-        for process in helpers:
-            process.terminate()
-        for process in helpers:
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
 
 
 @cli.group()

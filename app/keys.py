@@ -8,19 +8,30 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
+import math
 import secrets
 import time
 import uuid
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from imagegate.app.models import ApiKey, utcnow
 from imagegate.app.webhook_signing import new_secret
 
+log = logging.getLogger(__name__)
+
 KEY_PREFIX = "ig_"
+# An API process records a key's last use at most this often: a write a minute per key, not per request.
+LAST_USED_EVERY_S = 60.0
+
+
+class KeyNameTaken(ValueError):
+    """A live key already has this name."""
 
 
 def hash_key(key: str) -> str:
@@ -41,22 +52,65 @@ class Caller:
     callback_url: str | None
 
 
+@dataclass(frozen=True)
+class KeyListing:
+    """What `imagegate keys list` shows of a key: never its hash or webhook secret."""
+
+    name: str
+    prefix: str
+    created_at: datetime
+    last_used_at: datetime | None
+    revoked_at: datetime | None
+
+
 def create_key(sessions: sessionmaker[Session], name: str, callback_url: str | None = None) -> NewKey:
-    """Store a new key and return it; this is the only time the key itself exists."""
+    """Store a new key and return it; this is the only time the key itself exists. A name is
+    unique among live keys (KeyNameTaken)."""
     key = KEY_PREFIX + secrets.token_urlsafe(32)
     secret = new_secret()
-    with sessions.begin() as session:
-        session.add(
-            ApiKey(
-                id=uuid.uuid4(),
-                name=name,
-                prefix=key[:10],
-                key_hash=hash_key(key),
-                callback_url=callback_url,
-                webhook_secret=secret,
+    try:
+        with sessions.begin() as session:
+            if session.scalar(select(ApiKey.id).where(ApiKey.name == name, ApiKey.revoked_at.is_(None))):
+                raise KeyNameTaken(name)
+            session.add(
+                ApiKey(
+                    id=uuid.uuid4(),
+                    name=name,
+                    prefix=key[:10],
+                    key_hash=hash_key(key),
+                    callback_url=callback_url,
+                    webhook_secret=secret,
+                )
             )
-        )
+    except IntegrityError:  # created at the same moment by someone else: the unique index decided
+        raise KeyNameTaken(name) from None
     return NewKey(key, secret)
+
+
+def list_keys(sessions: sessionmaker[Session]) -> list[KeyListing]:
+    """Every key, live and revoked, oldest first."""
+    with sessions() as session:
+        rows = session.execute(
+            select(ApiKey.name, ApiKey.prefix, ApiKey.created_at, ApiKey.last_used_at, ApiKey.revoked_at).order_by(
+                ApiKey.created_at, ApiKey.name
+            )
+        ).all()
+    return [KeyListing(*row) for row in rows]
+
+
+def revoke_key(sessions: sessionmaker[Session], name: str) -> bool:
+    """Revoke the live key named `name`; False when there is none. API processes stop accepting it
+    within IMAGEGATE_KEY_CACHE_TTL_S."""
+    with sessions.begin() as session:
+        return (
+            session.execute(
+                update(ApiKey)
+                .where(ApiKey.name == name, ApiKey.revoked_at.is_(None))
+                .values(revoked_at=utcnow())
+                .execution_options(synchronize_session=False)
+            ).rowcount
+            > 0
+        )
 
 
 def rotate_webhook_secret(sessions: sessionmaker[Session], name: str, overlap_s: float) -> str | None:
@@ -109,11 +163,20 @@ class KeyCache:
     """Authenticated keys remembered in-process for ttl_s, keyed by the key's SHA-256 (the raw key is
     never kept), so a request costs no database round trip for its key. The price: a revoked key
     (or a changed default callback URL) takes effect within ttl_s. Refused keys are not cached, so
-    a key created a moment ago works at once. ttl_s = 0 looks every key up."""
+    a key created a moment ago works at once. ttl_s = 0 looks every key up. A key's last_used_at is
+    written at most every last_used_every_s from this process."""
 
-    def __init__(self, sessions: sessionmaker[Session], ttl_s: float, max_entries: int = 10_000):
+    def __init__(
+        self,
+        sessions: sessionmaker[Session],
+        ttl_s: float,
+        max_entries: int = 10_000,
+        last_used_every_s: float = LAST_USED_EVERY_S,
+    ):
         self._sessions, self._ttl_s, self._max_entries = sessions, ttl_s, max_entries
         self._entries: dict[str, tuple[float, Caller]] = {}
+        self._last_used_every_s = last_used_every_s
+        self._last_written: dict[uuid.UUID, float] = {}  # key id -> when its last_used_at was written
 
     def authenticate(self, presented: str) -> Caller | None:
         if not presented.startswith(KEY_PREFIX) or len(presented) > 200:
@@ -121,8 +184,11 @@ class KeyCache:
         digest, now = hash_key(presented), time.monotonic()
         entry = self._entries.get(digest)
         if entry is not None and entry[0] > now:
+            self._note_use(entry[1].id, now)
             return entry[1]
         caller = authenticate(self._sessions, presented)
+        if caller is not None:
+            self._note_use(caller.id, now)
         if caller is not None and self._ttl_s > 0:
             if len(self._entries) >= self._max_entries:
                 self._entries = {k: v for k, v in self._entries.items() if v[0] > now}
@@ -130,3 +196,20 @@ class KeyCache:
                     self._entries.clear()
             self._entries[digest] = (now + self._ttl_s, caller)
         return caller
+
+    def _note_use(self, key_id: uuid.UUID, now: float) -> None:
+        if now - self._last_written.get(key_id, -math.inf) < self._last_used_every_s:
+            return
+        if len(self._last_written) >= self._max_entries:
+            self._last_written.clear()
+        self._last_written[key_id] = now
+        try:
+            with self._sessions.begin() as session:
+                session.execute(
+                    update(ApiKey)
+                    .where(ApiKey.id == key_id)
+                    .values(last_used_at=utcnow())
+                    .execution_options(synchronize_session=False)
+                )
+        except Exception as exc:  # bookkeeping only: the request goes on, the next minute tries again
+            log.warning("last use of key %s not recorded: %s", key_id, type(exc).__name__)

@@ -17,6 +17,7 @@ from sqlalchemy import (
     String,
     Text,
     Uuid,
+    text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -50,6 +51,19 @@ class ApiKey(Base):
     webhook_secret: Mapped[str | None] = mapped_column(String(100))
     webhook_secret_previous: Mapped[str | None] = mapped_column(String(100))
     webhook_secret_previous_until: Mapped[datetime | None]
+    # When an API process last authenticated it; written at most once a minute per key and process.
+    last_used_at: Mapped[datetime | None]
+
+    # A name means one live key; a revoked key's name may be given again.
+    __table_args__ = (
+        Index(
+            "uq_api_keys_live_name",
+            "name",
+            unique=True,
+            postgresql_where=text("revoked_at IS NULL"),
+            sqlite_where=text("revoked_at IS NULL"),
+        ),
+    )
 
 
 class Batch(Base):

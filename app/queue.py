@@ -46,7 +46,13 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     }
     if settings.broker_url.startswith("filesystem://"):
         folder = str(settings.data_dir / "broker")  # type: ignore[operator]
-        transport_options |= {"data_folder_in": folder, "data_folder_out": folder, "store_processed": False}
+        transport_options |= {
+            "data_folder_in": folder,
+            "data_folder_out": folder,
+            "store_processed": False,
+            # kombu's exchange tables (remote control): ./control in the working directory otherwise.
+            "control_folder": str(settings.data_dir / "broker-control"),  # type: ignore[operator]
+        }
     return {
         "broker_url": settings.broker_url,
         "broker_transport_options": transport_options,

@@ -64,6 +64,9 @@ class Settings(BaseSettings):
     max_requests_per_client: int = Field(1000, ge=1)
     # How long a signed image URL stays valid (OpenAI's expire after an hour too).
     image_url_ttl_s: int = Field(3600, gt=0)
+    # Browser origins allowed to call the API (CORS), comma-separated, such as
+    # "https://app.example.com,http://localhost:3000"; "*" allows any; empty (the default) is off.
+    cors_origins: str = ""
 
     # Retry backoff: full jitter over base * 2**(attempt-1), capped; never below Retry-After.
     retry_base_s: float = Field(1.0, ge=0)

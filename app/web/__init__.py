@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from flask import Flask
-from sqlalchemy import text
 
 from imagegate.app.keys import KeyCache
 from imagegate.app.providers import load_models
@@ -13,9 +12,11 @@ from imagegate.app.queue import reuse_publish_client
 from imagegate.app.runtime import build_runtime
 from imagegate.app.settings import Settings
 from imagegate.app.web import batches, files, images, openapi, webhooks
-from imagegate.app.web.errors import error_response, register_error_handlers
+from imagegate.app.web.cors import enable_cors
+from imagegate.app.web.errors import register_error_handlers
+from imagegate.app.web.health import register_probes
 from imagegate.app.web.limits import ClientLimit
-from imagegate.app.web.services import Services, services
+from imagegate.app.web.services import Services
 
 
 def create_app(settings: Settings | None = None) -> Flask:
@@ -34,19 +35,11 @@ def create_app(settings: Settings | None = None) -> Flask:
 
     app.wsgi_app = ClientLimit(app.wsgi_app, settings.max_requests_per_client)  # type: ignore[method-assign]
     register_error_handlers(app)
+    enable_cors(app, settings.cors_origins)
     app.register_blueprint(batches.bp)  # before images: /v1/images/batches is not a task id
     app.register_blueprint(images.bp)
     app.register_blueprint(webhooks.bp)
     app.register_blueprint(files.bp)
     app.register_blueprint(openapi.bp)
-
-    @app.get("/healthz")
-    def healthz():
-        try:
-            with services().sessions() as session:
-                session.execute(text("SELECT 1"))
-        except Exception:
-            return error_response(503, "The database is unreachable.", type="server_error", code="database_unavailable")
-        return {"status": "ok"}
-
+    register_probes(app, settings)
     return app

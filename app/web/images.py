@@ -6,7 +6,7 @@ import logging
 import time
 import uuid
 
-from flask import Blueprint, g
+from flask import Blueprint, g, request
 from pydantic import ValidationError
 from werkzeug.routing import BaseConverter
 
@@ -42,7 +42,7 @@ class TaskIdConverter(BaseConverter):
     """A task id: any path segment but the names of its sibling routes, so that GET
     /v1/images/generations is a 405 naming POST (and OPTIONS lists only POST), not a task lookup."""
 
-    regex = r"(?!(?:generations|batches)$)[^/]+"
+    regex = r"(?!(?:generations|edits|variations|batches)$)[^/]+"
 
 
 bp.record_once(lambda state: state.app.url_map.converters.setdefault("task_id", TaskIdConverter))
@@ -53,6 +53,16 @@ def _json(model, status: int = 200):
 
 
 def _parse_generation(svc: Services) -> GenerationRequest:
+    # Any other content type is read as JSON (curl -d sends a form type), but a multipart form
+    # (the OpenAI SDK's edits, a file upload) never is.
+    if request.mimetype == "multipart/form-data":
+        raise ApiError(
+            400,
+            "This endpoint takes a JSON body: send the request as JSON with 'Content-Type: application/json', "
+            "not as multipart/form-data.",
+            param="Content-Type",
+            code="unsupported_content_type",
+        )
     raw = read_body(svc.settings.body_timeout_s)  # raises 413 past IMAGEGATE_MAX_BODY_BYTES
     if not raw.strip():
         raise ApiError(400, "The request body is empty; send a JSON object.", code="invalid_json")
@@ -227,3 +237,35 @@ def cancel_task(task_id: str):
             record.task.id, record.task.batch_id, has_callback=record.task.callback_url is not None
         )
     return _json(task_view(record, svc.settings), 200 if record.task.status == TaskStatus.FAILED else 202)
+
+
+# 400, not 501: clients (the OpenAI SDKs among them) retry a 5xx, which here can only fail again.
+@bp.post("/edits")
+@operation(
+    operation_id="createImageEdit",
+    summary="Not supported yet: image edits (answers 400 `unsupported_endpoint`)",
+    replies={},
+    errors=(400, 401),
+)
+def create_edit():
+    raise _not_supported("Image edits (POST /v1/images/edits)")
+
+
+@bp.post("/variations")
+@operation(
+    operation_id="createImageVariation",
+    summary="Not supported yet: image variations (answers 400 `unsupported_endpoint`)",
+    replies={},
+    errors=(400, 401),
+)
+def create_variation():
+    raise _not_supported("Image variations (POST /v1/images/variations)")
+
+
+def _not_supported(what: str) -> ApiError:
+    return ApiError(
+        400,
+        f"{what} are not supported yet by this gateway. Use POST /v1/images/generations; a model that "
+        "edits takes its input images there in `image`.",
+        code="unsupported_endpoint",
+    )

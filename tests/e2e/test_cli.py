@@ -7,8 +7,11 @@ import base64
 import io
 import os
 import re
+import signal
+import socket
 import subprocess
 import sys
+from importlib.metadata import version
 
 import httpx
 import pytest
@@ -16,35 +19,53 @@ from PIL import Image
 from sqlalchemy import create_engine, text
 
 from tests.support.processes import IMAGEGATE, run_cli, stop_process
-from tests.support.services import free_port, http_ok, wait_until
+from tests.support.services import free_port, wait_until
 
 
 def clean_env() -> dict[str, str]:
     return {name: value for name, value in os.environ.items() if not name.startswith("IMAGEGATE_")}
 
 
-def test_up_serves_the_local_model_with_no_servers(tmp_path):
-    port = free_port()
-    # A directory holding packages named like ours (any Flask project's app/) must not be imported.
-    for name in ("app", "workers", "client", "migrations"):
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "__init__.py").write_text("raise ImportError('the wrong package was imported')\n")
-    log = tmp_path / "up.log"
-    process = subprocess.Popen(
-        IMAGEGATE + ["up", "--port", str(port)],
-        cwd=tmp_path,
+def start_up(cwd, log, *args: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        IMAGEGATE + ["up", *args],
+        cwd=cwd,
         env=clean_env(),
         stdout=log.open("w"),
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
+
+
+def banner(process: subprocess.Popen, log) -> tuple[str, str]:
+    """The curl line and the key, as soon as `up` prints them (it must not have ended before)."""
+
+    def printed():
+        assert process.poll() is None, log.read_text()
+        return re.search(r"^\s*(curl .*)$", log.read_text(), re.M)
+
+    curl = wait_until(printed, 90, "the curl line").group(1)
+    return curl, re.search(r"Bearer (ig_\S+)'", curl).group(1)
+
+
+def run_curl(curl: str) -> dict:
+    result = subprocess.run(curl, shell=True, capture_output=True, text=True, timeout=120)
+    return httpx.Response(200, content=result.stdout).json()
+
+
+def test_up_serves_the_local_model_with_no_servers(tmp_path):
+    port, work = free_port(), tmp_path / "work"
+    work.mkdir()
+    # A directory holding packages named like ours (any Flask project's app/) must not be imported.
+    for name in ("app", "workers", "client", "migrations"):
+        (work / name).mkdir()
+        (work / name / "__init__.py").write_text("raise ImportError('the wrong package was imported')\n")
+    log = tmp_path / "up.log"
+    process = start_up(work, log, "--port", str(port))
     try:
-        curl = wait_until(lambda: re.search(r"^\s*(curl .*)$", log.read_text(), re.M), 60, "the curl line")
-        key = re.search(r"API key \(shown once\): (\S+)", log.read_text()).group(1)
-        wait_until(lambda: http_ok(f"http://127.0.0.1:{port}/healthz"), 60, "the embedded API")
-        # The printed curl line works as printed.
-        result = subprocess.run(curl.group(1), shell=True, capture_output=True, text=True, timeout=120)
-        body = httpx.Response(200, content=result.stdout).json()
+        curl, key = banner(process, log)
+        # The printed curl line works as printed, pasted at once: `up` says up only when it is.
+        body = run_curl(curl)
         image = Image.open(io.BytesIO(base64.b64decode(body["data"][0]["b64_json"])))
         assert image.format == "PNG" and image.size == (1024, 1024)
         # And a URL result is served from the SQLite file.
@@ -56,9 +77,53 @@ def test_up_serves_the_local_model_with_no_servers(tmp_path):
         ).json()
         png = httpx.get(reply["data"][0]["url"])
         assert png.headers["content-type"] == "image/png" and Image.open(io.BytesIO(png.content)).size == (128, 96)
-        assert (tmp_path / "imagegate-data" / "imagegate.db").exists()
+        # Quiet: no Celery banner or gunicorn lines between the user and the key.
+        assert "celery" not in log.read_text().lower() and "gunicorn" not in log.read_text().lower()
     finally:
         stop_process(process)
+    assert process.returncode == 0, log.read_text()
+    data = work / "imagegate-data"
+    assert (data / "imagegate.db").exists()
+    assert (data / "api_key").stat().st_mode & 0o777 == 0o600
+    # Nothing lands in the working directory but the data directory (kombu's control/ used to).
+    assert sorted(path.name for path in work.iterdir()) == ["app", "client", "imagegate-data", "migrations", "workers"]
+
+    # Run again: the same key, still working; then a dead worker ends `up` with its last lines.
+    log = tmp_path / "up-again.log"
+    process = start_up(work, log, "--port", str(port))
+    try:
+        curl, again = banner(process, log)
+        assert again == key and "kept from the last run" in log.read_text()
+        assert run_curl(curl)["data"][0]["b64_json"]
+        with create_engine(f"sqlite:///{data / 'imagegate.db'}").connect() as connection:
+            worker_pid = connection.execute(
+                text("SELECT pid FROM heartbeats WHERE kind = 'worker' ORDER BY started_at DESC LIMIT 1")
+            ).scalar_one()
+        os.kill(worker_pid, signal.SIGKILL)
+        process.wait(timeout=60)
+    finally:
+        stop_process(process)
+    output = log.read_text()
+    assert process.returncode != 0
+    assert "imagegate worker stopped" in output and "its last lines" in output and "Traceback" not in output
+    assert (data / "logs" / "worker.log").read_text().strip().splitlines()[-1] in output
+
+
+def test_up_refuses_a_busy_port_before_printing_a_key(tmp_path):
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        result = run_cli(["up", "--port", str(port), "--data-dir", str(tmp_path / "data")], clean_env(), cwd=tmp_path)
+    assert result.returncode != 0
+    assert f"port {port}" in result.stderr and "--port" in result.stderr
+    assert "ig_" not in result.stdout + result.stderr and "curl" not in result.stdout
+    assert "Traceback" not in result.stderr and not (tmp_path / "data").exists()
+
+
+def test_version():
+    result = run_cli(["--version"], clean_env())
+    assert result.returncode == 0 and result.stdout.strip() == f"imagegate, version {version('imagegate')}"
 
 
 @pytest.mark.parametrize("command", [["api", "--port", "1"], ["worker"]])
