@@ -36,7 +36,7 @@ KUBERNETES_VERSIONS = ["1.28.0", kubernetes_validate.latest_version()]
 CUSTOM_API_GROUPS = ("keda.sh/",)
 # Used by these files and added by separate branches of the same change. Until one lands, a check
 # that finds it missing is an expected failure; once it is there the check runs for real.
-PENDING = {"--metrics-port", "/readyz", "/metrics"}
+PENDING = {"--metrics-port", "/metrics"}
 # Variables the manifests may set besides IMAGEGATE_* settings and the providers' upstream keys.
 OTHER_ENV = {"PROMETHEUS_MULTIPROC_DIR"}
 
