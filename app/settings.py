@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # A placeholder, never a usable secret: start-up refuses it outside the embedded mode.
@@ -64,6 +64,8 @@ class Settings(BaseSettings):
     max_requests_per_client: int = Field(1000, ge=1)
     # How long a signed image URL stays valid (OpenAI's expire after an hour too).
     image_url_ttl_s: int = Field(3600, gt=0)
+    # Signs in to /dashboard seeing every key's tasks; unset, only API keys sign in (each its own tasks).
+    admin_token: SecretStr | None = None
 
     # Retry backoff: full jitter over base * 2**(attempt-1), capped; never below Retry-After.
     retry_base_s: float = Field(1.0, ge=0)

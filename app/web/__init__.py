@@ -12,7 +12,7 @@ from imagegate.app.providers import load_models
 from imagegate.app.queue import reuse_publish_client
 from imagegate.app.runtime import build_runtime
 from imagegate.app.settings import Settings
-from imagegate.app.web import batches, files, images, openapi, webhooks
+from imagegate.app.web import batches, dashboard, files, images, openapi, webhooks
 from imagegate.app.web.errors import error_response, register_error_handlers
 from imagegate.app.web.limits import ClientLimit
 from imagegate.app.web.services import Services, services
@@ -39,6 +39,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_blueprint(webhooks.bp)
     app.register_blueprint(files.bp)
     app.register_blueprint(openapi.bp)
+    dashboard.register(app, settings)
 
     @app.get("/healthz")
     def healthz():
