@@ -17,11 +17,14 @@ from pathlib import Path
 import httpx
 import pytest
 from playwright.sync_api import Page, expect, sync_playwright
+from sqlalchemy import create_engine, update
 
+from imagegate.app.keys import hash_key
+from imagegate.app.models import ApiKey, utcnow
 from tests.support.fake_http import JsonHandler, ScriptedServer
 from tests.support.fake_upstream import Step
 from tests.support.flows import submit_async, wait_for_end
-from tests.support.processes import start_process, stop_process
+from tests.support.processes import create_key, start_process, stop_process
 from tests.support.services import free_port, http_ok, wait_until
 
 pytestmark = pytest.mark.e2e
@@ -292,6 +295,20 @@ def test_the_session_cookie_holds_no_key_and_forms_need_its_token(dashboard_url,
         # Signed in, a POST without the session's token is still refused.
         assert http.post("/dashboard/signout").status_code == 400
         assert http.get("/dashboard/").status_code == 200
+
+
+def test_a_revoked_keys_session_ends(dashboard_url, env, database_url):
+    key = create_key(env, f"revoked-{uuid.uuid4().hex[:8]}")
+    with httpx.Client(base_url=dashboard_url) as http:
+        token = re.search(r'name="csrf" value="([^"]+)"', http.get("/dashboard/signin").text).group(1)
+        assert http.post("/dashboard/signin", data={"csrf": token, "secret": key}).status_code == 303
+        assert http.get("/dashboard/").status_code == 200
+        engine = create_engine(database_url)
+        with engine.begin() as connection:
+            connection.execute(update(ApiKey).where(ApiKey.key_hash == hash_key(key)).values(revoked_at=utcnow()))
+        engine.dispose()
+        page = http.get("/dashboard/")
+        assert page.status_code == 302 and "/dashboard/signin" in page.headers["location"]
 
 
 def test_readable_on_a_phone(browser, dashboard_url, api_key, api, upstream):
