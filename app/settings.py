@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # A placeholder, never a usable secret: start-up refuses it outside the embedded mode.
@@ -67,6 +67,8 @@ class Settings(BaseSettings):
     # Browser origins allowed to call the API (CORS), comma-separated, such as
     # "https://app.example.com,http://localhost:3000"; "*" allows any; empty (the default) is off.
     cors_origins: str = ""
+    # Signs in to /dashboard seeing every key's tasks; unset, only API keys sign in (each its own tasks).
+    admin_token: SecretStr | None = None
 
     # Retry backoff: full jitter over base * 2**(attempt-1), capped; never below Retry-After.
     retry_base_s: float = Field(1.0, ge=0)

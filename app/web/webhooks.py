@@ -70,7 +70,7 @@ def list_deliveries():
     ).model_dump(mode="json")
 
 
-def _redeliver_limit():
+def redeliver_limit():
     """A fixed window per API key, counted in Redis so every API process shares it (in memory with
     the embedded mode's filesystem broker): redelivering is a way to make us send requests."""
     found = current_app.extensions.get("imagegate.redeliver_limit")
@@ -95,7 +95,7 @@ def _redeliver_limit():
 )
 def redeliver(delivery_id: str):
     svc = services()
-    limiter, rate = _redeliver_limit()
+    limiter, rate = redeliver_limit()
     try:
         allowed = limiter.hit(rate, "redeliver", str(g.api_key_id))
     except Exception as exc:  # Redis away: the event is in Postgres anyway, and the sweeper sends it
