@@ -127,6 +127,9 @@ class Task(Base):
         Index("ix_tasks_status_created_at", "status", "created_at"),
         Index("ix_tasks_status_run_after", "status", "run_after"),
         Index("ix_tasks_status_lease_expires_at", "status", "lease_expires_at"),
+        # Newest first, for one key (its own list) and for all (an admin's), paged by (created_at, id).
+        Index("ix_tasks_api_key_id_created_at_id", "api_key_id", "created_at", "id"),
+        Index("ix_tasks_created_at_id", "created_at", "id"),
     )
 
 
