@@ -7,8 +7,11 @@ import logging
 import os
 import secrets
 import shlex
+import shutil
 import subprocess
 import sys
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import click
@@ -46,6 +49,42 @@ def _providers_guard(func):
             raise click.ClickException(str(exc)) from None
 
     return wrapper
+
+
+def _metrics_option(port: int):
+    return click.option(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help=f"Serve Prometheus metrics on this port (all interfaces), e.g. {port}; off by default.",
+    )
+
+
+def _serve_metrics(port: int, collectors=()) -> None:
+    from imagegate.app.metrics import serve_metrics
+
+    try:
+        serve_metrics(port, collectors=collectors)
+    except OSError as exc:
+        raise click.ClickException(
+            f"cannot serve metrics on port {port} ({exc.strerror or exc}); choose another --metrics-port"
+        ) from None
+
+
+@contextmanager
+def _metrics_dir():
+    """gunicorn's workers are processes: prometheus-client's multiprocess mode has each write its
+    metrics to files in PROMETHEUS_MULTIPROC_DIR, summed by /metrics. It must be set before
+    prometheus_client is first imported; a private one is made (and removed) when unset."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        yield
+        return
+    path = tempfile.mkdtemp(prefix="imagegate-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+    try:
+        yield
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @click.group()
@@ -145,11 +184,13 @@ def keys_set_callback(name: str, url: str | None) -> None:
 def api(host: str, port: int, workers: int, connections: int) -> None:
     """Serve the intake API with gunicorn (gevent workers)."""
     from imagegate.app.providers import load_models
-    from imagegate.app.web.server import serve
 
     settings = load_settings()
     load_models(settings.providers_file)  # fail here, once, with a clear message
-    serve(settings, host=host, port=port, workers=workers, connections=connections)
+    with _metrics_dir():
+        from imagegate.app.web.server import serve  # imports prometheus_client: after _metrics_dir
+
+        serve(settings, host=host, port=port, workers=workers, connections=connections)
 
 
 @cli.command()
@@ -161,8 +202,9 @@ def api(host: str, port: int, workers: int, connections: int) -> None:
 )
 @click.option("--loglevel", "-l", default="INFO", show_default=True)
 @click.option("--hostname", "-n", default=None, help="Worker name (default: imagegate-PID@HOST).")
+@_metrics_option(9101)
 @_providers_guard
-def worker(pool: str, concurrency: int, loglevel: str, hostname: str | None) -> None:
+def worker(pool: str, concurrency: int, loglevel: str, hostname: str | None, metrics_port: int | None) -> None:
     """Run a Celery worker (an I/O-bound pool keeps many upstream calls in flight)."""
     from imagegate.app.os_limits import allow_open_files
     from imagegate.app.queue import WORKER_QUEUES
@@ -171,6 +213,8 @@ def worker(pool: str, concurrency: int, loglevel: str, hostname: str | None) -> 
     # A socket per call in flight (and per download), plus the database and broker pools.
     allow_open_files(2 * concurrency + 256)
     celery = make_worker_app(load_settings(), concurrency=concurrency)
+    if metrics_port is not None:
+        _serve_metrics(metrics_port)
     celery.worker_main(
         [
             "worker",
@@ -187,7 +231,8 @@ def worker(pool: str, concurrency: int, loglevel: str, hostname: str | None) -> 
 
 @cli.command()
 @click.option("--once", is_flag=True, help="One pass, then exit (for cron or a test).")
-def sweeper(once: bool) -> None:
+@_metrics_option(9102)
+def sweeper(once: bool, metrics_port: int | None) -> None:
     """Find and resend what the broker lost: overdue pending tasks, expired leases, deadlines.
     Safe to run on several hosts at once."""
     import signal
@@ -199,6 +244,10 @@ def sweeper(once: bool) -> None:
     if once:
         click.echo(str(sweep.sweep_once()))
         return
+    if metrics_port is not None:
+        from imagegate.app.metrics import BacklogCollector
+
+        _serve_metrics(metrics_port, [BacklogCollector(sweep.runtime.engine, sweep.broker)])
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
