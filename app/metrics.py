@@ -181,17 +181,21 @@ class BacklogCollector(Collector):
     def __init__(self, engine: Engine, broker: Any = None):
         self.engine, self.broker = engine, broker
 
-    def describe(self) -> list:
-        return []  # collected only when scraped: no database query when registered
+    @staticmethod
+    def describe() -> list[GaugeMetricFamily]:
+        """The families, empty: what the registry checks on registration, with no query."""
+        return [
+            GaugeMetricFamily("imagegate_tasks", "Live tasks by model and status.", labels=["model", "status"]),
+            GaugeMetricFamily("imagegate_queue_messages", "Messages waiting in a broker queue.", labels=["queue"]),
+            GaugeMetricFamily(
+                "imagegate_processes_seen",
+                "Worker and sweeper processes whose heartbeat is under a minute old.",
+                labels=["kind"],
+            ),
+        ]
 
     def collect(self) -> Iterable[GaugeMetricFamily]:
-        tasks = GaugeMetricFamily(
-            "imagegate_tasks", "Live tasks by requested model and status.", labels=["model", "status"]
-        )
-        queues = GaugeMetricFamily("imagegate_queue_messages", "Messages waiting in a broker queue.", labels=["queue"])
-        seen = GaugeMetricFamily(
-            "imagegate_processes_seen", "Worker and sweeper processes whose heartbeat is under a minute old.", ["kind"]
-        )
+        tasks, queues, seen = self.describe()
         try:
             query = select(Task.model, Task.status, func.count()).where(Task.status.in_(LIVE_STATUSES))
             with self.engine.connect() as connection:
