@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Iterable
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -65,105 +66,167 @@ def seconds_since(moment: datetime) -> float:
     return max(0.0, (utcnow() - moment).total_seconds())
 
 
+@dataclass(frozen=True)
+class Spec:
+    """One metric: its kind, name (with its unit and `_total` suffix), help and label names."""
+
+    kind: type[Counter] | type[Gauge] | type[Histogram]
+    name: str
+    doc: str
+    labels: tuple[str, ...] = ()
+    buckets: tuple[float, ...] = ()
+
+    def make(self, registry: CollectorRegistry) -> Any:
+        if self.kind is Histogram:
+            return Histogram(self.name, self.doc, self.labels, buckets=self.buckets, registry=registry)
+        if self.kind is Gauge:  # a worker's own count; summed over the live processes of a multiprocess API
+            return Gauge(self.name, self.doc, self.labels, registry=registry, multiprocess_mode="livesum")
+        return Counter(self.name, self.doc, self.labels, registry=registry)
+
+
+# Every metric a process records, by the attribute of Metrics that holds it.
+SPECS: dict[str, Spec] = {
+    # The API.
+    "http_requests": Spec(
+        Counter,
+        "imagegate_http_requests_total",
+        "Requests the API answered, by route template, method and status code.",
+        ("route", "method", "status"),
+    ),
+    "http_request_duration": Spec(
+        Histogram,
+        "imagegate_http_request_duration_seconds",
+        "Time to answer a request, by route template and method (synchronous ones wait for their images).",
+        ("route", "method"),
+        REQUEST_BUCKETS,
+    ),
+    # The worker: tasks.
+    "task_time_to_start": Spec(
+        Histogram,
+        "imagegate_task_time_to_start_seconds",
+        "From intake to the claim of the task's first attempt, by requested model.",
+        ("model",),
+        QUEUE_WAIT_BUCKETS,
+    ),
+    "task_time_to_end": Spec(
+        Histogram,
+        "imagegate_task_time_to_end_seconds",
+        "From intake to the end a worker wrote, by requested model and final status.",
+        ("model", "status"),
+        TASK_BUCKETS,
+    ),
+    "tasks_ended": Spec(
+        Counter,
+        "imagegate_tasks_ended_total",
+        "Tasks a worker ended, by requested model, final status and error code ('none' when it succeeded).",
+        ("model", "status", "error_code"),
+    ),
+    "attempts_in_flight": Spec(Gauge, "imagegate_attempts_in_flight", "Attempts the worker process is running now."),
+    "retries": Spec(
+        Counter,
+        "imagegate_task_retries_total",
+        "Attempts scheduled again on the same model after a retryable error, by model and error code.",
+        ("model", "error_code"),
+    ),
+    "fallbacks": Spec(
+        Counter,
+        "imagegate_task_fallbacks_total",
+        "Tasks handed to a fallback model once retries were spent, by model left and model taken.",
+        ("model", "fallback"),
+    ),
+    # The worker: upstreams and images.
+    "upstream_calls": Spec(
+        Counter,
+        "imagegate_upstream_calls_total",
+        "Upstream calls by model served, kind (generate, submit, poll) and outcome "
+        "(status class, timeout, connection_error, error).",
+        ("model", "kind", "outcome"),
+    ),
+    "upstream_call_duration": Spec(
+        Histogram,
+        "imagegate_upstream_call_duration_seconds",
+        "Time of one upstream call, by model served and kind.",
+        ("model", "kind"),
+        UPSTREAM_BUCKETS,
+    ),
+    "images_stored": Spec(Counter, "imagegate_images_stored_total", "Images stored, by model served.", ("model",)),
+    "image_bytes_stored": Spec(
+        Counter, "imagegate_images_stored_bytes_total", "Bytes of the images stored, by model served.", ("model",)
+    ),
+    # The worker: webhooks.
+    "webhook_deliveries": Spec(
+        Counter,
+        "imagegate_webhook_deliveries_total",
+        "Webhook delivery attempts by outcome (delivered, retrying, failed: retries spent, disabled: 410).",
+        ("outcome",),
+    ),
+    "webhook_delivery_duration": Spec(
+        Histogram,
+        "imagegate_webhook_delivery_duration_seconds",
+        "Time of one webhook delivery attempt.",
+        buckets=WEBHOOK_BUCKETS,
+    ),
+    "webhook_lane_full": Spec(
+        Counter,
+        "imagegate_webhook_lane_full_total",
+        "Webhook events left in the outbox because the delivery lane (or its key's share) was full.",
+    ),
+    # The sweeper.
+    "sweeper_actions": Spec(
+        Counter,
+        "imagegate_sweeper_actions_total",
+        "Tasks the sweeper acted on: deadline_failed, taken_back (expired lease), attempts_exhausted, "
+        "republished (message lost), publish_failed.",
+        ("action",),
+    ),
+    "sweep_duration": Spec(
+        Histogram, "imagegate_sweep_duration_seconds", "Time of one sweep pass.", buckets=SWEEP_BUCKETS
+    ),
+    "sweep_errors": Spec(
+        Counter, "imagegate_sweep_errors_total", "Sweep passes that failed (database or broker down)."
+    ),
+}
+
+# Read by the sweeper at scrape time (BacklogCollector), from Postgres and the broker.
+BACKLOG_SPECS: dict[str, Spec] = {
+    "tasks": Spec(
+        Gauge, "imagegate_tasks", "Live (pending, running) tasks by requested model and status.", ("model", "status")
+    ),
+    "queues": Spec(Gauge, "imagegate_queue_messages", "Messages waiting in a broker queue.", ("queue",)),
+    "seen": Spec(
+        Gauge,
+        "imagegate_processes_seen",
+        "Worker and sweeper processes whose heartbeat is under a minute old.",
+        ("kind",),
+    ),
+}
+
+
 class Metrics:
-    """The metrics of one process, registered on `registry`."""
+    """The metrics of one process, registered on `registry`: one attribute per entry of SPECS."""
+
+    http_requests: Counter
+    http_request_duration: Histogram
+    task_time_to_start: Histogram
+    task_time_to_end: Histogram
+    tasks_ended: Counter
+    attempts_in_flight: Gauge
+    retries: Counter
+    fallbacks: Counter
+    upstream_calls: Counter
+    upstream_call_duration: Histogram
+    images_stored: Counter
+    image_bytes_stored: Counter
+    webhook_deliveries: Counter
+    webhook_delivery_duration: Histogram
+    webhook_lane_full: Counter
+    sweeper_actions: Counter
+    sweep_duration: Histogram
+    sweep_errors: Counter
 
     def __init__(self, registry: CollectorRegistry = REGISTRY):
-        def counter(name: str, doc: str, labels: Iterable[str] = ()) -> Counter:
-            return Counter(name, doc, tuple(labels), registry=registry)
-
-        def histogram(name: str, doc: str, labels: Iterable[str], buckets: tuple[float, ...]) -> Histogram:
-            return Histogram(name, doc, tuple(labels), buckets=buckets, registry=registry)
-
-        # The API.
-        self.http_requests = counter(
-            "imagegate_http_requests_total",
-            "Requests the API answered, by route template, method and status code.",
-            ("route", "method", "status"),
-        )
-        self.http_request_duration = histogram(
-            "imagegate_http_request_duration_seconds",
-            "Time to answer a request, by route template and method (synchronous ones wait for their images).",
-            ("route", "method"),
-            REQUEST_BUCKETS,
-        )
-        # The worker: tasks.
-        self.task_time_to_start = histogram(
-            "imagegate_task_time_to_start_seconds",
-            "From intake to the claim of the task's first attempt, by requested model.",
-            ("model",),
-            QUEUE_WAIT_BUCKETS,
-        )
-        self.task_time_to_end = histogram(
-            "imagegate_task_time_to_end_seconds",
-            "From intake to the end a worker wrote, by requested model and final status.",
-            ("model", "status"),
-            TASK_BUCKETS,
-        )
-        self.tasks_ended = counter(
-            "imagegate_tasks_ended_total",
-            "Tasks a worker ended, by requested model, final status and error code ('none' when it succeeded).",
-            ("model", "status", "error_code"),
-        )
-        self.attempts_in_flight = Gauge(
-            "imagegate_attempts_in_flight",
-            "Attempts this worker process is running now.",
-            registry=registry,
-            multiprocess_mode="livesum",
-        )
-        self.retries = counter(
-            "imagegate_task_retries_total",
-            "Attempts scheduled again on the same model after a retryable error, by model and error code.",
-            ("model", "error_code"),
-        )
-        self.fallbacks = counter(
-            "imagegate_task_fallbacks_total",
-            "Tasks handed to a fallback model once retries were spent, by model left and model taken.",
-            ("model", "fallback"),
-        )
-        # The worker: upstreams and images.
-        self.upstream_calls = counter(
-            "imagegate_upstream_calls_total",
-            "Upstream calls by model served, kind (generate, submit, poll) and outcome "
-            "(status class, timeout, connection_error, error).",
-            ("model", "kind", "outcome"),
-        )
-        self.upstream_call_duration = histogram(
-            "imagegate_upstream_call_duration_seconds",
-            "Time of one upstream call, by model served and kind.",
-            ("model", "kind"),
-            UPSTREAM_BUCKETS,
-        )
-        self.images_stored = counter("imagegate_images_stored_total", "Images stored, by model served.", ("model",))
-        self.image_bytes_stored = counter(
-            "imagegate_images_stored_bytes_total", "Bytes of the images stored, by model served.", ("model",)
-        )
-        # The worker: webhooks.
-        self.webhook_deliveries = counter(
-            "imagegate_webhook_deliveries_total",
-            "Webhook delivery attempts by outcome (delivered, retrying, failed: retries spent, disabled: 410).",
-            ("outcome",),
-        )
-        self.webhook_delivery_duration = histogram(
-            "imagegate_webhook_delivery_duration_seconds", "Time of one webhook delivery attempt.", (), WEBHOOK_BUCKETS
-        )
-        self.webhook_lane_full = counter(
-            "imagegate_webhook_lane_full_total",
-            "Webhook events left in the outbox because the delivery lane (or its key's share) was full.",
-        )
-        # The sweeper.
-        self.sweeper_actions = counter(
-            "imagegate_sweeper_actions_total",
-            "Tasks the sweeper acted on: deadline_failed, taken_back (expired lease), attempts_exhausted, "
-            "republished (message lost), publish_failed.",
-            ("action",),
-        )
-        self.sweep_duration = histogram(
-            "imagegate_sweep_duration_seconds", "Time of one sweep pass.", (), SWEEP_BUCKETS
-        )
-        self.sweep_errors = counter(
-            "imagegate_sweep_errors_total", "Sweep passes that failed (database or broker down)."
-        )
+        for attribute, spec in SPECS.items():
+            setattr(self, attribute, spec.make(registry))
 
 
 @functools.cache
@@ -184,15 +247,7 @@ class BacklogCollector(Collector):
     @staticmethod
     def describe() -> list[GaugeMetricFamily]:
         """The families, empty: what the registry checks on registration, with no query."""
-        return [
-            GaugeMetricFamily("imagegate_tasks", "Live tasks by model and status.", labels=["model", "status"]),
-            GaugeMetricFamily("imagegate_queue_messages", "Messages waiting in a broker queue.", labels=["queue"]),
-            GaugeMetricFamily(
-                "imagegate_processes_seen",
-                "Worker and sweeper processes whose heartbeat is under a minute old.",
-                labels=["kind"],
-            ),
-        ]
+        return [GaugeMetricFamily(spec.name, spec.doc, labels=spec.labels) for spec in BACKLOG_SPECS.values()]
 
     def collect(self) -> Iterable[GaugeMetricFamily]:
         tasks, queues, seen = self.describe()
