@@ -7,11 +7,8 @@ import logging
 import os
 import secrets
 import shlex
-import shutil
 import subprocess
 import sys
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 
 import click
@@ -49,42 +46,6 @@ def _providers_guard(func):
             raise click.ClickException(str(exc)) from None
 
     return wrapper
-
-
-def _metrics_option(port: int):
-    return click.option(
-        "--metrics-port",
-        type=int,
-        default=None,
-        help=f"Serve Prometheus metrics on this port (all interfaces), e.g. {port}; off by default.",
-    )
-
-
-def _serve_metrics(port: int, collectors=()) -> None:
-    from imagegate.app.metrics import serve_metrics
-
-    try:
-        serve_metrics(port, collectors=collectors)
-    except OSError as exc:
-        raise click.ClickException(
-            f"cannot serve metrics on port {port} ({exc.strerror or exc}); choose another --metrics-port"
-        ) from None
-
-
-@contextmanager
-def _metrics_dir():
-    """gunicorn's workers are processes: prometheus-client's multiprocess mode has each write its
-    metrics to files in PROMETHEUS_MULTIPROC_DIR, summed by /metrics. It must be set before
-    prometheus_client is first imported; a private one is made (and removed) when unset."""
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        yield
-        return
-    path = tempfile.mkdtemp(prefix="imagegate-metrics-")
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
-    try:
-        yield
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 @click.group()
@@ -168,6 +129,39 @@ def keys_set_callback(name: str, url: str | None) -> None:
         raise click.ClickException(f"no live key named {name!r}")
 
 
+def _metrics_option(port: int):
+    return click.option(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help=f"Serve Prometheus metrics on this port (all interfaces), e.g. {port}; off by default.",
+    )
+
+
+def _serve_metrics(port: int, collectors=()) -> None:
+    from imagegate.app.metrics import serve_metrics
+
+    try:
+        serve_metrics(port, collectors=collectors)
+    except OSError as exc:
+        raise click.ClickException(
+            f"cannot serve metrics on port {port} ({exc.strerror or exc}); choose another --metrics-port"
+        ) from None
+
+
+def _private_metrics_dir() -> str | None:
+    """gunicorn's workers are processes: prometheus-client's multiprocess mode has each write its
+    metrics to files in PROMETHEUS_MULTIPROC_DIR, summed by /metrics. It must be set before
+    prometheus_client is first imported. When unset, a private one is made: returned for the caller
+    to remove at exit."""
+    import tempfile
+
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return None
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = path = tempfile.mkdtemp(prefix="imagegate-metrics-")
+    return path
+
+
 @cli.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True, type=int)
@@ -187,10 +181,16 @@ def api(host: str, port: int, workers: int, connections: int) -> None:
 
     settings = load_settings()
     load_models(settings.providers_file)  # fail here, once, with a clear message
-    with _metrics_dir():
-        from imagegate.app.web.server import serve  # imports prometheus_client: after _metrics_dir
+    made = _private_metrics_dir()
+    try:
+        from imagegate.app.web.server import serve  # imports prometheus_client: after the line above
 
         serve(settings, host=host, port=port, workers=workers, connections=connections)
+    finally:
+        if made:
+            import shutil
+
+            shutil.rmtree(made, ignore_errors=True)
 
 
 @cli.command()
