@@ -34,8 +34,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     )
 
     app.wsgi_app = ClientLimit(app.wsgi_app, settings.max_requests_per_client)  # type: ignore[method-assign]
+    app.register_blueprint(metrics_bp)  # first: its clock starts before any other blueprint's hook runs
     register_error_handlers(app)
-    app.register_blueprint(metrics_bp)  # first: its clock starts before any other hook runs
     app.register_blueprint(batches.bp)  # before images: /v1/images/batches is not a task id
     app.register_blueprint(images.bp)
     app.register_blueprint(webhooks.bp)
