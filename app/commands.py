@@ -191,6 +191,39 @@ def keys_set_callback(name: str, url: str | None) -> None:
         raise click.ClickException(f"no live key named {name!r}")
 
 
+def _metrics_option(port: int):
+    return click.option(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help=f"Serve Prometheus metrics on this port (all interfaces), e.g. {port}; off by default.",
+    )
+
+
+def _serve_metrics(port: int, collectors=()) -> None:
+    from imagegate.app.metrics import serve_metrics
+
+    try:
+        serve_metrics(port, collectors=collectors)
+    except OSError as exc:
+        raise click.ClickException(
+            f"cannot serve metrics on port {port} ({exc.strerror or exc}); choose another --metrics-port"
+        ) from None
+
+
+def _private_metrics_dir() -> str | None:
+    """gunicorn's workers are processes: prometheus-client's multiprocess mode has each write its
+    metrics to files in PROMETHEUS_MULTIPROC_DIR, summed by /metrics. It must be set before
+    prometheus_client is first imported. When unset, a private one is made: returned for the caller
+    to remove at exit."""
+    import tempfile
+
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return None
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = path = tempfile.mkdtemp(prefix="imagegate-metrics-")
+    return path
+
+
 @cli.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True, type=int)
@@ -207,11 +240,19 @@ def keys_set_callback(name: str, url: str | None) -> None:
 def api(host: str, port: int, workers: int, connections: int) -> None:
     """Serve the intake API with gunicorn (gevent workers)."""
     from imagegate.app.providers import load_models
-    from imagegate.app.web.server import serve
 
     settings = load_settings()
     load_models(settings.providers_file)  # fail here, once, with a clear message
-    serve(settings, host=host, port=port, workers=workers, connections=connections)
+    made = _private_metrics_dir()
+    try:
+        from imagegate.app.web.server import serve  # imports prometheus_client: after the line above
+
+        serve(settings, host=host, port=port, workers=workers, connections=connections)
+    finally:
+        if made:
+            import shutil
+
+            shutil.rmtree(made, ignore_errors=True)
 
 
 @cli.command()
@@ -223,8 +264,9 @@ def api(host: str, port: int, workers: int, connections: int) -> None:
 )
 @click.option("--loglevel", "-l", default="INFO", show_default=True)
 @click.option("--hostname", "-n", default=None, help="Worker name (default: imagegate-PID@HOST).")
+@_metrics_option(9101)
 @_providers_guard
-def worker(pool: str, concurrency: int, loglevel: str, hostname: str | None) -> None:
+def worker(pool: str, concurrency: int, loglevel: str, hostname: str | None, metrics_port: int | None) -> None:
     """Run a Celery worker (an I/O-bound pool keeps many upstream calls in flight)."""
     from imagegate.app.os_limits import allow_open_files
     from imagegate.app.queue import WORKER_QUEUES
@@ -233,6 +275,8 @@ def worker(pool: str, concurrency: int, loglevel: str, hostname: str | None) -> 
     # A socket per call in flight (and per download), plus the database and broker pools.
     allow_open_files(2 * concurrency + 256)
     celery = make_worker_app(load_settings(), concurrency=concurrency)
+    if metrics_port is not None:
+        _serve_metrics(metrics_port)
     celery.worker_main(
         [
             "worker",
@@ -249,7 +293,8 @@ def worker(pool: str, concurrency: int, loglevel: str, hostname: str | None) -> 
 
 @cli.command()
 @click.option("--once", is_flag=True, help="One pass, then exit (for cron or a test).")
-def sweeper(once: bool) -> None:
+@_metrics_option(9102)
+def sweeper(once: bool, metrics_port: int | None) -> None:
     """Find and resend what the broker lost: overdue pending tasks, expired leases, deadlines.
     Safe to run on several hosts at once."""
     import signal
@@ -266,6 +311,10 @@ def sweeper(once: bool) -> None:
             redis.Redis.from_url(settings.broker_url, socket_connect_timeout=3, socket_timeout=3).ping()
         click.echo(str(sweep.sweep_once()))
         return
+    if metrics_port is not None:
+        from imagegate.app.metrics import BacklogCollector
+
+        _serve_metrics(metrics_port, [BacklogCollector(sweep.runtime.engine, sweep.broker)])
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())

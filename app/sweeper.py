@@ -34,6 +34,7 @@ from sqlalchemy import func, select
 from imagegate.app.heartbeats import Heart
 from imagegate.app.heartbeats import forget_old as forget_old_heartbeats
 from imagegate.app.ids import parse_id
+from imagegate.app.metrics import metrics
 from imagegate.app.models import Task, utcnow
 from imagegate.app.queue import (
     BATCH_QUEUE,
@@ -71,6 +72,15 @@ class SweepReport:
     def __bool__(self) -> bool:
         return any((self.overdue_failed, self.requeued, self.exhausted_failed, self.republished))
 
+    def count(self) -> None:
+        """Add this pass to imagegate_sweeper_actions_total."""
+        actions = metrics().sweeper_actions
+        actions.labels("deadline_failed").inc(self.overdue_failed)
+        actions.labels("taken_back").inc(self.requeued)
+        actions.labels("attempts_exhausted").inc(self.exhausted_failed)
+        actions.labels("republished").inc(self.republished)
+        actions.labels("publish_failed").inc(self.publish_errors)
+
 
 @dataclass
 class Sweeper:
@@ -97,6 +107,7 @@ class Sweeper:
         self.runtime.tasks.forget_idempotency_keys(self.settings.idempotency_ttl_s)
         forget_old_heartbeats(self.runtime.engine)
         report = SweepReport(len(overdue), len(requeued), len(exhausted), len(republished), errors)
+        report.count()
         if report:
             log.info("sweep: %s", report)
         return report
@@ -106,8 +117,10 @@ class Sweeper:
         heart.start()
         while not stop.is_set():
             try:
-                self.sweep_once()
+                with metrics().sweep_duration.time():
+                    self.sweep_once()
             except Exception:  # a database or broker outage: try again next period
+                metrics().sweep_errors.inc()
                 log.exception("sweep failed; retrying in %.0f s", self.settings.sweep_interval_s)
             stop.wait(self.settings.sweep_interval_s)
         heart.stop()

@@ -47,6 +47,14 @@ from imagegate.workers.leases import LeaseKeeper
 from imagegate.workers.outbound import CheckedClients
 from imagegate.workers.redaction import Redactor
 from imagegate.workers.retry import backoff_s
+from imagegate.workers.task_metrics import (
+    attempt_running,
+    count_ended,
+    count_retry,
+    count_started,
+    count_stored,
+    metered_call,
+)
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +127,8 @@ class TaskRunner:
         if not claim:
             log.info("task %s attempt %s poll %s: not claimed (%s)", task_id, attempt, poll, claim)
             return
-        with self.leases.held(claim):
+        count_started(claim)
+        with self.leases.held(claim), attempt_running():
             self._run_claimed(claim)
 
     def _run_claimed(self, claim: Claim) -> None:
@@ -153,7 +162,7 @@ class TaskRunner:
             single = request if len(counts) == 1 else request.model_copy(update={"n": counts[slot]})
             current_call.set(f"imagegate-{claim.task_id}-{claim.attempt}-{slot}")
             try:
-                generation = adapter.generate(single)
+                generation = metered_call(claim.route, "generate", functools.partial(adapter.generate, single))
                 return self._stored(slot, generation, config)
             except UpstreamError as exc:
                 return Call(slot, upstream_status=exc.upstream_status, error=exc)
@@ -189,6 +198,8 @@ class TaskRunner:
         if not errors:
             if written := self._durably(claim, self.successes, Success(claim, images, usage, outcomes)):
                 log.info("task %s attempt %s: succeed via %s", claim.task_id, claim.attempt, claim.route)
+                count_stored(claim, images)
+                count_ended(claim, "succeed")
                 self._announce(claim)
             else:
                 self._stop_if_cancelled(claim, written)
@@ -204,9 +215,10 @@ class TaskRunner:
         current_call.set(f"imagegate-{claim.task_id}-{claim.attempt}-0-{claim.polls}")
         try:
             if claim.upstream_task_id is None:
-                self._wait_upstream(claim, adapter.submit(request), config.poll_interval_s, poll=1)
+                upstream_task_id = metered_call(claim.route, "submit", functools.partial(adapter.submit, request))
+                self._wait_upstream(claim, upstream_task_id, config.poll_interval_s, poll=1)
                 return
-            generation = adapter.poll(claim.upstream_task_id)
+            generation = metered_call(claim.route, "poll", functools.partial(adapter.poll, claim.upstream_task_id))
             if generation is None:
                 waited = (utcnow() - claim.started_at).total_seconds()
                 if waited > config.poll_deadline_s:
@@ -290,6 +302,8 @@ class TaskRunner:
             route=route,
         ):
             log.info("task %s attempt %s: %s; %s", claim.task_id, claim.attempt, failure.message, why)
+            count_stored(claim, images)
+            count_retry(claim, failure.code, route)
             publish_run(self.celery, claim.task_id, claim.attempt + 1, countdown=delay, batch_id=claim.batch_id)
         else:
             self._stop_if_cancelled(claim, written)
@@ -304,11 +318,13 @@ class TaskRunner:
         """A fenced write was refused: if because the client cancelled, end the task so."""
         if refused is Refused.CANCELLED and self._durably(claim, self.store.end_cancelled, claim):
             log.info("task %s attempt %s: cancelled", claim.task_id, claim.attempt)
+            count_ended(claim, "failed", ErrorCode.CANCELLED)
             self._announce(claim)
 
     def _end_failed(self, claim: Claim, failure: Failure, outcomes: list[CallOutcome]) -> None:
         if self._durably(claim, self.store.fail, claim, failure, outcomes):
             log.info("task %s attempt %s: failed (%s: %s)", claim.task_id, claim.attempt, failure.code, failure.message)
+            count_ended(claim, "failed", failure.code)
             self._announce(claim)
 
     def _durably(self, claim: Claim, write: Callable[..., Outcome], *args, **kwargs) -> Outcome:

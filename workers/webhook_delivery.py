@@ -28,6 +28,7 @@ from datetime import UTC, datetime, timedelta
 import httpx
 from celery import Celery
 
+from imagegate.app.metrics import metrics
 from imagegate.app.queue import publish_webhook
 from imagegate.app.settings import Settings
 from imagegate.app.state.webhook_events import EventStatus
@@ -39,6 +40,14 @@ from imagegate.workers import outbound
 from imagegate.workers.webhook_post import deliver
 
 log = logging.getLogger(__name__)
+
+# The outcome label of imagegate_webhook_deliveries_total for each status an attempt leaves.
+OUTCOME_LABELS = {
+    EventStatus.DELIVERED: "delivered",
+    EventStatus.PENDING: "retrying",
+    EventStatus.FAILED: "failed",
+    EventStatus.DISABLED: "disabled",
+}
 
 
 class DeliveryLane:
@@ -112,6 +121,7 @@ class WebhookSender:
             return  # a duplicate message, or already delivered
         if not self.lane.enter(api_key_id):
             log.debug("webhook %s waits in the outbox: the delivery lane is full for its key", event_id)
+            metrics().webhook_lane_full.inc()
             return
         try:
             event = self.webhooks.claim(event_id, lease_s=self.settings.webhook_timeout_s + 30)
@@ -133,6 +143,7 @@ class WebhookSender:
                 outcome=EventStatus.DISABLED,
                 error="the callback URL answered 410 Gone earlier; redeliver to send again",
             )
+            metrics().webhook_deliveries.labels(OUTCOME_LABELS[EventStatus.DISABLED]).inc()
             return
         body = json.dumps(self._payload(event), separators=(",", ":")).encode()
         result = deliver(
@@ -162,6 +173,8 @@ class WebhookSender:
             outcome=outcome,
             retry_at=retry_at,
         )
+        metrics().webhook_deliveries.labels(OUTCOME_LABELS[outcome]).inc()
+        metrics().webhook_delivery_duration.observe(result.latency_ms / 1000)
         log.info(
             "webhook %s attempt %s to %s: %s (%s)",
             event.id,

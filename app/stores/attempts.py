@@ -38,6 +38,7 @@ class Claim:
     polls: int
     batch_id: uuid.UUID | None = None
     callback_url: str | None = None
+    created_at: datetime | None = None  # the task's intake, for the time-to-start and time-to-end metrics
     # The fan-out slots whose calls this attempt makes (recorded in `attempts` with the claim).
     slots: tuple[int, ...] = ()
 

@@ -16,6 +16,7 @@ from imagegate.app.web.cors import enable_cors
 from imagegate.app.web.errors import register_error_handlers
 from imagegate.app.web.health import register_probes
 from imagegate.app.web.limits import ClientLimit
+from imagegate.app.web.metrics import bp as metrics_bp
 from imagegate.app.web.services import Services
 
 
@@ -34,6 +35,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     )
 
     app.wsgi_app = ClientLimit(app.wsgi_app, settings.max_requests_per_client)  # type: ignore[method-assign]
+    app.register_blueprint(metrics_bp)  # first: its clock starts before any other blueprint's hook runs
     register_error_handlers(app)
     enable_cors(app, settings.cors_origins)
     app.register_blueprint(batches.bp)  # before images: /v1/images/batches is not a task id

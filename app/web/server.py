@@ -3,6 +3,7 @@ not an OS thread, so hundreds can wait at once."""
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from gunicorn.app.base import BaseApplication
@@ -27,6 +28,15 @@ class ApiServer(BaseApplication):
         return create_app(self._settings)
 
 
+def _forget_dead_worker(server, worker) -> None:
+    """gunicorn's child_exit hook: in prometheus-client's multiprocess mode a dead worker's live
+    gauges must go (its counters stay, so the totals never go back)."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(worker.pid)
+
+
 def serve(settings: Settings, *, host: str, port: int, workers: int, connections: int) -> None:
     allow_open_files(connections + 256)  # + the database and Redis pools, logs, the listener
     ApiServer(
@@ -48,5 +58,6 @@ def serve(settings: Settings, *, host: str, port: int, workers: int, connections
             "control_socket_disable": True,
             # gunicorn answers an over-long request line itself, with an HTML page: allow its maximum.
             "limit_request_line": 8190,
+            "child_exit": _forget_dead_worker,
         },
     ).run()

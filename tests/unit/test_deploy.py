@@ -34,9 +34,6 @@ TOOLS = Path(sys.executable).parent  # the console scripts of the deploy extra, 
 KUBERNETES_VERSIONS = ["1.28.0", kubernetes_validate.latest_version()]
 # KEDA's custom resources: no package ships their schema; test_keda_scales_the_worker checks them.
 CUSTOM_API_GROUPS = ("keda.sh/",)
-# Used by these files and added by separate branches of the same change. Until one lands, a check
-# that finds it missing is an expected failure; once it is there the check runs for real.
-PENDING = {"--metrics-port", "/metrics"}
 # Variables the manifests may set besides IMAGEGATE_* settings and the providers' upstream keys.
 OTHER_ENV = {"PROMETHEUS_MULTIPROC_DIR"}
 
@@ -135,12 +132,9 @@ def cli_error(argv: list[str]) -> str | None:
     return None
 
 
-def expect_unless_pending(*problems: str | None) -> None:
-    """Fail on any problem; when every problem is about something PENDING, an expected failure."""
+def expect_no_problems(*problems: str | None) -> None:
     problems = tuple(problem for problem in problems if problem)
-    assert all(any(pending in problem for pending in PENDING) for problem in problems), problems
-    if problems:
-        pytest.xfail(f"{'; '.join(problems)} (lands with another branch)")
+    assert not problems, problems
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -183,7 +177,7 @@ def test_every_command_is_a_real_cli_command():
 
 @pytest.mark.parametrize("where", [where for where, argv in every_command().items() if "--metrics-port" in argv])
 def test_metrics_ports_are_real_flags(where):
-    expect_unless_pending(cli_error(every_command()[where]))
+    expect_no_problems(cli_error(every_command()[where]))
 
 
 def test_the_cli_check_can_fail():
@@ -266,7 +260,7 @@ def test_probes_are_real_routes():
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
     paths = [container[probe]["httpGet"]["path"] for probe in ("livenessProbe", "readinessProbe")]
     paths.append(api["spec"]["template"]["metadata"]["annotations"]["prometheus.io/path"])
-    expect_unless_pending(*(f"no route {path}" for path in paths if path not in routes))
+    expect_no_problems(*(f"no route {path}" for path in paths if path not in routes))
 
 
 def test_keda_scales_the_worker_on_its_queues():
