@@ -3,7 +3,6 @@ worker code, `worker` never loads Flask."""
 
 from __future__ import annotations
 
-import logging
 import os
 import secrets
 import shlex
@@ -14,6 +13,7 @@ from pathlib import Path
 import click
 from pydantic import ValidationError
 
+from imagegate.app.logs import configure_logging
 from imagegate.app.settings import Settings, SettingsError
 
 
@@ -51,9 +51,11 @@ def _providers_guard(func):
 @click.group()
 def cli() -> None:
     """imagegate: OpenAI-compatible image generation as durable jobs."""
-    logging.basicConfig(
-        level=os.environ.get("IMAGEGATE_LOG_LEVEL", "INFO"), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    try:
+        settings = Settings()
+    except ValidationError:  # the command that needs the settings says what is wrong with them
+        settings = Settings.model_construct()
+    configure_logging(settings, "cli")
 
 
 @cli.group()
@@ -148,6 +150,7 @@ def api(host: str, port: int, workers: int, connections: int) -> None:
     from imagegate.app.web.server import serve
 
     settings = load_settings()
+    configure_logging(settings, "api")
     load_models(settings.providers_file)  # fail here, once, with a clear message
     serve(settings, host=host, port=port, workers=workers, connections=connections)
 
@@ -159,7 +162,7 @@ def api(host: str, port: int, workers: int, connections: int) -> None:
 @click.option(
     "--concurrency", "-c", default=1000, show_default=True, type=int, help="Tasks in flight per worker process."
 )
-@click.option("--loglevel", "-l", default="INFO", show_default=True)
+@click.option("--loglevel", "-l", default=None, help="Log level (default: IMAGEGATE_LOG_LEVEL, INFO).")
 @click.option("--hostname", "-n", default=None, help="Worker name (default: imagegate-PID@HOST).")
 @_providers_guard
 def worker(pool: str, concurrency: int, loglevel: str, hostname: str | None) -> None:
@@ -170,13 +173,16 @@ def worker(pool: str, concurrency: int, loglevel: str, hostname: str | None) -> 
 
     # A socket per call in flight (and per download), plus the database and broker pools.
     allow_open_files(2 * concurrency + 256)
-    celery = make_worker_app(load_settings(), concurrency=concurrency)
+    settings = load_settings()
+    json_lines = configure_logging(settings, "worker")
+    celery = make_worker_app(settings, concurrency=concurrency)
     celery.worker_main(
         [
+            *(["--quiet"] if json_lines else []),  # Celery's banner is text, not a log event
             "worker",
             f"--pool={pool}",
             f"--concurrency={concurrency}",
-            f"--loglevel={loglevel}",
+            f"--loglevel={loglevel or settings.log_level}",
             f"--queues={','.join(WORKER_QUEUES)}",
             f"--hostname={hostname or f'imagegate-{os.getpid()}@%h'}",
             "--without-gossip",
@@ -195,7 +201,9 @@ def sweeper(once: bool) -> None:
 
     from imagegate.app.sweeper import make_sweeper
 
-    sweep = make_sweeper(load_settings())
+    settings = load_settings()
+    configure_logging(settings, "sweeper")
+    sweep = make_sweeper(settings)
     if once:
         click.echo(str(sweep.sweep_once()))
         return
@@ -237,6 +245,7 @@ def up(host: str, port: int, data_dir: Path) -> None:
     }.items():
         os.environ.setdefault(name, value)
     settings = load_settings()
+    configure_logging(settings, "api")
     models = load_models(settings.providers_file)
     upgrade(settings.database_url)
     key = create_key(make_sessionmaker(make_engine(settings.database_url)), "embedded").key

@@ -38,6 +38,7 @@ class Claim:
     polls: int
     batch_id: uuid.UUID | None = None
     callback_url: str | None = None
+    api_key_id: uuid.UUID | None = None  # for the run's log lines
     # The fan-out slots whose calls this attempt makes (recorded in `attempts` with the claim).
     slots: tuple[int, ...] = ()
 

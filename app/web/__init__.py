@@ -15,6 +15,7 @@ from imagegate.app.settings import Settings
 from imagegate.app.web import batches, files, images, openapi, webhooks
 from imagegate.app.web.errors import error_response, register_error_handlers
 from imagegate.app.web.limits import ClientLimit
+from imagegate.app.web.request_ids import register_request_ids
 from imagegate.app.web.services import Services, services
 
 
@@ -34,6 +35,7 @@ def create_app(settings: Settings | None = None) -> Flask:
 
     app.wsgi_app = ClientLimit(app.wsgi_app, settings.max_requests_per_client)  # type: ignore[method-assign]
     register_error_handlers(app)
+    register_request_ids(app)
     app.register_blueprint(batches.bp)  # before images: /v1/images/batches is not a task id
     app.register_blueprint(images.bp)
     app.register_blueprint(webhooks.bp)
