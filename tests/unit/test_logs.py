@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import structlog
 
-from imagegate.app.logs import bound_contextvars, configure_logging, in_this_context
+from imagegate.app.logs import bound_contextvars, clear_contextvars, configure_logging, in_this_context
 from imagegate.app.redaction import REDACTED, Redactor
 from imagegate.app.settings import Settings
 from imagegate.app.web.request_ids import MAX_LENGTH, request_id_of
@@ -18,6 +18,11 @@ API_KEY = "ig_" + "k" * 43
 UPSTREAM_KEY = "plainUpstreamKeyWithoutAnyPrefix0123"
 WEBHOOK_SECRET = "whsec_c2VjcmV0LXNpZ25pbmcta2V5LWJ5dGVz"
 SIGNATURE = "Zm9vYmFyYmF6cXV4c2lnbmF0dXJl"
+
+
+@pytest.fixture(autouse=True)
+def fresh_context():
+    clear_contextvars()  # what in-process requests of other tests left bound in this thread
 
 
 @pytest.fixture
