@@ -245,7 +245,6 @@ def up(host: str, port: int, data_dir: Path) -> None:
     }.items():
         os.environ.setdefault(name, value)
     settings = load_settings()
-    configure_logging(settings, "api")
     models = load_models(settings.providers_file)
     upgrade(settings.database_url)
     key = create_key(make_sessionmaker(make_engine(settings.database_url)), "embedded").key

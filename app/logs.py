@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, Literal, TypeVar
 
 import structlog
+from pydantic import SecretStr
 from structlog.contextvars import bind_contextvars, bound_contextvars, clear_contextvars, merge_contextvars
 from structlog.stdlib import ProcessorFormatter
 from structlog.typing import EventDict, WrappedLogger
@@ -45,10 +46,13 @@ class Redact:
 
 def known_secrets(settings: Settings) -> Iterator[str]:
     """The secrets this process was configured with, redacted verbatim whatever their shape: the
-    URL-signing key and the upstream keys the providers file names."""
+    URL-signing key, every SecretStr setting, and the upstream keys the providers file names."""
     from imagegate.app.providers import ProvidersFileError, load_models
 
     yield settings.secret_key
+    for _, value in settings:
+        if isinstance(value, SecretStr):
+            yield value.get_secret_value()
     try:
         models = load_models(settings.providers_file)
     except (ProvidersFileError, OSError):  # the command that needs the file reports it
@@ -97,6 +101,8 @@ def configure_logging(settings: Settings, process: Process) -> bool:
     root = logging.getLogger()
     root.handlers = [handler]
     root.setLevel(settings.log_level)
+    # Alembic announces each of its plugins at INFO when imported: noise above a command's own line.
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
     logging.captureWarnings(True)
     structlog.configure(
         processors=[
