@@ -12,6 +12,7 @@ from pathlib import Path
 import click
 from pydantic import ValidationError
 
+from imagegate.app.logs import configure_logging
 from imagegate.app.settings import Settings, SettingsError
 
 
@@ -68,11 +69,11 @@ class Commands(click.Group):
 @click.version_option(package_name="imagegate", prog_name="imagegate")
 def cli() -> None:
     """imagegate: OpenAI-compatible image generation as durable jobs."""
-    logging.basicConfig(
-        level=os.environ.get("IMAGEGATE_LOG_LEVEL", "INFO"), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    # Alembic announces each of its plugins at INFO when imported: noise above a command's own line.
-    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
+    try:
+        settings = Settings()
+    except ValidationError:  # the command that needs the settings says what is wrong with them
+        settings = Settings.model_construct()
+    configure_logging(settings, "cli")
 
 
 @cli.group()
@@ -242,6 +243,7 @@ def api(host: str, port: int, workers: int, connections: int) -> None:
     from imagegate.app.providers import load_models
 
     settings = load_settings()
+    configure_logging(settings, "api")
     load_models(settings.providers_file)  # fail here, once, with a clear message
     made = _private_metrics_dir()
     try:
@@ -262,7 +264,7 @@ def api(host: str, port: int, workers: int, connections: int) -> None:
 @click.option(
     "--concurrency", "-c", default=1000, show_default=True, type=int, help="Tasks in flight per worker process."
 )
-@click.option("--loglevel", "-l", default="INFO", show_default=True)
+@click.option("--loglevel", "-l", default=None, help="Log level (default: IMAGEGATE_LOG_LEVEL, INFO).")
 @click.option("--hostname", "-n", default=None, help="Worker name (default: imagegate-PID@HOST).")
 @_metrics_option(9101)
 @_providers_guard
@@ -274,15 +276,18 @@ def worker(pool: str, concurrency: int, loglevel: str, hostname: str | None, met
 
     # A socket per call in flight (and per download), plus the database and broker pools.
     allow_open_files(2 * concurrency + 256)
-    celery = make_worker_app(load_settings(), concurrency=concurrency)
+    settings = load_settings()
+    json_lines = configure_logging(settings, "worker")
+    celery = make_worker_app(settings, concurrency=concurrency)
     if metrics_port is not None:
         _serve_metrics(metrics_port)
     celery.worker_main(
         [
+            *(["--quiet"] if json_lines else []),  # Celery's banner is text, not a log event
             "worker",
             f"--pool={pool}",
             f"--concurrency={concurrency}",
-            f"--loglevel={loglevel}",
+            f"--loglevel={loglevel or settings.log_level}",
             f"--queues={','.join(WORKER_QUEUES)}",
             f"--hostname={hostname or f'imagegate-{os.getpid()}@%h'}",
             "--without-gossip",
@@ -303,6 +308,7 @@ def sweeper(once: bool, metrics_port: int | None) -> None:
     from imagegate.app.sweeper import make_sweeper
 
     settings = load_settings()
+    configure_logging(settings, "sweeper")
     sweep = make_sweeper(settings)
     if once:
         if settings.uses_redis:  # a pass that cannot publish is no pass: say so, in one line

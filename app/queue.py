@@ -74,7 +74,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_time_limit": settings.task_time_limit_s,
         "task_soft_time_limit": max(1, settings.task_time_limit_s - 30),
         "worker_hijack_root_logger": False,
-        "worker_send_task_events": False,
+        # Task events (received, started, succeeded, failed) for Flower and `celery events`. Only the
+        # worker's: task-sent events would cost every publish at intake another Redis round trip.
+        "worker_send_task_events": not settings.broker_url.startswith("filesystem://"),
     }
 
 

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # A placeholder, never a usable secret: start-up refuses it outside the embedded mode.
@@ -116,6 +117,10 @@ class Settings(BaseSettings):
     max_download_bytes: int = Field(50 * 1024 * 1024, gt=0)
     download_timeout_s: float = Field(60.0, gt=0)
 
+    # Logs: `json` (one event per line), `text` (for a person), or `auto`: text on a terminal, else JSON.
+    log_format: Literal["auto", "json", "text"] = "auto"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+
     # The embedded mode (`imagegate up`): SQLite file + filesystem broker under data_dir.
     embedded: bool = False
     data_dir: Path | None = None
@@ -125,6 +130,13 @@ class Settings(BaseSettings):
     def _retry_schedule_parses(cls, text: str) -> str:
         parse_retry_schedule(text)  # a bad schedule stops start-up, not the first failed delivery
         return text
+
+    @field_validator("log_format", "log_level", mode="before")
+    @classmethod
+    def _any_case(cls, value: object, info: ValidationInfo) -> object:
+        if not isinstance(value, str):
+            return value
+        return value.strip().upper() if info.field_name == "log_level" else value.strip().lower()
 
     @property
     def webhook_retry_delays_s(self) -> list[float]:

@@ -24,9 +24,11 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 from imagegate.app.after_end import AfterEnd
 from imagegate.app.failures import ErrorCode, Failure
 from imagegate.app.ids import parse_id
-from imagegate.app.models import utcnow
+from imagegate.app.logs import bound_contextvars, in_this_context
+from imagegate.app.models import as_utc, utcnow
 from imagegate.app.providers import ModelConfig
 from imagegate.app.queue import publish_run
+from imagegate.app.redaction import Redactor
 from imagegate.app.schemas import GenerationRequest
 from imagegate.app.settings import Settings
 from imagegate.app.state.refused import Outcome, Refused
@@ -45,7 +47,6 @@ from imagegate.workers.http import current_call
 from imagegate.workers.images import fetch_images
 from imagegate.workers.leases import LeaseKeeper
 from imagegate.workers.outbound import CheckedClients
-from imagegate.workers.redaction import Redactor
 from imagegate.workers.retry import backoff_s
 from imagegate.workers.task_metrics import (
     attempt_running,
@@ -87,6 +88,11 @@ def plan_calls(upstreams: dict[str, Upstream], claim: Claim, done: set[int]) -> 
     return [slot for slot in range(len(counts)) if slot not in done]
 
 
+def _log_context(claim: Claim) -> dict[str, str]:
+    context = {"model": claim.model, "route": claim.route, "api_key_id": str(claim.api_key_id)}
+    return context | ({"batch_id": str(claim.batch_id)} if claim.batch_id else {})
+
+
 @dataclass
 class TaskRunner:
     settings: Settings
@@ -113,6 +119,12 @@ class TaskRunner:
                 log.warning("model %r cannot be served: %s", name, upstream.unavailable)
 
     def run(self, task_id: str, attempt: int, poll: int = 0, *, worker: str) -> None:
+        # Every log line of the run carries the task's context, which ends with it (a pool's
+        # thread goes on to other tasks; under gevent each task has a greenlet and its own context).
+        with bound_contextvars(task_id=task_id, attempt=attempt):
+            self._run(task_id, attempt, poll, worker=worker)
+
+    def _run(self, task_id: str, attempt: int, poll: int, *, worker: str) -> None:
         parsed = parse_id(task_id)
         if parsed is None:
             return
@@ -128,7 +140,7 @@ class TaskRunner:
             log.info("task %s attempt %s poll %s: not claimed (%s)", task_id, attempt, poll, claim)
             return
         count_started(claim)
-        with self.leases.held(claim), attempt_running():
+        with bound_contextvars(**_log_context(claim)), self.leases.held(claim), attempt_running():
             self._run_claimed(claim)
 
     def _run_claimed(self, claim: Claim) -> None:
@@ -171,7 +183,7 @@ class TaskRunner:
             calls = [call(todo[0])]
         else:  # concurrent calls; under the gevent pool these threads are greenlets
             with ThreadPoolExecutor(max_workers=len(todo)) as pool:
-                calls = list(pool.map(call, todo))
+                calls = list(pool.map(in_this_context(call), todo))
         self._finish(claim, config, request, calls)
 
     def _stored(self, slot: int, generation: Generation, config: ModelConfig) -> Call:
@@ -220,7 +232,7 @@ class TaskRunner:
                 return
             generation = metered_call(claim.route, "poll", functools.partial(adapter.poll, claim.upstream_task_id))
             if generation is None:
-                waited = (utcnow() - claim.started_at).total_seconds()
+                waited = (utcnow() - as_utc(claim.started_at)).total_seconds()
                 if waited > config.poll_deadline_s:
                     raise UpstreamError(
                         ErrorCode.UPSTREAM_TIMEOUT,

@@ -54,6 +54,7 @@ CLAIM_COLUMNS = (
     tasks.c.batch_id,
     tasks.c.callback_url,
     tasks.c.created_at,
+    tasks.c.api_key_id,
 )
 _STATE = select(tasks.c.id, tasks.c.status, tasks.c.attempts, tasks.c.polls, tasks.c.cancel_requested)
 _STATE_OF_ONE = _STATE.where(tasks.c.id == bindparam("id"))

@@ -39,6 +39,7 @@ class Claim:
     batch_id: uuid.UUID | None = None
     callback_url: str | None = None
     created_at: datetime | None = None  # the task's intake, for the time-to-start and time-to-end metrics
+    api_key_id: uuid.UUID | None = None  # for the run's log lines
     # The fan-out slots whose calls this attempt makes (recorded in `attempts` with the claim).
     slots: tuple[int, ...] = ()
 

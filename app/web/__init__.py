@@ -17,6 +17,7 @@ from imagegate.app.web.errors import register_error_handlers
 from imagegate.app.web.health import register_probes
 from imagegate.app.web.limits import ClientLimit
 from imagegate.app.web.metrics import bp as metrics_bp
+from imagegate.app.web.request_ids import register_request_ids
 from imagegate.app.web.services import Services
 
 
@@ -38,6 +39,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_blueprint(metrics_bp)  # first: its clock starts before any other blueprint's hook runs
     register_error_handlers(app)
     enable_cors(app, settings.cors_origins)
+    register_request_ids(app)
     app.register_blueprint(batches.bp)  # before images: /v1/images/batches is not a task id
     app.register_blueprint(images.bp)
     app.register_blueprint(webhooks.bp)

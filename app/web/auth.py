@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from flask import g, request
 
+from imagegate.app.logs import bind_contextvars
 from imagegate.app.web.errors import ApiError
 from imagegate.app.web.services import services
 
@@ -20,3 +21,4 @@ def require_api_key() -> None:
         raise ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
     g.caller = caller
     g.api_key_id = caller.id
+    bind_contextvars(api_key_id=str(caller.id))  # the key's id, never the key, on the request's log lines

@@ -17,6 +17,7 @@ from pydantic_core import from_json
 from imagegate.app.idempotency import IdempotencyMismatch
 from imagegate.app.ids import parse_id
 from imagegate.app.image_urls import signed_image_url
+from imagegate.app.logs import bind_contextvars
 from imagegate.app.queue import publish_runs
 from imagegate.app.schemas import BatchCreate, BatchLine, BatchView
 from imagegate.app.state.tasks import TaskStatus
@@ -216,7 +217,9 @@ def create_batch():
             param="Idempotency-Key",
             code="idempotency_key_reused",
         ) from None
+    bind_contextvars(batch_id=str(batch.id))
     if task_ids:
+        log.info("batch accepted with %d tasks", len(task_ids))
         _publish_in_background(svc, task_ids, batch.id)
     counts = {TaskStatus.PENDING: len(task_ids)} if task_ids else svc.batches.get(batch.id, g.api_key_id)[1]
     headers = {} if task_ids else {"Idempotent-Replayed": "true"}

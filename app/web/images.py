@@ -13,6 +13,7 @@ from werkzeug.routing import BaseConverter
 from imagegate.app.failures import http_status_of_failure
 from imagegate.app.idempotency import IdempotencyMismatch
 from imagegate.app.ids import parse_id
+from imagegate.app.logs import bind_contextvars
 from imagegate.app.queue import publish_run
 from imagegate.app.schemas import GenerationRequest, ImagesResponse, TaskAccepted, TaskView
 from imagegate.app.state.refused import Refused
@@ -114,6 +115,8 @@ def create_generation():
             code="idempotency_key_reused",
         ) from None
     replayed = {} if new else {"Idempotent-Replayed": "true"}
+    bind_contextvars(task_id=str(task.id), model=model_name)
+    log.info("task accepted" if new else "task replayed for its Idempotency-Key")
     if body.async_:
         if new:
             _publish(svc, task.id)

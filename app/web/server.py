@@ -6,10 +6,43 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from gunicorn import glogging
 from gunicorn.app.base import BaseApplication
 
+from imagegate.app.logs import clear_contextvars
 from imagegate.app.os_limits import allow_open_files
 from imagegate.app.settings import Settings
+
+
+class GunicornLogger(glogging.Logger):
+    """gunicorn's own lines and its access log go through the process's log setup (app/logs.py):
+    one format, and one event per request with its fields instead of the combined-log-format
+    line (whose URL carried the signatures of image URLs; the redactor cuts those from `query`)."""
+
+    def setup(self, cfg) -> None:
+        super().setup(cfg)
+        for log in (self.error_log, self.access_log):
+            for handler in [handler for handler in log.handlers if getattr(handler, "_gunicorn", False)]:
+                log.removeHandler(handler)
+            log.propagate = True
+
+    def access(self, resp, req, environ, request_time) -> None:
+        status = resp.status.split(None, 1)[0] if isinstance(resp.status, str) else resp.status
+        fields = {
+            "method": environ.get("REQUEST_METHOD"),
+            "path": environ.get("PATH_INFO"),
+            "query": environ.get("QUERY_STRING") or None,
+            "status": int(status),
+            "duration_s": round(request_time.total_seconds(), 6),
+            "bytes": getattr(resp, "sent", None),
+            "remote_addr": environ.get("REMOTE_ADDR"),
+            "user_agent": environ.get("HTTP_USER_AGENT"),
+        }
+        # The request's context (request_id, api_key_id, task_id) is still bound in this greenlet:
+        # the line carries it, then the context ends with the request.
+        extra = {name: value for name, value in fields.items() if value is not None}
+        self.access_log.info("%s %s %s", fields["method"], fields["path"], status, extra=extra)
+        clear_contextvars()
 
 
 class ApiServer(BaseApplication):
@@ -54,6 +87,8 @@ def serve(settings: Settings, *, host: str, port: int, workers: int, connections
             # "Server disconnected without sending a response".
             "keepalive": 75,
             "accesslog": "-",
+            "logger_class": GunicornLogger,
+            "loglevel": settings.log_level.lower(),
             # gunicorn's control socket is one fixed path per user: several servers on a host would clash.
             "control_socket_disable": True,
             # gunicorn answers an over-long request line itself, with an HTML page: allow its maximum.

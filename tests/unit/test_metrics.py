@@ -170,3 +170,13 @@ def test_the_alert_rules_parse_and_use_only_defined_metrics():
     jobs = {job["job_name"] for job in config["scrape_configs"]}
     wanted = {job for rule in alerts for job in re.findall(r'job="([^"]+)"', rule["expr"])}
     assert wanted <= jobs
+
+
+def test_time_since_accepts_the_naive_times_sqlite_returns():
+    from datetime import UTC, datetime, timedelta
+
+    from imagegate.app.metrics import seconds_since
+
+    aware = datetime.now(UTC) - timedelta(seconds=30)
+    assert 29 < seconds_since(aware) < 60
+    assert 29 < seconds_since(aware.replace(tzinfo=None)) < 60

@@ -6,9 +6,9 @@ import pytest
 
 from imagegate.app.failures import ErrorCode
 from imagegate.app.providers import ModelConfig
+from imagegate.app.redaction import REDACTED, Redactor
 from imagegate.workers.adapters import load_adapters
 from imagegate.workers.adapters.base import UpstreamError
-from imagegate.workers.redaction import REDACTED, Redactor
 from imagegate.workers.runner import MAX_MESSAGE_CHARS, TaskRunner
 
 KEY = "plain0upstream0key0without0prefix"

@@ -1,8 +1,9 @@
-"""Secrets are cut out of upstream text before it is kept anywhere.
+"""Secrets are cut out of text before it is kept anywhere.
 
 An upstream's error text ends up in the task's stored error, GET responses, webhooks and logs; an
 upstream that echoes the request's headers would put the operator's upstream key in all of them.
-The worker's runner passes every upstream error through one Redactor before storing or logging it.
+The worker's runner passes every upstream error through one Redactor before storing or logging it,
+and every process's log lines pass through one too (app/logs.py).
 """
 
 from __future__ import annotations
@@ -26,6 +27,15 @@ PATTERNS = (
     re.compile(rf"(bearer\s+){_TOKEN}", re.IGNORECASE),
     # Strings that look like API keys: OpenAI-style `sk-...`, this gateway's own `ig_...`.
     re.compile(r"()\b(?:sk|ig)[-_][A-Za-z0-9_-]{8,}"),
+    # Webhook signing secrets (base64 after the prefix).
+    re.compile(r"()\bwhsec_[A-Za-z0-9+/=]{8,}"),
+    # The signature of a signed URL (ours, or an upstream's presigned download link).
+    re.compile(rf"(signature=){_TOKEN}", re.IGNORECASE),
+)
+# Whatever any of PATTERNS matches contains one of these: most text (every log line passes here)
+# has none, and is let through after one search instead of a substitution per pattern.
+_SUSPECT = re.compile(
+    r"authorization|api[-_]?key|access[-_]?token|bearer|\b(?:sk|ig)[-_]|whsec_|signature=", re.IGNORECASE
 )
 
 
@@ -40,6 +50,8 @@ class Redactor:
     def text(self, text: str) -> str:
         if self._secrets is not None:
             text = self._secrets.sub(REDACTED, text)
+        if not _SUSPECT.search(text):
+            return text
         for pattern in PATTERNS:
             text = pattern.sub(lambda match: match.group(1) + REDACTED, text)
         return text
