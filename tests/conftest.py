@@ -20,18 +20,16 @@ from tests.support.fake_upstream import FakeUpstream
 from tests.support.processes import (
     create_key,
     run_cli,
-    start_process,
+    start_api,
     start_worker,
     stop_process,
 )
 from tests.support.services import (
     MissingService,
     free_port,
-    http_ok,
     reachable,
     start_postgres,
     start_redis,
-    wait_until,
 )
 
 LOCK_KEY = "imagegate-test:lock"
@@ -232,15 +230,8 @@ def worker(migrated, env, run_dir):
 @pytest.fixture(scope="session")
 def api_url(migrated, env, api_port, run_dir):
     log = run_dir / "api.log"
-    process = start_process(["api", "--host", "127.0.0.1", "--port", str(api_port), "--workers", "1"], env, log)
-    url = f"http://127.0.0.1:{api_port}"
-
-    def healthy() -> bool:
-        assert process.poll() is None, log.read_text()
-        return http_ok(f"{url}/healthz")
-
-    wait_until(healthy, 60, "the API server")
-    yield url
+    process = start_api(env, log, api_port)
+    yield f"http://127.0.0.1:{api_port}"
     stop_process(process)
 
 

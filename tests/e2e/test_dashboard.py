@@ -11,7 +11,6 @@ import re
 import secrets
 import time
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -21,11 +20,11 @@ from sqlalchemy import create_engine, update
 
 from imagegate.app.keys import hash_key
 from imagegate.app.models import ApiKey, utcnow
-from tests.support.fake_http import JsonHandler, ScriptedServer
+from tests.support.fake_receiver import Receiver
 from tests.support.fake_upstream import Step
 from tests.support.flows import submit_async, wait_for_end
-from tests.support.processes import create_key, start_process, stop_process
-from tests.support.services import free_port, http_ok, wait_until
+from tests.support.processes import create_key, start_api, stop_process
+from tests.support.services import free_port, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -43,41 +42,6 @@ CHROMIUM_ARGS = [
 LAPTOP, PHONE = {"width": 1280, "height": 800}, {"width": 390, "height": 844}
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 SCREENSHOTS = os.environ.get("IMAGEGATE_SCREENSHOTS") == "1"
-
-
-@dataclass
-class Hit:
-    prompt: str  # the path, which scripts the receiver
-    at: float
-    headers: dict
-
-
-@dataclass
-class Reply:
-    status: int = 200
-
-
-class Receiver(ScriptedServer):
-    """A webhook endpoint on 127.0.0.1 that answers 200 and logs every delivery."""
-
-    default_step = Reply
-
-    def handler_class(self):
-        receiver = self
-
-        class Handler(JsonHandler):
-            def do_POST(self) -> None:
-                self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                receiver.log(Hit(self.path, time.time(), dict(self.headers)))
-                self.send(receiver.next_step(self.path).status, b"ok", "text/plain")
-
-        return Handler
-
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/hook/{uuid.uuid4().hex}"
-
-    def hits(self, url: str) -> list[Hit]:
-        return self.calls_for(url.split(str(self.port), 1)[1])
 
 
 @pytest.fixture(scope="module")
@@ -98,17 +62,7 @@ def dashboard_url(migrated, worker, env, run_dir, admin_token):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = run_dir / "dashboard-api.log"
-    process = start_process(
-        ["api", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        env | {"IMAGEGATE_ADMIN_TOKEN": admin_token, "IMAGEGATE_PUBLIC_URL": url},
-        log,
-    )
-
-    def healthy() -> bool:
-        assert process.poll() is None, log.read_text()
-        return http_ok(f"{url}/healthz")
-
-    wait_until(healthy, 60, "the API server")
+    process = start_api(env | {"IMAGEGATE_ADMIN_TOKEN": admin_token, "IMAGEGATE_PUBLIC_URL": url}, log, port)
     yield url
     stop_process(process)
 

@@ -133,15 +133,14 @@ def test_a_message_delivered_twice_makes_one_upstream_call(client, upstream, pro
 def test_sync_wait_past_the_timeout_answers_202_and_the_task_goes_on(
     api_url, api_key, worker, env, upstream, prompt, run_dir
 ):
-    from tests.support.processes import start_process, stop_process
-    from tests.support.services import free_port, http_ok, wait_until
+    from tests.support.processes import start_api, stop_process
+    from tests.support.services import free_port
 
     port = free_port()
     short = env | {"IMAGEGATE_SYNC_TIMEOUT_S": "1"}
-    process = start_process(["api", "--port", str(port), "--workers", "1"], short, run_dir / "api-short.log")
+    process = start_api(short, run_dir / "api-short.log", port)
     try:
         base = f"http://127.0.0.1:{port}"
-        wait_until(lambda: http_ok(f"{base}/healthz"), 60, "second API server")
         upstream.script(prompt, Step(delay_s=3))
         headers = {"Authorization": f"Bearer {api_key}"}
         started = time.monotonic()

@@ -14,8 +14,8 @@ import httpx
 import psycopg
 import pytest
 
-from tests.support.processes import start_process, stop_process
-from tests.support.services import free_port, http_ok, wait_until
+from tests.support.processes import start_api, stop_process
+from tests.support.services import free_port, wait_until
 
 BODY_TIMEOUT_S = 1.5
 PER_CLIENT = 3
@@ -32,10 +32,9 @@ def quiet_api(migrated, env, redis_dbs, run_dir, database_url):
         "IMAGEGATE_BODY_TIMEOUT_S": str(BODY_TIMEOUT_S),
         "IMAGEGATE_MAX_REQUESTS_PER_CLIENT": str(PER_CLIENT),
     }
-    process = start_process(["api", "--port", str(port), "--workers", "1"], quiet, run_dir / "api-quiet.log")
+    process = start_api(quiet, run_dir / "api-quiet.log", port)
     base = f"http://127.0.0.1:{port}"
     try:
-        wait_until(lambda: http_ok(f"{base}/healthz"), 60, "the quiet API server")
         yield base, port
     finally:
         stop_process(process)

@@ -14,51 +14,13 @@ import httpx
 import pytest
 from standardwebhooks import Webhook
 
-from tests.support.fake_http import JsonHandler, ScriptedServer
+from tests.support.fake_receiver import Hit, Receiver
 from tests.support.fake_upstream import Step
 from tests.support.flows import submit_async, wait_for_end
 from tests.support.processes import run_cli
 from tests.support.services import wait_until
 
 pytestmark = pytest.mark.e2e
-
-
-@dataclass
-class Hit:
-    prompt: str  # the path, which scripts the receiver
-    at: float
-    headers: dict
-    body: bytes
-
-
-@dataclass
-class Reply:
-    status: int = 200
-
-
-class Receiver(ScriptedServer):
-    """A webhook endpoint on 127.0.0.1 answering each path's scripted statuses (then 200)."""
-
-    default_step = Reply
-
-    def handler_class(self):
-        receiver = self
-
-        class Handler(JsonHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                receiver.log(Hit(self.path, time.time(), dict(self.headers), body))
-                self.send(receiver.next_step(self.path).status, b"ok", "text/plain")
-
-        return Handler
-
-    def url(self, *statuses: int) -> str:
-        path = f"/hook/{uuid.uuid4().hex}"
-        self.script(path, *[Reply(status) for status in statuses])
-        return f"http://127.0.0.1:{self.port}{path}"
-
-    def hits(self, url: str) -> list[Hit]:
-        return self.calls_for(url.split(str(self.port), 1)[1])
 
 
 @pytest.fixture(scope="module")

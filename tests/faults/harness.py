@@ -17,7 +17,7 @@ import sys
 import time
 import uuid
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import httpx
@@ -44,12 +44,15 @@ class Figures:
     upstream_calls: int
     seconds: float
     note: str = ""
+    failures: Counter = field(default_factory=Counter)  # "code: message" of each failed task
 
     def line(self) -> str:
         return (
             f"faults {self.scenario}: submitted={self.submitted} succeed={self.succeed} failed={self.failed} "
             f"lost={self.lost} duplicated={self.duplicated} upstream_calls={self.upstream_calls} "
-            f"seconds={self.seconds:.1f}" + (f" ({self.note})" if self.note else "")
+            f"seconds={self.seconds:.1f}"
+            + (f" ({self.note})" if self.note else "")
+            + "".join(f"\n  failed {count}x {why}" for why, count in self.failures.most_common())
         )
 
     def report(self, **extra) -> None:
@@ -181,7 +184,7 @@ max_pixels = 65536
                 row.id: row
                 for row in connection.execute(
                     text(
-                        "SELECT t.id::text AS id, t.status,"
+                        "SELECT t.id::text AS id, t.status, t.error_code, t.error_message,"
                         " (SELECT count(*) FROM images i WHERE i.task_id = t.id) AS images,"
                         " (SELECT count(*) FROM attempts a WHERE a.task_id = t.id) AS attempts"
                         " FROM tasks t WHERE t.id::text = ANY(:ids)"
@@ -199,6 +202,9 @@ max_pixels = 65536
             upstream_calls=len(calls),
             seconds=time.monotonic() - self.started,
             note=note,
+            failures=Counter(
+                f"{row.error_code}: {row.error_message}" for row in rows.values() if row.status == "failed"
+            ),
         )
         figures.report()
         task_of = {prompt: task_id for task_id, prompt in tasks.items()}

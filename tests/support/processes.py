@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.support.services import wait_until
+from tests.support.services import http_ok, wait_until
 
 IMAGEGATE = [str(Path(sys.executable).with_name("imagegate"))]  # the console script, as users run it
 
@@ -43,4 +43,18 @@ def start_worker(env: dict[str, str], log: Path, *extra: str, concurrency: int =
     process = start_process(["worker", "--concurrency", str(concurrency), *extra], env, log)
     wait_until(lambda: process.poll() is not None or "ready" in log.read_text(), 60, "the Celery worker")
     assert process.poll() is None, log.read_text()
+    return process
+
+
+def start_api(env: dict[str, str], log: Path, port: int, *extra: str, workers: int = 1) -> subprocess.Popen:
+    """`imagegate api` on 127.0.0.1:port, returned once /healthz answers (its log is in the failure otherwise)."""
+    process = start_process(
+        ["api", "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers), *extra], env, log
+    )
+
+    def healthy() -> bool:
+        assert process.poll() is None, log.read_text()
+        return http_ok(f"http://127.0.0.1:{port}/healthz")
+
+    wait_until(healthy, 60, "the API server")
     return process
