@@ -9,10 +9,13 @@ from sqlalchemy.orm import Session, sessionmaker
 POOL_RECYCLE_S = 300
 
 
-def make_engine(database_url: str, *, pool_size: int = 10, pre_ping: bool = True) -> Engine:
+def make_engine(
+    database_url: str, *, pool_size: int = 10, max_overflow: int | None = None, pre_ping: bool = True
+) -> Engine:
     """pre_ping=False (the API) saves a `SELECT 1` round trip per checkout: connections are recycled
     after POOL_RECYCLE_S instead, and one found dead (Postgres restarted) fails that request with
-    an OperationalError, answered 503, and invalidates the whole pool so the next request reconnects."""
+    an OperationalError, answered 503, and invalidates the whole pool so the next request reconnects.
+    max_overflow defaults to twice pool_size; an overflow connection is closed when returned."""
     if database_url.startswith("sqlite"):
         engine = create_engine(database_url, connect_args={"timeout": 30, "check_same_thread": False})
 
@@ -29,7 +32,7 @@ def make_engine(database_url: str, *, pool_size: int = 10, pre_ping: bool = True
     return create_engine(
         database_url,
         pool_size=pool_size,
-        max_overflow=pool_size * 2,
+        max_overflow=pool_size * 2 if max_overflow is None else max_overflow,
         pool_pre_ping=pre_ping,
         pool_recycle=POOL_RECYCLE_S,
         connect_args={"connect_timeout": 5},

@@ -41,6 +41,13 @@ class Redact:
         self._redactor = redactor
 
     def __call__(self, _: WrappedLogger, __: str, event_dict: EventDict) -> EventDict:
+        # Most lines hold no secret and only flat values: one search over all their strings lets
+        # them through as they are (a redaction per field was ~a third of a line's cost).
+        values = event_dict.values()
+        if not any(isinstance(value, (dict, list)) for value in values) and self._redactor.clean(
+            value for value in values if isinstance(value, str)
+        ):
+            return event_dict
         return {key: self._redactor.value(value) for key, value in event_dict.items()}
 
 

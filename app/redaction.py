@@ -34,9 +34,17 @@ PATTERNS = (
 )
 # Whatever any of PATTERNS matches contains one of these: most text (every log line passes here)
 # has none, and is let through after one search instead of a substitution per pattern.
-_SUSPECT = re.compile(
-    r"authorization|api[-_]?key|access[-_]?token|bearer|\b(?:sk|ig)[-_]|whsec_|signature=", re.IGNORECASE
-)
+_SUSPECT_WORDS = r"authorization|api[-_]?key|access[-_]?token|bearer|\b(?:sk|ig)[-_]|whsec_|signature="
+_SUSPECT = re.compile(_SUSPECT_WORDS, re.IGNORECASE)
+_SUSPECT_LOWER = re.compile(_SUSPECT_WORDS)
+
+
+def _suspect(text: str) -> bool:
+    # re's IGNORECASE search is ~3x slower than a plain one; lowering ASCII text matches the same.
+    # Other text keeps IGNORECASE (re folds a few non-ASCII letters, such as U+017F, to ASCII ones).
+    if text.isascii():
+        return _SUSPECT_LOWER.search(text.lower()) is not None
+    return _SUSPECT.search(text) is not None
 
 
 class Redactor:
@@ -50,11 +58,17 @@ class Redactor:
     def text(self, text: str) -> str:
         if self._secrets is not None:
             text = self._secrets.sub(REDACTED, text)
-        if not _SUSPECT.search(text):
+        if not _suspect(text):
             return text
         for pattern in PATTERNS:
             text = pattern.sub(lambda match: match.group(1) + REDACTED, text)
         return text
+
+    def clean(self, texts: Iterable[str]) -> bool:
+        """True when none of `texts` holds anything to redact: one search of each kind over them all,
+        joined by newlines (no pattern matches across one, so any match within a text is found)."""
+        joined = "\n".join(texts)
+        return not (self._secrets is not None and self._secrets.search(joined)) and not _suspect(joined)
 
     def value(self, value: Any) -> Any:
         """Strings redacted inside dicts and lists too (an error's `details`)."""

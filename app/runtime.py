@@ -35,10 +35,10 @@ class Runtime:
     after_end: AfterEnd
 
 
-def build_runtime(settings: Settings, *, pool_size: int = 10) -> Runtime:
+def build_runtime(settings: Settings, *, pool_size: int = 10, max_overflow: int | None = None) -> Runtime:
     """No ping before each checkout: a connection broken by a Postgres restart fails one statement,
     the pool then drops them all, and the caller retries or the sweeper recovers what it was doing."""
-    engine = make_engine(settings.database_url, pool_size=pool_size, pre_ping=False)
+    engine = make_engine(settings.database_url, pool_size=pool_size, max_overflow=max_overflow, pre_ping=False)
     sessions = make_sessionmaker(engine)
     celery, wakeups = make_celery(settings), make_wakeups(settings.broker_url)
     batches, webhooks = BatchStore(sessions), WebhookStore(sessions)

@@ -68,6 +68,8 @@ class TaskStore:
     def __init__(self, sessions: sessionmaker[Session]):
         self._sessions = sessions
         self._engine: Engine = sessions.kw["bind"]  # intake and reads use Core connections, no Session
+        # A lone statement is its own transaction: without BEGIN and COMMIT, one round trip, not three.
+        self._autocommit = self._engine.execution_options(isolation_level="AUTOCOMMIT")
 
     # -- intake and reading ------------------------------------------------------------------
     def create(
@@ -84,24 +86,25 @@ class TaskStore:
         the same request, that earlier task, False. One transaction, Core statements (no ORM unit of
         work): this is the hot path of every submit."""
         now, task_id = utcnow(), uuid.uuid4()
+        row = transitions.new_task(
+            task_id=task_id,
+            api_key_id=api_key_id,
+            model=model,
+            request=request,
+            response_format=response_format,
+            callback_url=callback_url,
+            now=now,
+        )
+        if idempotency is None:  # the INSERT alone
+            with self._autocommit.connect() as connection:
+                transitions.accept(connection, row)
+            return NewTask(task_id, now), True
         with self._engine.begin() as connection:
-            if idempotency is not None:
-                earlier = reserve(connection, api_key_id, *idempotency, task_id=task_id)
-                if earlier is not None:
-                    row = connection.execute(_TASK_CREATED, {"id": earlier.task_id}).one()
-                    return NewTask(row.id, row.created_at), False
-            transitions.accept(
-                connection,
-                transitions.new_task(
-                    task_id=task_id,
-                    api_key_id=api_key_id,
-                    model=model,
-                    request=request,
-                    response_format=response_format,
-                    callback_url=callback_url,
-                    now=now,
-                ),
-            )
+            earlier = reserve(connection, api_key_id, *idempotency, task_id=task_id)
+            if earlier is not None:
+                found = connection.execute(_TASK_CREATED, {"id": earlier.task_id}).one()
+                return NewTask(found.id, found.created_at), False
+            transitions.accept(connection, row)
         return NewTask(task_id, now), True
 
     def get(

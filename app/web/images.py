@@ -14,7 +14,6 @@ from imagegate.app.failures import http_status_of_failure
 from imagegate.app.idempotency import IdempotencyMismatch
 from imagegate.app.ids import parse_id
 from imagegate.app.logs import bind_contextvars
-from imagegate.app.queue import publish_run
 from imagegate.app.schemas import GenerationRequest, ImagesResponse, TaskAccepted, TaskView
 from imagegate.app.state.refused import Refused
 from imagegate.app.state.tasks import ENDED, CancelOutcome, TaskStatus
@@ -75,7 +74,7 @@ def _parse_generation(svc: Services) -> GenerationRequest:
 
 def _publish(svc: Services, task_id: uuid.UUID) -> None:
     try:
-        publish_run(svc.celery, task_id, attempt=1)
+        svc.runs.publish(task_id)
     except Exception:  # the task is committed pending; a broker outage must not lose the reply
         log.exception("could not publish task %s; it stays pending", task_id)
 

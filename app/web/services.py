@@ -8,6 +8,7 @@ from flask import current_app
 
 from imagegate.app.keys import KeyCache
 from imagegate.app.providers import ModelConfig
+from imagegate.app.queue import RunPublisher
 from imagegate.app.runtime import Runtime
 
 
@@ -15,10 +16,16 @@ from imagegate.app.runtime import Runtime
 class Services(Runtime):
     models: dict[str, ModelConfig]
     keys: KeyCache
+    runs: RunPublisher  # first attempts of async and sync submits
 
     @classmethod
     def of(cls, runtime: Runtime, *, models: dict[str, ModelConfig], keys: KeyCache) -> Services:
-        return cls(**{field.name: getattr(runtime, field.name) for field in fields(Runtime)}, models=models, keys=keys)
+        return cls(
+            **{field.name: getattr(runtime, field.name) for field in fields(Runtime)},
+            models=models,
+            keys=keys,
+            runs=RunPublisher(runtime.celery),
+        )
 
     @property
     def default_model(self) -> str:

@@ -84,3 +84,18 @@ def test_the_runner_stores_upstream_errors_redacted_and_cut_after(monkeypatch):
     )
     assert KEY[:5] not in failure.message.replace("x", "") and len(failure.message) == MAX_MESSAGE_CHARS
     assert failure.details == {"upstream_code": REDACTED} and failure.code == ErrorCode.UPSTREAM_REJECTED
+
+
+@pytest.mark.parametrize(
+    "texts",
+    [
+        ["POST /v1/images/generations", f"key {KEY}"],
+        ["ok", "AUTHORIZATION: Basic abc"],
+        ["ok", "x ſignature=abc"],  # re's IGNORECASE folds U+017F to s: non-ASCII text keeps it
+        ["https://h/i.png?SIGNATURE=abc"],
+    ],
+)
+def test_a_line_is_clean_only_when_no_text_of_it_holds_anything_to_redact(texts):
+    redactor = Redactor([KEY])
+    assert not redactor.clean(texts)
+    assert redactor.clean(["POST /v1/images/generations", "task accepted", "2702207e-1111"])
