@@ -22,8 +22,8 @@ from imagegate.app.web.services import Services
 
 # The API's connections stay open (no overflow): with 10 + 20 overflow, every request past the
 # tenth in a transaction opened a Postgres connection and closed it after its commit, which cost
-# more Postgres CPU than the INSERT. The same peak (30), opened lazily; more wait for a free one.
-API_POOL_SIZE = 30
+# more Postgres CPU than the INSERT. Opened lazily; a request past the twentieth waits for a free one.
+API_POOL_SIZE = 20
 
 
 def create_app(settings: Settings | None = None) -> Flask:
