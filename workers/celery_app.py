@@ -20,6 +20,7 @@ from imagegate.workers.grouped import Grouped
 from imagegate.workers.http import make_client
 from imagegate.workers.leases import LeaseKeeper
 from imagegate.workers.runner import TaskRunner
+from imagegate.workers.task_events import group_task_events
 from imagegate.workers.webhook_delivery import WebhookSender
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,7 @@ def make_worker_app(settings: Settings, *, concurrency: int = 1000) -> Celery:
     # Celery's own "received" and "succeeded in" lines, two per task, repeat what the runner logs once.
     for name in ("celery.app.trace", "celery.worker.strategy"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    group_task_events(celery)
     adapters = load_adapters()
     attempts = AttemptStore(runtime.engine)
     models = load_models(settings.providers_file, set(adapters))

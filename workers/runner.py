@@ -41,6 +41,7 @@ from imagegate.workers.adapters.base import (
     PollingAdapter,
     UpstreamError,
 )
+from imagegate.workers.batch_closing import BatchClosing
 from imagegate.workers.fanout import merge_usage, slot_counts
 from imagegate.workers.grouped import Grouped
 from imagegate.workers.http import current_call
@@ -110,8 +111,10 @@ class TaskRunner:
     # Each model bound to its adapter and upstream key, once; and the keys' redactor.
     upstreams: dict[str, Upstream] = dataclasses.field(init=False)
     redact: Redactor = dataclasses.field(init=False)
+    batches: BatchClosing = dataclasses.field(init=False)
 
     def __post_init__(self) -> None:
+        self.batches = BatchClosing(lambda batch_id: self.after_end.batch_touched(batch_id))
         self.upstreams = resolve_upstreams(self.models, self.adapters)
         self.redact = Redactor(upstream.api_key for upstream in self.upstreams.values())
         for name, upstream in self.upstreams.items():
@@ -363,7 +366,10 @@ class TaskRunner:
                 pause = min(pause * 2, 2.0)
 
     def _announce(self, claim: Claim) -> None:
-        self.after_end.task_ended(claim.task_id, claim.batch_id, has_callback=claim.callback_url is not None)
+        # The batch is closed through self.batches: one check at a time per batch, not one per task.
+        self.after_end.task_ended(claim.task_id, None, has_callback=claim.callback_url is not None)
+        if claim.batch_id is not None:
+            self.batches.touched(claim.batch_id)
 
     def _failure(self, exc: UpstreamError) -> Failure:
         """What is stored (and served, sent in webhooks, logged) of an upstream error: every one
