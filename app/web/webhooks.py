@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+import uuid
 
 from flask import Blueprint, current_app, g, request
 from pydantic import ValidationError
@@ -70,7 +71,7 @@ def list_deliveries():
     ).model_dump(mode="json")
 
 
-def redeliver_limit():
+def _redeliver_limit():
     """A fixed window per API key, counted in Redis so every API process shares it (in memory with
     the embedded mode's filesystem broker): redelivering is a way to make us send requests."""
     found = current_app.extensions.get("imagegate.redeliver_limit")
@@ -86,6 +87,19 @@ def redeliver_limit():
     return found
 
 
+def redeliver_refused(api_key_id: uuid.UUID) -> tuple[str, int] | None:
+    """None when this key may redeliver now (counted); else (the rate, seconds until it may)."""
+    limiter, rate = _redeliver_limit()
+    try:
+        if limiter.hit(rate, "redeliver", str(api_key_id)):
+            return None
+    except Exception as exc:  # Redis away: the event is in Postgres anyway, and the sweeper sends it
+        log.warning("redeliver rate limit unavailable: %s", exc)
+        return None
+    reset_at, _ = limiter.get_window_stats(rate, "redeliver", str(api_key_id))
+    return str(rate), max(1, math.ceil(reset_at - time.time()))
+
+
 @bp.post("/deliveries/<delivery_id>/redeliver")
 @operation(
     operation_id="redeliverWebhook",
@@ -95,21 +109,15 @@ def redeliver_limit():
 )
 def redeliver(delivery_id: str):
     svc = services()
-    limiter, rate = redeliver_limit()
-    try:
-        allowed = limiter.hit(rate, "redeliver", str(g.api_key_id))
-    except Exception as exc:  # Redis away: the event is in Postgres anyway, and the sweeper sends it
-        log.warning("redeliver rate limit unavailable: %s", exc)
-        allowed = True
-    if not allowed:
-        reset_at, _ = limiter.get_window_stats(rate, "redeliver", str(g.api_key_id))
+    if refused := redeliver_refused(g.api_key_id):
+        rate, wait_s = refused
         response = error_response(
             429,
             f"Too many redeliveries for this API key (at most {rate}); try again later.",
             type="rate_limit_error",
             code="rate_limit_exceeded",
         )
-        response.headers["Retry-After"] = str(max(1, math.ceil(reset_at - time.time())))
+        response.headers["Retry-After"] = str(wait_s)
         return response
     parsed = parse_id(delivery_id)
     event_id = svc.webhooks.redeliver(g.api_key_id, parsed) if parsed else None

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 import uuid
 from datetime import datetime
@@ -21,7 +20,7 @@ from imagegate.app.image_urls import signed_image_url
 from imagegate.app.state.tasks import ENDED, TaskStatus
 from imagegate.app.web.dashboard import access, reads
 from imagegate.app.web.services import services
-from imagegate.app.web.webhooks import redeliver_limit
+from imagegate.app.web.webhooks import redeliver_refused
 
 log = logging.getLogger(__name__)
 
@@ -262,15 +261,8 @@ def redeliver(delivery_id: str):
     if owner is None or not (g.viewer.is_admin or owner.api_key_id == g.viewer.key_id):
         return _not_found("delivery")
     back = url_for(".task", task_id=owner.task_id) if owner.task_id else url_for(".batches")
-    limiter, rate = redeliver_limit()
-    try:
-        allowed = limiter.hit(rate, "redeliver", str(owner.api_key_id))
-    except Exception as exc:  # Redis away: the event is in Postgres anyway, and the sweeper sends it
-        log.warning("redeliver rate limit unavailable: %s", exc)
-        allowed = True
-    if not allowed:
-        reset_at, _ = limiter.get_window_stats(rate, "redeliver", str(owner.api_key_id))
-        wait_s = max(1, math.ceil(reset_at - time.time()))
+    if refused := redeliver_refused(owner.api_key_id):
+        rate, wait_s = refused
         flash(f"Too many redeliveries for this key (at most {rate}); try again in {wait_s} s.", "error")
         return redirect(back, 303)
     event_id = svc.webhooks.redeliver(owner.api_key_id, parsed)
