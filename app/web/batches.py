@@ -14,7 +14,6 @@ from flask import Blueprint, Response, g, request
 from pydantic import ValidationError
 from pydantic_core import from_json
 
-from imagegate.app.idempotency import IdempotencyMismatch
 from imagegate.app.ids import parse_id
 from imagegate.app.image_urls import signed_image_url
 from imagegate.app.logs import bind_contextvars
@@ -202,21 +201,13 @@ def create_batch():
         "callback_url": options.get("callback_url"),
         "metadata": metadata,
     }
-    try:
-        batch, task_ids = svc.batches.create(
-            api_key_id=g.api_key_id,
-            lines=lines,
-            callback_url=callback_url,
-            metadata=metadata,
-            idempotency=idempotency(fingerprinted),
-        )
-    except IdempotencyMismatch:
-        raise ApiError(
-            422,
-            "This Idempotency-Key was already used with a different request body.",
-            param="Idempotency-Key",
-            code="idempotency_key_reused",
-        ) from None
+    batch, task_ids = svc.batches.create(
+        api_key_id=g.api_key_id,
+        lines=lines,
+        callback_url=callback_url,
+        metadata=metadata,
+        idempotency=idempotency(fingerprinted),
+    )
     bind_contextvars(batch_id=str(batch.id))
     if task_ids:
         log.info("batch accepted with %d tasks", len(task_ids))

@@ -10,6 +10,7 @@ from pydantic_core import ErrorDetails
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from werkzeug.exceptions import HTTPException
 
+from imagegate.app.idempotency import IdempotencyMismatch
 from imagegate.app.schemas import ErrorDetail, ErrorResponse
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,15 @@ def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(ApiError)
     def _api_error(exc: ApiError):
         return error_response(exc.status, exc.message, type=exc.type, param=exc.param, code=exc.code, detail=exc.extra)
+
+    @app.errorhandler(IdempotencyMismatch)  # a single submit's or a batch's: one answer
+    def _idempotency_key_reused(_exc: IdempotencyMismatch):
+        return error_response(
+            422,
+            "This Idempotency-Key was already used with a different request body.",
+            param="Idempotency-Key",
+            code="idempotency_key_reused",
+        )
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException):

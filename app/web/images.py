@@ -11,7 +11,6 @@ from pydantic import ValidationError
 from werkzeug.routing import BaseConverter
 
 from imagegate.app.failures import http_status_of_failure
-from imagegate.app.idempotency import IdempotencyMismatch
 from imagegate.app.ids import parse_id
 from imagegate.app.logs import bind_contextvars
 from imagegate.app.schemas import GenerationRequest, ImagesResponse, TaskAccepted, TaskView
@@ -97,22 +96,14 @@ def create_generation():
     body = _parse_generation(svc)
     model_name, _ = checked_model(svc, body)
     callback_url = checked_callback(svc, body.callback_url) or default_callback()
-    try:
-        task, new = svc.tasks.create(
-            api_key_id=g.api_key_id,
-            model=model_name,
-            request=body.stored(),
-            response_format=body.response_format,
-            callback_url=callback_url,
-            idempotency=idempotency(body.stored()),
-        )
-    except IdempotencyMismatch:
-        raise ApiError(
-            422,
-            "This Idempotency-Key was already used with a different request body.",
-            param="Idempotency-Key",
-            code="idempotency_key_reused",
-        ) from None
+    task, new = svc.tasks.create(
+        api_key_id=g.api_key_id,
+        model=model_name,
+        request=body.stored(),
+        response_format=body.response_format,
+        callback_url=callback_url,
+        idempotency=idempotency(body.stored()),
+    )
     replayed = {} if new else {"Idempotent-Replayed": "true"}
     bind_contextvars(task_id=str(task.id), model=model_name)
     log.info("task accepted" if new else "task replayed for its Idempotency-Key")
