@@ -35,7 +35,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy import Engine, func, select
 
 from imagegate.app.heartbeats import recent
-from imagegate.app.models import Task, as_utc, utcnow
+from imagegate.app.models import Task, utcnow
 from imagegate.app.queue import WORKER_QUEUES, messages_queued
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,7 @@ def status_class(status: int) -> str:
 
 
 def seconds_since(moment: datetime) -> float:
-    return max(0.0, (utcnow() - as_utc(moment)).total_seconds())
+    return max(0.0, (utcnow() - moment).total_seconds())
 
 
 @dataclass(frozen=True)

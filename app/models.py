@@ -21,6 +21,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
 
 # JSONB on Postgres, plain JSON (text) elsewhere, e.g. the embedded SQLite file.
 JsonDocument = JSON().with_variant(JSONB(), "postgresql")
@@ -30,13 +31,19 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-def as_utc(moment: datetime) -> datetime:
-    """A stored time, aware: SQLite (the embedded mode) hands them back without their zone."""
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+class UtcDateTime(TypeDecorator):
+    """A time stored with its zone and always read back aware: SQLite (the embedded mode) drops the
+    zone, and a naive time subtracted from an aware one raises."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_result_value(self, value: datetime | None, dialect) -> datetime | None:
+        return value.replace(tzinfo=UTC) if value is not None and value.tzinfo is None else value
 
 
 class Base(DeclarativeBase):
-    type_annotation_map = {dict[str, Any]: JsonDocument, datetime: DateTime(timezone=True)}
+    type_annotation_map = {dict[str, Any]: JsonDocument, datetime: UtcDateTime()}
 
 
 class ApiKey(Base):

@@ -25,7 +25,7 @@ from imagegate.app.after_end import AfterEnd
 from imagegate.app.failures import ErrorCode, Failure
 from imagegate.app.ids import parse_id
 from imagegate.app.logs import bound_contextvars, in_this_context
-from imagegate.app.models import as_utc, utcnow
+from imagegate.app.models import utcnow
 from imagegate.app.providers import ModelConfig
 from imagegate.app.queue import publish_run
 from imagegate.app.redaction import Redactor
@@ -235,7 +235,7 @@ class TaskRunner:
                 return
             generation = metered_call(claim.route, "poll", functools.partial(adapter.poll, claim.upstream_task_id))
             if generation is None:
-                waited = (utcnow() - as_utc(claim.started_at)).total_seconds()
+                waited = (utcnow() - claim.started_at).total_seconds()
                 if waited > config.poll_deadline_s:
                     raise UpstreamError(
                         ErrorCode.UPSTREAM_TIMEOUT,

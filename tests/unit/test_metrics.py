@@ -172,11 +172,18 @@ def test_the_alert_rules_parse_and_use_only_defined_metrics():
     assert wanted <= jobs
 
 
-def test_time_since_accepts_the_naive_times_sqlite_returns():
-    from datetime import UTC, datetime, timedelta
+def test_times_read_back_from_the_embedded_sqlite_are_aware(tmp_path):
+    from datetime import timedelta
 
+    from sqlalchemy import create_engine
+
+    from imagegate.app.heartbeats import Heart, recent
     from imagegate.app.metrics import seconds_since
+    from imagegate.app.models import Base
 
-    aware = datetime.now(UTC) - timedelta(seconds=30)
-    assert 29 < seconds_since(aware) < 60
-    assert 29 < seconds_since(aware.replace(tzinfo=None)) < 60
+    engine = create_engine(f"sqlite:///{tmp_path / 'embedded.db'}")
+    Base.metadata.create_all(engine)
+    Heart(engine, "worker").beat()
+    (seen,) = recent(engine)
+    assert seen.seen_at.tzinfo is not None and seen.started_at.tzinfo is not None
+    assert 0 <= seconds_since(seen.started_at) < timedelta(minutes=1).total_seconds()
