@@ -70,17 +70,18 @@ def cancel(connection: Connection, batch_id: uuid.UUID, api_key_id: uuid.UUID) -
     return _why_refused(connection, batch_id, api_key_id)
 
 
-def complete(connection: Connection, batch_id: uuid.UUID, now: datetime) -> Outcome:
-    """in_progress -> completed, cancelling -> cancelled, once none of its tasks is unfinished."""
+def complete(connection: Connection, batch_id: uuid.UUID, now: datetime) -> bool:
+    """in_progress -> completed, cancelling -> cancelled, once none of its tasks is unfinished.
+    Whether it closed, without why not: it runs as a batch's tasks end, nearly always refused
+    (tasks still running), and its callers need only to know whether to announce the end."""
     unfinished = select(tasks.c.id).where(tasks.c.batch_id == batch_id, tasks.c.status.in_(UNFINISHED)).exists()
     ended = case((batches.c.status == BatchStatus.CANCELLING, BatchStatus.CANCELLED), else_=BatchStatus.COMPLETED)
-    if connection.execute(
+    closed = connection.execute(
         update(batches)
         .where(batches.c.id == batch_id, batches.c.status.in_(OPEN), ~unfinished)
         .values(status=ended, finished_at=now)
-    ).rowcount:
-        return True
-    return _why_refused(connection, batch_id)
+    ).rowcount
+    return closed == 1
 
 
 def _why_refused(connection: Connection, batch_id: uuid.UUID, api_key_id: uuid.UUID | None = None) -> Refused:
@@ -91,4 +92,4 @@ def _why_refused(connection: Connection, batch_id: uuid.UUID, api_key_id: uuid.U
         return Refused.NOT_FOUND
     if api_key_id is not None and row.api_key_id != api_key_id:
         return Refused.NOT_OWNER
-    return Refused.UNFINISHED_TASKS if row.status in OPEN else Refused.ALREADY_ENDED
+    return Refused.ALREADY_ENDED

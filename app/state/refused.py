@@ -16,7 +16,6 @@ class Refused(StrEnum):
     ALREADY_CLAIMED = "already_claimed"  # another delivery of the same message holds it
     CANCELLED = "cancelled"  # the client asked to cancel: no images, no retry
     ALREADY_ENDED = "already_ended"
-    UNFINISHED_TASKS = "unfinished_tasks"  # a batch cannot close while any of its tasks runs
 
     def __bool__(self) -> bool:
         return False

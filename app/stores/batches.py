@@ -137,7 +137,7 @@ class BatchStore:
                 enqueue_task_events(connection, task_transitions.cancel_batch_tasks(connection, batch_id))
         return cancelling
 
-    def complete(self, batch_id: uuid.UUID) -> Outcome:
+    def complete(self, batch_id: uuid.UUID) -> bool:
         """Close the batch once none of its tasks is unfinished. Run after the ending transaction
         committed: of several tasks ending at once, the last to commit sees all the others ended."""
         with self._engine.begin() as connection:

@@ -51,16 +51,16 @@ def test_a_new_batch_is_in_progress(batches, engine, key_id):
 
 def test_a_batch_completes_once_its_last_task_ended_and_only_once(batches, engine, key_id):
     batch_id, _ = new_batch(batches, engine, key_id, TaskStatus.SUCCEED, TaskStatus.RUNNING)
-    assert batches.complete(batch_id) is Refused.UNFINISHED_TASKS
+    assert batches.complete(batch_id) is False
     with engine.begin() as connection:
         connection.exec_driver_sql("UPDATE tasks SET status = 'failed' WHERE batch_id = %s", (batch_id,))
     assert batches.complete(batch_id) is True
     assert status_of(engine, batch_id) == BatchStatus.COMPLETED
-    assert batches.complete(batch_id) is Refused.ALREADY_ENDED
+    assert batches.complete(batch_id) is False
     with engine.connect() as connection:
         events = connection.scalars(select(WebhookEvent.type).where(WebhookEvent.batch_id == batch_id)).all()
     assert events == ["image.batch.completed"]  # one event: the second completion wrote nothing
-    assert batches.complete(uuid.uuid4()) is Refused.NOT_FOUND
+    assert batches.complete(uuid.uuid4()) is False
 
 
 def test_a_cancelled_batch_ends_its_pending_tasks_stops_its_running_ones_and_closes_cancelled(batches, engine, key_id):
@@ -76,7 +76,7 @@ def test_a_cancelled_batch_ends_its_pending_tasks_stops_its_running_ones_and_clo
     assert (task_row(engine, running).status, task_row(engine, running).cancel_requested) == (TaskStatus.RUNNING, True)
     assert task_row(engine, done).status == TaskStatus.SUCCEED
     assert batches.cancel(batch_id, key_id) is True  # again: harmless
-    assert batches.complete(batch_id) is Refused.UNFINISHED_TASKS
+    assert batches.complete(batch_id) is False
     with engine.begin() as connection:
         connection.exec_driver_sql("UPDATE tasks SET status = 'failed' WHERE id = %s", (running,))
     assert batches.complete(batch_id) is True
