@@ -272,7 +272,7 @@ def summarise(batches: list[dict], failed: dict[str, dict]) -> int:
     return 1 if failed or not_run else 0
 
 
-# --- the commands (called by app/commands/batch.py) ------ ---------------------------------------------------
+# --- the commands (called by app/commands/batch.py) ---------------------------------------------
 
 
 def _command(func):
