@@ -39,7 +39,7 @@ def _checked_models(text: str | None) -> list[str] | None:
         return None
     names = list(dict.fromkeys(name.strip() for name in text.split(",") if name.strip()))
     if not names:
-        raise click.BadParameter("name at least one model (or use --all-models)", param_hint="--models")
+        raise click.ClickException("--models: name at least one model (or use --all-models)")
     settings = load_settings()
     if settings.providers_file is not None:
         from imagegate.app.providers import ProvidersFileError, load_models
@@ -50,9 +50,8 @@ def _checked_models(text: str | None) -> list[str] | None:
             raise click.ClickException(str(exc)) from None
         unknown = [name for name in names if name not in served]
         if unknown:
-            raise click.BadParameter(
-                f"{unknown[0]!r} is not a model of {settings.providers_file} (models: {', '.join(served)})",
-                param_hint="--models",
+            raise click.ClickException(
+                f"--models: {unknown[0]!r} is not a model of {settings.providers_file} (models: {', '.join(served)})"
             )
     return names
 
