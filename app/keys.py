@@ -50,6 +50,11 @@ class Caller:
 
     id: uuid.UUID
     callback_url: str | None
+    # The models this key may use; None: every model served.
+    models: frozenset[str] | None = None
+
+    def may_use(self, model: str) -> bool:
+        return self.models is None or model in self.models
 
 
 @dataclass(frozen=True)
@@ -63,9 +68,11 @@ class KeyListing:
     revoked_at: datetime | None
 
 
-def create_key(sessions: sessionmaker[Session], name: str, callback_url: str | None = None) -> NewKey:
+def create_key(
+    sessions: sessionmaker[Session], name: str, callback_url: str | None = None, models: list[str] | None = None
+) -> NewKey:
     """Store a new key and return it; this is the only time the key itself exists. A name is
-    unique among live keys (KeyNameTaken)."""
+    unique among live keys (KeyNameTaken). `models` limits the key to those models (None: all)."""
     key = KEY_PREFIX + secrets.token_urlsafe(32)
     secret = new_secret()
     try:
@@ -80,6 +87,7 @@ def create_key(sessions: sessionmaker[Session], name: str, callback_url: str | N
                     key_hash=hash_key(key),
                     callback_url=callback_url,
                     webhook_secret=secret,
+                    models=models,
                 )
             )
     except IntegrityError:  # created at the same moment by someone else: the unique index decided
@@ -143,6 +151,21 @@ def set_callback_url(sessions: sessionmaker[Session], name: str, url: str | None
         )
 
 
+def set_models(sessions: sessionmaker[Session], name: str, models: list[str] | None) -> bool:
+    """Limit the live key named `name` to `models` (None: every model); False when there is none.
+    API processes apply it within IMAGEGATE_KEY_CACHE_TTL_S."""
+    with sessions.begin() as session:
+        return (
+            session.execute(
+                update(ApiKey)
+                .where(ApiKey.name == name, ApiKey.revoked_at.is_(None))
+                .values(models=models)
+                .execution_options(synchronize_session=False)
+            ).rowcount
+            > 0
+        )
+
+
 def authenticate(sessions: sessionmaker[Session], presented: str) -> Caller | None:
     """The live key whose hash matches, else None."""
     if not presented.startswith(KEY_PREFIX) or len(presented) > 200:
@@ -150,13 +173,13 @@ def authenticate(sessions: sessionmaker[Session], presented: str) -> Caller | No
     digest = hash_key(presented)
     with sessions() as session:
         row = session.execute(
-            select(ApiKey.id, ApiKey.key_hash, ApiKey.callback_url).where(
+            select(ApiKey.id, ApiKey.key_hash, ApiKey.callback_url, ApiKey.models).where(
                 ApiKey.key_hash == digest, ApiKey.revoked_at.is_(None)
             )
         ).one_or_none()
     if row is None or not hmac.compare_digest(row.key_hash, digest):
         return None
-    return Caller(row.id, row.callback_url)
+    return Caller(row.id, row.callback_url, frozenset(row.models) if row.models is not None else None)
 
 
 class KeyCache:

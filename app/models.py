@@ -65,6 +65,10 @@ class ApiKey(Base):
     webhook_secret_previous_until: Mapped[datetime | None]
     # When an API process last authenticated it; written at most once a minute per key and process.
     last_used_at: Mapped[datetime | None]
+    # The models this key may use (a JSON list of names); NULL: every model of the providers file.
+    models: Mapped[list[str] | None] = mapped_column(
+        JSON(none_as_null=True).with_variant(JSONB(none_as_null=True), "postgresql")
+    )
 
     # A name means one live key; a revoked key's name may be given again.
     __table_args__ = (
@@ -134,6 +138,8 @@ class Task(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
+    # The client deleted it (DELETE /v1/images/{id}): its images and request are gone, the row stays.
+    deleted: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
 
     __table_args__ = (
         Index("ix_tasks_status_created_at", "status", "created_at"),

@@ -173,6 +173,7 @@ class TaskView(BaseModel):
     usage: dict[str, Any] | None = None
     error: TaskError | None = Field(None, description="Only when task_status is failed.")
     attempt_log: list[AttemptView] = Field([], description="Every upstream call, in order.")
+    deleted: bool | None = Field(None, description="True once the client deleted it: no images, no request.")
 
 
 class BatchLine(RequestModel):

@@ -63,6 +63,8 @@ def task_view(record: TaskRecord, settings: Settings, *, as_urls: bool = False) 
             for a in record.attempts
         ],
     )
+    if task.deleted:
+        view = view.model_copy(update={"deleted": True})
     if task.status == TaskStatus.SUCCEED:
         return view.model_copy(update={"data": image_items(record, settings, as_urls=as_urls), "usage": task.usage})
     if task.status == TaskStatus.FAILED:

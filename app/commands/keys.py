@@ -29,15 +29,43 @@ def _checked_callback(url: str | None) -> str | None:
     return url
 
 
+MODELS_HELP = "Comma-separated models the key may use (others are 404 for it); default: every model."
+
+
+def _checked_models(text: str | None) -> list[str] | None:
+    """The names of --models; each must be a model of the providers file when one is configured
+    (without one, the file the API serves is not known here)."""
+    if text is None:
+        return None
+    names = list(dict.fromkeys(name.strip() for name in text.split(",") if name.strip()))
+    if not names:
+        raise click.ClickException("--models: name at least one model (or use --all-models)")
+    settings = load_settings()
+    if settings.providers_file is not None:
+        from imagegate.app.providers import ProvidersFileError, load_models
+
+        try:
+            served = load_models(settings.providers_file)
+        except ProvidersFileError as exc:
+            raise click.ClickException(str(exc)) from None
+        unknown = [name for name in names if name not in served]
+        if unknown:
+            raise click.ClickException(
+                f"--models: {unknown[0]!r} is not a model of {settings.providers_file} (models: {', '.join(served)})"
+            )
+    return names
+
+
 @keys.command("create")
 @click.option("--name", required=True, help="What the key is for; unique among live keys.")
 @click.option("--callback-url", default=None, help="Default webhook URL for this key's tasks and batches.")
-def keys_create(name: str, callback_url: str | None) -> None:
+@click.option("--models", "models", default=None, help=MODELS_HELP)
+def keys_create(name: str, callback_url: str | None, models: str | None) -> None:
     """Create an API key; the key is printed once, alone on the last line."""
     from imagegate.app.keys import KeyNameTaken, create_key
 
     try:
-        created = create_key(_key_sessions(), name, _checked_callback(callback_url))
+        created = create_key(_key_sessions(), name, _checked_callback(callback_url), _checked_models(models))
     except KeyNameTaken:
         raise click.ClickException(f"a live key is already named {name!r}: choose another --name") from None
     click.echo(f"Webhook signing secret (verify webhook-signature with it): {created.webhook_secret}")
@@ -107,3 +135,22 @@ def keys_set_callback(name: str, url: str | None) -> None:
 
     if not set_callback_url(_key_sessions(), name, _checked_callback(url)):
         raise click.ClickException(f"no live key named {name!r}")
+
+
+@keys.command("update")
+@click.option("--name", required=True, help="The key's name.")
+@click.option("--models", "models", default=None, help=MODELS_HELP)
+@click.option("--all-models", is_flag=True, help="Let the key use every model again.")
+def keys_update(name: str, models: str | None, all_models: bool) -> None:
+    """Change a live key's settings; what is not given stays. API processes apply a change within
+    IMAGEGATE_KEY_CACHE_TTL_S."""
+    from imagegate.app.keys import set_models
+
+    if models is not None and all_models:
+        raise click.UsageError("give --models or --all-models, not both")
+    if models is None and not all_models:
+        raise click.UsageError("nothing to change: give --models or --all-models")
+    sessions = _key_sessions()
+    if not set_models(sessions, name, None if all_models else _checked_models(models)):
+        raise click.ClickException(f"no live key named {name!r} (see `imagegate keys list`)")
+    click.echo(f"updated {name!r}")

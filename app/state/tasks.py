@@ -203,3 +203,18 @@ def republish_overdue(
         oldest = select(tasks.c.id).where(*overdue).order_by(tasks.c.run_after).limit(limit)
         overdue.append(tasks.c.id.in_(oldest.scalar_subquery()))
     return list(connection.execute(update(tasks).where(*overdue).values(run_after=utcnow()).returning(*_REQUEUED)))
+
+
+# -- deletion ----------------------------------------------------------------------------------
+def mark_deleted(connection: Connection, task_id: uuid.UUID, request: dict[str, Any]) -> bool:
+    """any status -> the same status, deleted: the request is replaced by `request` (what is kept of
+    it) and the upstream's error details (which may quote the prompt) dropped; status, timestamps,
+    usage and the error code stay. False when it was deleted already."""
+    return (
+        connection.execute(
+            update(tasks)
+            .where(tasks.c.id == task_id, tasks.c.deleted.is_(False))
+            .values(deleted=True, request=request, error_details=None)
+        ).rowcount
+        > 0
+    )

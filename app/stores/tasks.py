@@ -18,7 +18,7 @@ from imagegate.app.idempotency import reserve
 from imagegate.app.models import Attempt, IdempotencyKey, Image, Task, utcnow
 from imagegate.app.state import tasks as transitions
 from imagegate.app.state.refused import Refused
-from imagegate.app.state.tasks import CancelOutcome, TaskStatus
+from imagegate.app.state.tasks import UNFINISHED, CancelOutcome, TaskStatus
 from imagegate.app.stores.webhooks import enqueue_task_events
 
 TASK_TABLE, ATTEMPT_TABLE = Task.__table__, Attempt.__table__
@@ -26,6 +26,14 @@ TASK_TABLE, ATTEMPT_TABLE = Task.__table__, Attempt.__table__
 _TASK = select(TASK_TABLE).where(TASK_TABLE.c.id == bindparam("id"))
 _TASK_OF_KEY = _TASK.where(TASK_TABLE.c.api_key_id == bindparam("api_key_id"))
 _TASK_STATUS = select(TASK_TABLE.c.status).where(TASK_TABLE.c.id == bindparam("id"))
+_DELETABLE = select(
+    TASK_TABLE.c.api_key_id,
+    TASK_TABLE.c.status,
+    TASK_TABLE.c.deleted,
+    TASK_TABLE.c.request,
+    TASK_TABLE.c.batch_id,
+    TASK_TABLE.c.callback_url,
+).where(TASK_TABLE.c.id == bindparam("id"))
 _TASK_CREATED = select(TASK_TABLE.c.id, TASK_TABLE.c.created_at).where(TASK_TABLE.c.id == bindparam("id"))
 
 
@@ -50,6 +58,15 @@ class NewTask(NamedTuple):
 
     id: uuid.UUID
     created_at: datetime
+
+
+class Deleted(NamedTuple):
+    """A task the client deleted; `cancelled` says whether deleting cancelled it (None: it had ended)."""
+
+    id: uuid.UUID
+    batch_id: uuid.UUID | None
+    has_callback: bool
+    cancelled: CancelOutcome | None
 
 
 class Requeued(NamedTuple):
@@ -168,6 +185,27 @@ class TaskStore:
                 enqueue_task_events(connection, [task_id])
         return outcome
 
+    def delete(self, task_id: uuid.UUID, api_key_id: uuid.UUID) -> Deleted | Refused:
+        """The client's DELETE, in one transaction: an unfinished task is cancelled first (the same
+        transition as `cancel`), then its request is dropped (DELETED_REQUEST keeps what usage
+        counts) and its images deleted. The row stays, with its status, timestamps and usage.
+        Deleting again changes nothing. Refused `not_found` or `not_owner`."""
+        with self._engine.begin() as connection:
+            row = connection.execute(_DELETABLE, {"id": task_id}).one_or_none()
+            if row is None:
+                return Refused.NOT_FOUND
+            if row.api_key_id != api_key_id:
+                return Refused.NOT_OWNER
+            cancelled = None
+            if not row.deleted and row.status in UNFINISHED:
+                outcome = transitions.cancel(connection, task_id, api_key_id)
+                cancelled = outcome if isinstance(outcome, CancelOutcome) else None
+                if cancelled is CancelOutcome.ENDED:
+                    enqueue_task_events(connection, [task_id])
+            transitions.mark_deleted(connection, task_id, deleted_request(row.request))
+            delete_task_images(connection, [task_id])
+        return Deleted(task_id, row.batch_id, row.callback_url is not None, cancelled)
+
     # -- the sweeper -------------------------------------------------------------------------
     def fail_overdue(self, deadline_s: float) -> list[uuid.UUID]:
         """Tasks not ended `deadline_s` after they were accepted fail `deadline_exceeded`."""
@@ -204,6 +242,25 @@ class TaskStore:
     def forget_idempotency_keys(self, ttl_s: float) -> int:
         with self._sessions.begin() as session:
             return session.execute(delete(IdempotencyKey).where(IdempotencyKey.created_at < _after(-ttl_s))).rowcount
+
+
+# A deleted task's request: the prompt and every other field go; `n` stays, as usage counts the
+# images of succeeded tasks by it. It still validates as a GenerationRequest: a running attempt
+# polling an asynchronous upstream reads it again, and must end `cancelled`, not fail to parse it.
+DELETED_PROMPT = "(deleted)"
+
+
+def deleted_request(request: dict[str, Any]) -> dict[str, Any]:
+    kept = {"n": request["n"]} if isinstance(request.get("n"), int) else {}
+    return {"prompt": DELETED_PROMPT} | kept
+
+
+def delete_task_images(connection: Connection, task_ids: list[uuid.UUID]) -> int:
+    """Delete the images of these tasks (the one place image rows are deleted for a client), in the
+    caller's transaction; how many were deleted."""
+    if not task_ids:
+        return 0
+    return connection.execute(delete(Image).where(Image.task_id.in_(task_ids))).rowcount
 
 
 def _requeued(rows) -> list[Requeued]:

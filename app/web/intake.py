@@ -19,9 +19,17 @@ MAX_IDEMPOTENCY_KEY = 255
 IDEMPOTENCY_HEADER = {"Idempotency-Key": {"type": "string", "minLength": 1, "maxLength": MAX_IDEMPOTENCY_KEY}}
 
 
+def usable_models(svc: Services) -> dict[str, ModelConfig]:
+    """The models of the providers file this request's key may use, in the file's order."""
+    caller = g.caller
+    return {name: model for name, model in svc.models.items() if caller.may_use(name)}
+
+
 def checked_model(svc: Services, body: GenerationRequest, prefix: str = "") -> tuple[str, ModelConfig]:
-    name = body.model or svc.default_model
-    model = svc.models.get(name)
+    # A key limited to some models defaults to the first of those; a model it may not use is
+    # answered as one that does not exist.
+    name = body.model or next(iter(usable_models(svc)), svc.default_model)
+    model = svc.models.get(name) if g.caller.may_use(name) else None
     if model is None:
         raise ApiError(404, f"The model '{name}' does not exist.", param=f"{prefix}model", code="model_not_found")
     try:  # refuse what the model's family cannot do before anything is stored or queued

@@ -111,3 +111,39 @@ def test_republishing_takes_the_oldest_overdue_pending_tasks_once(engine, key_id
         again = transitions.republish_overdue(connection, due_before, mine)
     assert {row.id for row in first} == set(tasks[:2])
     assert [row.id for row in again] == [tasks[2]]
+
+
+def test_deleting_keeps_the_status_and_is_done_once(store, engine, key_id):
+    task_id = make_task(
+        engine,
+        key_id,
+        n=2,
+        status=TaskStatus.FAILED,
+        error_code=ErrorCode.UPSTREAM_REJECTED,
+        error_message="rejected",
+        error_details={"upstream": "your prompt 'p' was refused"},
+        finished_at=utcnow(),
+    )
+    with engine.begin() as connection:
+        assert transitions.mark_deleted(connection, task_id, {"prompt": "(deleted)", "n": 2})
+        assert not transitions.mark_deleted(connection, task_id, {"prompt": "again"})
+    row = task_row(engine, task_id)
+    assert (row.deleted, row.status, row.error_code, row.error_details) == (
+        True,
+        TaskStatus.FAILED,
+        ErrorCode.UPSTREAM_REJECTED,
+        None,
+    )
+    assert row.request == {"prompt": "(deleted)", "n": 2} and row.finished_at
+
+
+def test_deleting_a_running_task_asks_it_to_stop_and_refuses_another_key(store, engine, key_id):
+    task_id = make_task(engine, key_id, status=TaskStatus.RUNNING, attempts=1)
+    assert store.delete(task_id, new_key(engine)) is Refused.NOT_OWNER
+    assert store.delete(uuid.uuid4(), key_id) is Refused.NOT_FOUND
+    assert not task_row(engine, task_id).deleted
+    deleted = store.delete(task_id, key_id)
+    assert deleted.cancelled is CancelOutcome.REQUESTED
+    row = task_row(engine, task_id)
+    assert (row.status, row.cancel_requested, row.deleted) == (TaskStatus.RUNNING, True, True)
+    assert store.delete(task_id, key_id).cancelled is None  # again: nothing more to cancel
