@@ -135,6 +135,7 @@ class S3Images:
 
         self.bucket, self.prefix = bucket, prefix
         config = Config(
+            signature_version="s3v4",  # presigned URLs too (valid up to 7 days)
             # A custom endpoint (MinIO, a test server) is addressed by path: no wildcard DNS needed.
             s3={"addressing_style": "path" if endpoint_url else "auto"},
             retries={"mode": "standard", "max_attempts": 3},
