@@ -29,6 +29,9 @@ CONSTRAINT_KEYS = (
 )
 
 FAMILIES: dict[str, dict[str, Any]] = {
+    # The built-in `local` adapter draws any WIDTHxHEIGHT up to 4096 a side (workers/adapters/local.py
+    # MAX_SIDE), or a named size; a larger one used to be accepted here and fail in the worker.
+    "local": {"sizes": ["auto", "1k", "2k", "4k"], "size_range": (1, 4096)},
     "gpt-image": {"sizes": ["1024x1024", "1024x1536", "1536x1024", "auto"], "max_prompt_chars": 32000},
     # The seed only says "any size in a range" for GPT-Image-2; (256, 4096) is our choice, plus "auto".
     "gpt-image-2": {"sizes": ["auto"], "size_range": (256, 4096), "max_prompt_chars": 32000},

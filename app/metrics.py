@@ -176,7 +176,7 @@ SPECS: dict[str, Spec] = {
         Counter,
         "imagegate_sweeper_actions_total",
         "Tasks the sweeper acted on: deadline_failed, taken_back (expired lease), attempts_exhausted, "
-        "republished (message lost), publish_failed.",
+        "republished (message lost), publish_failed, images_expired (retention deleted their images).",
         ("action",),
     ),
     "sweep_duration": Spec(

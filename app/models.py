@@ -140,6 +140,9 @@ class Task(Base):
     finished_at: Mapped[datetime | None]
     # The client deleted it (DELETE /v1/images/{id}): its images and request are gone, the row stays.
     deleted: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
+    # When the task's image bytes were deleted for retention (or by `imagegate images purge`): it then
+    # answers `data: []` and `expired: true`.
+    images_expired_at: Mapped[datetime | None]
 
     __table_args__ = (
         Index("ix_tasks_status_created_at", "status", "created_at"),
@@ -148,6 +151,13 @@ class Task(Base):
         # Newest first, for one key (its own list) and for all (an admin's), paged by (created_at, id).
         Index("ix_tasks_api_key_id_created_at_id", "api_key_id", "created_at", "id"),
         Index("ix_tasks_created_at_id", "created_at", "id"),
+        # The retention sweep: ended tasks whose images are still kept, oldest end first.
+        Index(
+            "ix_tasks_finished_at_images_kept",
+            "finished_at",
+            postgresql_where=text("images_expired_at IS NULL AND finished_at IS NOT NULL"),
+            sqlite_where=text("images_expired_at IS NULL AND finished_at IS NOT NULL"),
+        ),
     )
 
 
@@ -169,7 +179,8 @@ class Attempt(Base):
 
 
 class Image(Base):
-    """Image bytes are kept here, so a result never expires with an upstream's link."""
+    """A stored image (its bytes here or in the image store), so a result never expires with an
+    upstream's link."""
 
     __tablename__ = "images"
 
@@ -179,7 +190,10 @@ class Image(Base):
     slot: Mapped[int] = mapped_column(Integer, default=0)
     index: Mapped[int] = mapped_column(Integer)
     content_type: Mapped[str] = mapped_column(String(64))
-    data: Mapped[bytes] = mapped_column(LargeBinary)
+    # The bytes (IMAGEGATE_IMAGE_STORE=postgres), or NULL and the key they were put under in the
+    # image store (dir, s3): see app/image_store.py.
+    data: Mapped[bytes | None] = mapped_column(LargeBinary)
+    store_key: Mapped[str | None] = mapped_column(String(300))
     revised_prompt: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 

@@ -10,12 +10,15 @@ import tomllib
 from importlib.metadata import entry_points
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from imagegate.app.families import known_families
 
 ADAPTER_ENTRY_POINTS = "imagegate.adapters"
 LOCAL_MODEL = "local"
+# The family a model of these adapters has when the providers file names none: the adapter's own
+# limits, so that intake refuses what the adapter could only fail at (app/families.py).
+ADAPTER_FAMILIES = {"local": "local"}
 
 
 class ProvidersFileError(ValueError):
@@ -63,6 +66,13 @@ class ModelConfig(BaseModel):
     poll_deadline_s: float = Field(600.0, gt=0)
     # Models to go on with, in order, once this one's retries are spent on retryable errors.
     fallbacks: list[str] = []
+
+    @model_validator(mode="before")
+    @classmethod
+    def _adapter_family(cls, data: object) -> object:
+        if isinstance(data, dict) and data.get("family") is None and data.get("adapter") in ADAPTER_FAMILIES:
+            return {**data, "family": ADAPTER_FAMILIES[data["adapter"]]}
+        return data
 
     @property
     def upstream_name(self) -> str:

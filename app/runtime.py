@@ -14,9 +14,11 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from imagegate.app.after_end import AfterEnd
 from imagegate.app.db import make_engine, make_sessionmaker
+from imagegate.app.image_store import ImageStore, make_image_store
 from imagegate.app.queue import make_celery
 from imagegate.app.settings import Settings
 from imagegate.app.stores.batches import BatchStore
+from imagegate.app.stores.images import ImageRecords
 from imagegate.app.stores.tasks import TaskStore
 from imagegate.app.stores.webhooks import WebhookStore
 from imagegate.app.wakeups import Wakeups, make_wakeups
@@ -33,6 +35,9 @@ class Runtime:
     batches: BatchStore
     webhooks: WebhookStore
     after_end: AfterEnd
+    # Where image bytes live (IMAGEGATE_IMAGE_STORE), and deleting them (retention, a task's delete).
+    image_store: ImageStore
+    images: ImageRecords
 
 
 def build_runtime(settings: Settings, *, pool_size: int = 10, max_overflow: int | None = None) -> Runtime:
@@ -42,14 +47,18 @@ def build_runtime(settings: Settings, *, pool_size: int = 10, max_overflow: int 
     sessions = make_sessionmaker(engine)
     celery, wakeups = make_celery(settings), make_wakeups(settings.broker_url)
     batches, webhooks = BatchStore(sessions), WebhookStore(sessions)
+    image_store = make_image_store(settings)
+    presign_ttl_s = settings.image_url_ttl_s if settings.image_urls == "store" else None
     return Runtime(
         settings=settings,
         engine=engine,
         sessions=sessions,
         celery=celery,
         wakeups=wakeups,
-        tasks=TaskStore(sessions),
+        tasks=TaskStore(sessions, image_store, presign_ttl_s=presign_ttl_s),
         batches=batches,
         webhooks=webhooks,
         after_end=AfterEnd(wakeups, webhooks, batches, celery),
+        image_store=image_store,
+        images=ImageRecords(engine, image_store),
     )

@@ -170,6 +170,10 @@ class TaskView(BaseModel):
     attempts: int = Field(description="Attempts made so far (each retry or fallback is one more).")
     cancel_requested: bool | None = Field(None, description="True once a cancel reached a running task.")
     data: list[ImageData] | None = Field(None, description="Only when task_status is succeed.")
+    expired: bool | None = Field(
+        None,
+        description="True once the images were deleted for retention (IMAGEGATE_IMAGE_RETENTION_S): data is then [].",
+    )
     usage: dict[str, Any] | None = None
     error: TaskError | None = Field(None, description="Only when task_status is failed.")
     attempt_log: list[AttemptView] = Field([], description="Every upstream call, in order.")

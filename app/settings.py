@@ -125,6 +125,23 @@ class Settings(BaseSettings):
     embedded: bool = False
     data_dir: Path | None = None
 
+    # Where image bytes live (app/image_store.py): `postgres` in the images table (SQLite's in the
+    # embedded mode), `dir` in files under image_dir (default: `images` under data_dir), `s3` in an
+    # S3-compatible bucket. Credentials for S3 come as boto3 finds them (AWS_ACCESS_KEY_ID, ...).
+    image_store: Literal["postgres", "dir", "s3"] = "postgres"
+    image_dir: Path | None = None
+    s3_endpoint_url: str | None = None  # unset: AWS itself
+    s3_bucket: str | None = None
+    s3_prefix: str = ""  # prepended to every object key, such as "imagegate/"
+    s3_region: str | None = None  # unset: AWS_DEFAULT_REGION / AWS_REGION, as boto3 reads them
+    # `response_format: url` answers with the gateway's signed URLs (`gateway`), or with the bucket's
+    # presigned URLs (`store`, IMAGEGATE_IMAGE_STORE=s3 only), both valid for image_url_ttl_s.
+    image_urls: Literal["gateway", "store"] = "gateway"
+    # The sweeper deletes the image bytes of tasks ended longer ago than this (0 keeps them forever),
+    # at most image_retention_batch tasks per pass.
+    image_retention_s: int = Field(7 * 86_400, ge=0)
+    image_retention_batch: int = Field(100, ge=1)
+
     @field_validator("webhook_retry_schedule")
     @classmethod
     def _retry_schedule_parses(cls, text: str) -> str:
@@ -161,6 +178,14 @@ class Settings(BaseSettings):
             parse(self.redeliver_rate)
         except ValueError:
             raise SettingsError("IMAGEGATE_REDELIVER_RATE must be like '30/minute' or '5 per second'") from None
+        if self.image_urls == "store" and self.image_store != "s3":
+            raise SettingsError("IMAGEGATE_IMAGE_URLS=store needs IMAGEGATE_IMAGE_STORE=s3")
+        if self.image_store == "s3" and not self.s3_bucket:
+            raise SettingsError("IMAGEGATE_IMAGE_STORE=s3 needs IMAGEGATE_S3_BUCKET")
+        if self.image_store == "dir" and self.image_dir is None and self.data_dir is None:
+            raise SettingsError("IMAGEGATE_IMAGE_STORE=dir needs IMAGEGATE_IMAGE_DIR")
+        if self.image_urls == "store" and self.image_url_ttl_s > 7 * 86_400:
+            raise SettingsError("IMAGEGATE_IMAGE_URL_TTL_S must be at most 604800 (7 days) with S3 presigned URLs")
         if self.broker_url.startswith("filesystem://") and self.data_dir is None:
             raise SettingsError("a filesystem:// broker needs IMAGEGATE_DATA_DIR")
         return self

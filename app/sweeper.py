@@ -6,7 +6,8 @@ Each pass, as single guarded UPDATEs (safe with several sweepers on several host
 - running attempts whose lease expired (worker killed, frozen, or its poll message lost) go back to
   pending and are republished, or fail `attempts_exhausted` / `cancelled`;
 - pending tasks overdue by IMAGEGATE_REPUBLISH_AFTER_S (committed but never published, or lost from a
-  flushed broker) are republished. A duplicate message is harmless: a claim takes one delivery.
+  flushed broker) are republished. A duplicate message is harmless: a claim takes one delivery;
+- the images of tasks ended more than IMAGEGATE_IMAGE_RETENTION_S ago are deleted, a small batch a pass.
 
 With a Redis broker only what the broker really lost is republished: a 3,000-task backlog is
 overdue as a whole while every message is still queued, and republishing it all every period sent
@@ -68,9 +69,10 @@ class SweepReport:
     exhausted_failed: int = 0
     republished: int = 0
     publish_errors: int = 0
+    images_expired: int = 0  # tasks whose images retention deleted
 
     def __bool__(self) -> bool:
-        return any((self.overdue_failed, self.requeued, self.exhausted_failed, self.republished))
+        return any((self.overdue_failed, self.requeued, self.exhausted_failed, self.republished, self.images_expired))
 
     def count(self) -> None:
         """Add this pass to imagegate_sweeper_actions_total."""
@@ -80,6 +82,7 @@ class SweepReport:
         actions.labels("attempts_exhausted").inc(self.exhausted_failed)
         actions.labels("republished").inc(self.republished)
         actions.labels("publish_failed").inc(self.publish_errors)
+        actions.labels("images_expired").inc(self.images_expired)
 
 
 @dataclass
@@ -106,7 +109,8 @@ class Sweeper:
             self.runtime.after_end.batch_touched(batch_id)
         self.runtime.tasks.forget_idempotency_keys(self.settings.idempotency_ttl_s)
         forget_old_heartbeats(self.runtime.engine)
-        report = SweepReport(len(overdue), len(requeued), len(exhausted), len(republished), errors)
+        expired = self._expire_images()
+        report = SweepReport(len(overdue), len(requeued), len(exhausted), len(republished), errors, expired)
         report.count()
         if report:
             log.info("sweep: %s", report)
@@ -124,6 +128,21 @@ class Sweeper:
                 log.exception("sweep failed; retrying in %.0f s", self.settings.sweep_interval_s)
             stop.wait(self.settings.sweep_interval_s)
         heart.stop()
+
+    def _expire_images(self) -> int:
+        """Retention: the images of at most IMAGEGATE_IMAGE_RETENTION_BATCH tasks ended more than
+        IMAGEGATE_IMAGE_RETENTION_S ago, a bounded piece of work per pass; 0 keeps images forever.
+        Its own failure (the image store away) does not stop the pass's repairs, which ran first."""
+        if not self.settings.image_retention_s:
+            return 0
+        try:
+            purged = self.runtime.images.expire_ended_before(
+                _ago(self.settings.image_retention_s), self.settings.image_retention_batch
+            )
+        except Exception as exc:
+            log.warning("could not delete expired images (retrying next pass): %s", exc)
+            return 0
+        return purged.tasks
 
     def _lost_pending(self) -> list[Requeued]:
         if self.broker is None:

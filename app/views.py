@@ -33,7 +33,8 @@ def image_items(record: TaskRecord, settings: Settings, *, as_urls: bool = False
         ]
     return [
         ImageData(
-            url=signed_image_url(
+            url=image.store_url  # the bucket's presigned URL, with IMAGEGATE_IMAGE_URLS=store
+            or signed_image_url(
                 settings.public_url, settings.secret_key, image.id, image.content_type, settings.image_url_ttl_s
             ),
             revised_prompt=image.revised_prompt,
@@ -65,16 +66,20 @@ def task_view(record: TaskRecord, settings: Settings, *, as_urls: bool = False) 
     )
     if task.deleted:
         view = view.model_copy(update={"deleted": True})
+    expired = {"expired": True} if task.images_expired_at is not None else {}
     if task.status == TaskStatus.SUCCEED:
-        return view.model_copy(update={"data": image_items(record, settings, as_urls=as_urls), "usage": task.usage})
+        gone = expired or task.deleted  # a delete interrupted before its images went shows none either
+        data = [] if gone else image_items(record, settings, as_urls=as_urls)
+        return view.model_copy(update={"data": data, "usage": task.usage, **expired})
     if task.status == TaskStatus.FAILED:
         return view.model_copy(
             update={
+                **expired,
                 "error": TaskError(
                     code=task.error_code or "internal_error",
                     message=task.error_message or "",
                     details=task.error_details,
-                )
+                ),
             }
         )
     if task.cancel_requested:

@@ -47,6 +47,7 @@ def make_worker_app(settings: Settings, *, concurrency: int = 1000) -> Celery:
         http=make_client(max_connections=max(20, concurrency * 2)),
         after_end=runtime.after_end,
         celery=celery,
+        image_store=runtime.image_store,
     )
     sender = WebhookSender(settings, runtime.webhooks, runtime.tasks, runtime.batches, celery)
 

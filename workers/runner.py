@@ -24,6 +24,7 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 from imagegate.app.after_end import AfterEnd
 from imagegate.app.failures import ErrorCode, Failure
 from imagegate.app.ids import parse_id
+from imagegate.app.image_store import DatabaseImages, ImageStore
 from imagegate.app.logs import bound_contextvars, in_this_context
 from imagegate.app.models import utcnow
 from imagegate.app.providers import ModelConfig
@@ -45,7 +46,7 @@ from imagegate.workers.batch_closing import BatchClosing
 from imagegate.workers.fanout import merge_usage, slot_counts
 from imagegate.workers.grouped import Grouped
 from imagegate.workers.http import current_call
-from imagegate.workers.images import fetch_images
+from imagegate.workers.images import discard_unwritten, fetch_images, put_while_leased
 from imagegate.workers.leases import LeaseKeeper
 from imagegate.workers.outbound import CheckedClients
 from imagegate.workers.retry import backoff_s
@@ -108,6 +109,8 @@ class TaskRunner:
     celery: Celery
     # For image URLs off the model's own origin (see workers.images).
     checked: CheckedClients = dataclasses.field(default_factory=CheckedClients)
+    # Where image bytes are put before the rows that point at them (IMAGEGATE_IMAGE_STORE).
+    image_store: ImageStore = dataclasses.field(default_factory=DatabaseImages)
     # Each model bound to its adapter and upstream key, once; and the keys' redactor.
     upstreams: dict[str, Upstream] = dataclasses.field(init=False)
     redact: Redactor = dataclasses.field(init=False)
@@ -211,7 +214,8 @@ class TaskRunner:
             usage = merge_usage(usage, call.usage)
         errors = [call.error for call in calls if call.error]
         if not errors:
-            if written := self._durably(claim, self.successes, Success(claim, images, usage, outcomes)):
+            images = self._put(claim, images)
+            if written := self._durably_with(claim, images, self.successes, Success(claim, images, usage, outcomes)):
                 log.info("task %s attempt %s: succeed via %s", claim.task_id, claim.attempt, claim.route)
                 count_stored(claim, images)
                 count_ended(claim, "succeed")
@@ -305,8 +309,10 @@ class TaskRunner:
         route: str | None,
         why: str,
     ) -> None:
-        if written := self._durably(
+        images = self._put(claim, images)
+        if written := self._durably_with(
             claim,
+            images,
             self.store.retry_later,
             claim,
             failure,
@@ -364,6 +370,18 @@ class TaskRunner:
                 )
                 time.sleep(pause)
                 pause = min(pause * 2, 2.0)
+
+    def _put(self, claim: Claim, images: list[NewImage]) -> list[NewImage]:
+        return put_while_leased(self.image_store, claim.task_id, images, lambda: self.leases.valid_for_s(claim))
+
+    def _durably_with(
+        self, claim: Claim, images: list[NewImage], write: Callable[..., Outcome], *args, **kwargs
+    ) -> Outcome:
+        """_durably, for rows pointing at images already put: refused, it takes back their bytes."""
+        written = self._durably(claim, write, *args, **kwargs)
+        if not written:
+            discard_unwritten(self.image_store, self.store, images)
+        return written
 
     def _announce(self, claim: Claim) -> None:
         # The batch is closed through self.batches: one check at a time per batch, not one per task.

@@ -87,5 +87,5 @@ def db_upgrade() -> None:
     click.echo("database is at head")
 
 
-# Each module adds its commands to `cli` (keys, serving processes, batches); imported last, as they use it.
-from imagegate.app.commands import batch, keys, serve  # noqa: E402, F401
+# Each module adds its commands to `cli` (keys, serving processes, batches, images); imported last, as they use it.
+from imagegate.app.commands import batch, images, keys, serve  # noqa: E402, F401

@@ -218,3 +218,13 @@ def mark_deleted(connection: Connection, task_id: uuid.UUID, request: dict[str, 
         ).rowcount
         > 0
     )
+
+
+def mark_images_expired(connection: Connection, task_ids: list[uuid.UUID], now: datetime) -> int:
+    """An ended task's images were deleted for retention: it answers `expired: true` from now on.
+    Not a status change; guarded so a task is marked once, and only once it has ended."""
+    return connection.execute(
+        update(tasks)
+        .where(tasks.c.id.in_(task_ids), tasks.c.status.in_(ENDED), tasks.c.images_expired_at.is_(None))
+        .values(images_expired_at=now)
+    ).rowcount

@@ -50,6 +50,9 @@ class NewImage:
     content_type: str
     revised_prompt: str | None = None
     slot: int = 0
+    id: uuid.UUID = field(default_factory=uuid.uuid4)
+    # Where the bytes were put in the image store before the row is written; None: in the row itself.
+    key: str | None = None
 
 
 @dataclass(frozen=True)
@@ -190,6 +193,11 @@ class AttemptStore:
                 enqueue_task_events(connection, announced)
         return written
 
+    def images_written(self, image_ids: list[uuid.UUID]) -> set[uuid.UUID]:
+        """Which of these images have their row: after a refused write, the bytes of the others can go."""
+        with self.engine.connect() as connection:
+            return set(connection.scalars(select(images.c.id).where(images.c.id.in_(image_ids))))
+
     def fail(self, claim: Claim, failure: Failure, outcomes: list[CallOutcome]) -> Outcome:
         return self._end(claim, transitions.fail, [], outcomes, ended=True, failure=failure)
 
@@ -268,12 +276,13 @@ def _image_rows(claim: Claim, new_images: list[NewImage] | tuple, now: datetime)
         index = indexes[image.slot] = indexes.get(image.slot, -1) + 1
         rows.append(
             {
-                "id": uuid.uuid4(),
+                "id": image.id,
                 "task_id": claim.task_id,
                 "slot": image.slot,
                 "index": index,
                 "content_type": image.content_type,
-                "data": image.data,
+                "data": None if image.key else image.data,
+                "store_key": image.key,
                 "revised_prompt": image.revised_prompt,
                 "created_at": now,
             }

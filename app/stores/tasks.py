@@ -15,10 +15,12 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from imagegate.app.failures import ErrorCode, Failure
 from imagegate.app.idempotency import reserve
+from imagegate.app.image_store import DatabaseImages, ImageStore
 from imagegate.app.models import Attempt, IdempotencyKey, Image, Task, utcnow
 from imagegate.app.state import tasks as transitions
 from imagegate.app.state.refused import Refused
 from imagegate.app.state.tasks import UNFINISHED, CancelOutcome, TaskStatus
+from imagegate.app.stores.images import ImageRecords
 from imagegate.app.stores.webhooks import enqueue_task_events
 
 TASK_TABLE, ATTEMPT_TABLE = Task.__table__, Attempt.__table__
@@ -44,6 +46,8 @@ class StoredImage:
     content_type: str
     revised_prompt: str | None
     data: bytes | None  # loaded only when the caller asked for bytes
+    # The image store's own URL (IMAGEGATE_IMAGE_URLS=store), handed out instead of the gateway's.
+    store_url: str | None = None
 
 
 @dataclass(frozen=True)
@@ -82,9 +86,15 @@ def _after(seconds: float) -> datetime:
 
 
 class TaskStore:
-    def __init__(self, sessions: sessionmaker[Session]):
+    def __init__(
+        self, sessions: sessionmaker[Session], images: ImageStore | None = None, *, presign_ttl_s: int | None = None
+    ):
         self._sessions = sessions
+        # Where rows with a store_key have their bytes; with presign_ttl_s, the store's URLs are given out.
+        self._images = images or DatabaseImages()
+        self._presign_ttl_s = presign_ttl_s
         self._engine: Engine = sessions.kw["bind"]  # intake and reads use Core connections, no Session
+        self._image_records = ImageRecords(self._engine, self._images)
         # A lone statement is its own transaction: without BEGIN and COMMIT, one round trip, not three.
         self._autocommit = self._engine.execution_options(isolation_level="AUTOCOMMIT")
 
@@ -139,20 +149,16 @@ class TaskStore:
             task = session.execute(query, {"id": task_id, "api_key_id": api_key_id}).one_or_none()
             if task is None:
                 return None
-            images: list[StoredImage] = []
+            rows = []
+            # Bytes are only ever served inline for b64_json: a url task's are not read (from S3, say).
+            with_bytes = with_bytes and task.response_format == "b64_json"
             if task.status == TaskStatus.SUCCEED:
-                columns = [Image.id, Image.index, Image.content_type, Image.revised_prompt]
+                columns = [Image.id, Image.index, Image.content_type, Image.revised_prompt, Image.store_key]
                 if with_bytes:
                     columns.append(Image.data)
-                rows = session.execute(
-                    select(*columns).where(Image.task_id == task_id).order_by(Image.slot, Image.index)
+                rows = list(
+                    session.execute(select(*columns).where(Image.task_id == task_id).order_by(Image.slot, Image.index))
                 )
-                images = [
-                    StoredImage(
-                        row.id, row.index, row.content_type, row.revised_prompt, row.data if with_bytes else None
-                    )
-                    for row in rows
-                ]
             attempts = (
                 list(
                     session.execute(
@@ -164,7 +170,24 @@ class TaskStore:
                 if with_attempts
                 else []
             )
-            return TaskRecord(task, images, attempts)  # type: ignore[arg-type]
+        # The store is read with the connection given back: its reads are files or HTTP.
+        return TaskRecord(task, self._stored_images(rows, with_bytes), attempts)  # type: ignore[arg-type]
+
+    def _stored_images(self, rows: list, with_bytes: bool) -> list[StoredImage]:
+        found = []
+        for row in rows:
+            data = row.data if with_bytes else None
+            if with_bytes and row.store_key is not None:
+                data = self._images.get(row.store_key)
+                if data is None:  # being deleted (retention, a delete) right now: as if already gone
+                    continue
+            url = (
+                self._images.url(row.store_key, row.content_type, self._presign_ttl_s)
+                if self._presign_ttl_s is not None and row.store_key is not None
+                else None
+            )
+            found.append(StoredImage(row.id, row.index, row.content_type, row.revised_prompt, data, url))
+        return found
 
     def status(self, task_id: uuid.UUID) -> str | None:
         """The task's status alone: the cheap re-read of a waiting synchronous request."""
@@ -172,9 +195,15 @@ class TaskStore:
             return session.execute(_TASK_STATUS, {"id": task_id}).scalar_one_or_none()
 
     def image(self, image_id: uuid.UUID) -> tuple[str, bytes] | None:
-        with self._sessions() as session:
-            row = session.execute(select(Image.content_type, Image.data).where(Image.id == image_id)).one_or_none()
-            return (row.content_type, row.data) if row else None
+        """(content type, bytes) of one image, read through the image store when it is kept there."""
+        with self._engine.connect() as connection:
+            row = connection.execute(
+                select(Image.content_type, Image.data, Image.store_key).where(Image.id == image_id)
+            ).one_or_none()
+        if row is None:
+            return None
+        data = row.data if row.store_key is None else self._images.get(row.store_key)
+        return (row.content_type, data) if data is not None else None
 
     def cancel(self, task_id: uuid.UUID, api_key_id: uuid.UUID) -> CancelOutcome | Refused:
         """A pending task fails `cancelled` now, a running one stops before its next call; refused
@@ -188,8 +217,9 @@ class TaskStore:
     def delete(self, task_id: uuid.UUID, api_key_id: uuid.UUID) -> Deleted | Refused:
         """The client's DELETE, in one transaction: an unfinished task is cancelled first (the same
         transition as `cancel`), then its request is dropped (DELETED_REQUEST keeps what usage
-        counts) and its images deleted. The row stays, with its status, timestamps and usage.
-        Deleting again changes nothing. Refused `not_found` or `not_owner`."""
+        counts); then its images are deleted, bytes first (ImageRecords). The row stays, with its
+        status, timestamps and usage. Deleting again deletes whatever images a failure left.
+        Refused `not_found` or `not_owner`."""
         with self._engine.begin() as connection:
             row = connection.execute(_DELETABLE, {"id": task_id}).one_or_none()
             if row is None:
@@ -203,7 +233,7 @@ class TaskStore:
                 if cancelled is CancelOutcome.ENDED:
                     enqueue_task_events(connection, [task_id])
             transitions.mark_deleted(connection, task_id, deleted_request(row.request))
-            delete_task_images(connection, [task_id])
+        self._image_records.delete_for_tasks([task_id])
         return Deleted(task_id, row.batch_id, row.callback_url is not None, cancelled)
 
     # -- the sweeper -------------------------------------------------------------------------
@@ -253,14 +283,6 @@ DELETED_PROMPT = "(deleted)"
 def deleted_request(request: dict[str, Any]) -> dict[str, Any]:
     kept = {"n": request["n"]} if isinstance(request.get("n"), int) else {}
     return {"prompt": DELETED_PROMPT} | kept
-
-
-def delete_task_images(connection: Connection, task_ids: list[uuid.UUID]) -> int:
-    """Delete the images of these tasks (the one place image rows are deleted for a client), in the
-    caller's transaction; how many were deleted."""
-    if not task_ids:
-        return 0
-    return connection.execute(delete(Image).where(Image.task_id.in_(task_ids))).rowcount
 
 
 def _requeued(rows) -> list[Requeued]:

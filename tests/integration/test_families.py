@@ -45,6 +45,7 @@ SIZES = [
     ("jimeng", ["512x512", "341x512", "288x512"], ["1024x1024", "512x300"]),
     ("stability", ["64x64", "16384x64", "1024x1024"], ["63x1024", "16385x1024", "auto"]),
     ("grok", ["960x960", "720x1280", "784x1168"], ["1024x1024", "auto"]),
+    ("local", ["auto", "2K", "16x16", "4096x4096", "128x96"], ["5000x5000", "4097x16", "8k"]),
 ]
 
 # (family, accepted ratios, refused ratios)
@@ -226,3 +227,25 @@ def test_accepted_requests_answer_202(http, count_tasks, body):
     assert response.status_code == 202, response.get_json()
     assert response.get_json()["task_status"] == "pending"
     assert count_tasks() == before + 1
+
+
+def test_a_local_model_has_the_local_adapters_limits_unless_it_names_a_family():
+    assert ModelConfig(name="l", adapter="local").family == "local"
+    assert ModelConfig(name="l", adapter="local", family="stability").family == "stability"
+    assert config().family is None  # other adapters have no default family
+
+
+@pytest.mark.parametrize("size", ["5000x5000", "4097x4096", "8k"])
+def test_local_refuses_a_size_it_cannot_draw_at_intake(app_client, api_key, count_tasks, size):
+    """It used to be accepted, stored as a task, and failed in the worker (the adapter's MAX_SIDE)."""
+    before = count_tasks()
+    response = app_client.post(
+        "/v1/images/generations",
+        json={"model": "local", "prompt": "too big", "size": size, "async": True},
+        headers={"Authorization": f"Bearer {api_key}"},
+    )
+    assert response.status_code == 400
+    error = response.get_json()["error"]
+    assert (error["param"], error["code"], error["type"]) == ("size", "invalid_value", "invalid_request_error")
+    assert size in error["message"] and "4096" in error["message"]
+    assert count_tasks() == before
