@@ -209,7 +209,8 @@ def test_every_model_for_an_unlimited_key_with_its_capabilities(new_client, prov
     assert models["fake-chat"]["imagegate"]["max_images_per_call"] == 1
     assert models["fake-one"]["imagegate"]["max_images_per_call"] == 1
     local = models["local"]["imagegate"]
-    assert local["default"] is True and local["sizes"] is None and local["max_n"] == 10
+    assert local["default"] is True and local["max_n"] == 10
+    assert local["sizes"] == ["auto", "1k", "2k", "4k"] and local["size_range"] == [1, 4096]
     assert [name for name, model in models.items() if model["imagegate"]["default"]] == ["local"]
     assert client.get("/v1/models/fake-grok").get_json() == models["fake-grok"]
     assert_error(client.get("/v1/models/no-such-model"), 404, "model", "model_not_found")
