@@ -26,22 +26,35 @@ CONSTRAINT_KEYS = (
     "max_prompt_chars",
     "max_n",
     "max_images_per_call",
+    "edits",
+    "max_input_images",
 )
 
 FAMILIES: dict[str, dict[str, Any]] = {
     # The built-in `local` adapter draws any WIDTHxHEIGHT up to 4096 a side (workers/adapters/local.py
     # MAX_SIDE), or a named size; a larger one used to be accepted here and fail in the worker.
     "local": {"sizes": ["auto", "1k", "2k", "4k"], "size_range": (1, 4096)},
-    "gpt-image": {"sizes": ["1024x1024", "1024x1536", "1536x1024", "auto"], "max_prompt_chars": 32000},
+    # OpenAI's edits take up to 16 input images for gpt-image, one for dall-e-2; dall-e-3 has none.
+    "gpt-image": {
+        "sizes": ["1024x1024", "1024x1536", "1536x1024", "auto"],
+        "max_prompt_chars": 32000,
+        "max_input_images": 16,
+    },
     # The seed only says "any size in a range" for GPT-Image-2; (256, 4096) is our choice, plus "auto".
-    "gpt-image-2": {"sizes": ["auto"], "size_range": (256, 4096), "max_prompt_chars": 32000},
-    "dall-e-2": {"sizes": ["256x256", "512x512", "1024x1024"], "max_n": 10, "max_prompt_chars": 1000},
+    "gpt-image-2": {"sizes": ["auto"], "size_range": (256, 4096), "max_prompt_chars": 32000, "max_input_images": 16},
+    "dall-e-2": {
+        "sizes": ["256x256", "512x512", "1024x1024"],
+        "max_n": 10,
+        "max_prompt_chars": 1000,
+        "max_input_images": 1,
+    },
     # dall-e-3 makes one image per call: n=1 only, and one image per upstream call.
     "dall-e-3": {
         "sizes": ["1024x1024", "1792x1024", "1024x1792"],
         "max_n": 1,
         "max_images_per_call": 1,
         "max_prompt_chars": 4000,
+        "edits": False,
     },
     # No size at all: the shape is chosen by aspect_ratio.
     "imagen": {"sizes": [], "aspect_ratios": ["1:1", "3:4", "4:3", "9:16", "16:9"]},

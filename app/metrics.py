@@ -52,7 +52,7 @@ SWEEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 UNMATCHED_ROUTE = "unmatched"  # a path no route answers: never the path itself
 UPSTREAM_OUTCOMES = ("2xx", "3xx", "4xx", "5xx", "timeout", "connection_error", "error")
-UPSTREAM_CALL_KINDS = ("generate", "submit", "poll")
+UPSTREAM_CALL_KINDS = ("generate", "edit", "submit", "poll")
 WEBHOOK_OUTCOMES = ("delivered", "retrying", "failed", "disabled")
 SWEEPER_ACTIONS = ("deadline_failed", "taken_back", "attempts_exhausted", "republished", "publish_failed")
 LIVE_STATUSES = ("pending", "running")
@@ -138,7 +138,7 @@ SPECS: dict[str, Spec] = {
     "upstream_calls": Spec(
         Counter,
         "imagegate_upstream_calls_total",
-        "Upstream calls by model served, kind (generate, submit, poll) and outcome "
+        "Upstream calls by model served, kind (generate, edit, submit, poll) and outcome "
         "(status class, timeout, connection_error, error).",
         ("model", "kind", "outcome"),
     ),

@@ -198,6 +198,22 @@ class Image(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
+class TaskInput(Base):
+    """An input file of an edit task (an image to edit, or the mask), written with the task in its
+    intake transaction and read by each attempt, so a retry or another worker has it; the sweeper
+    deletes it once the task has ended. Kept apart from `tasks` so reading a task never loads it."""
+
+    __tablename__ = "task_inputs"
+
+    task_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tasks.id", ondelete="CASCADE"), primary_key=True)
+    role: Mapped[str] = mapped_column(String(8), primary_key=True)  # image | mask
+    index: Mapped[int] = mapped_column(Integer, primary_key=True)  # the images' order (0 for the mask)
+    content_type: Mapped[str] = mapped_column(String(64))
+    filename: Mapped[str | None] = mapped_column(String(255))
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
 class IdempotencyKey(Base):
     """A client's Idempotency-Key: the same key and body give the same task or batch."""
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import tomllib
 from importlib.metadata import entry_points
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -56,6 +57,13 @@ class ModelConfig(BaseModel):
     # How many images one upstream call returns; more are made by concurrent calls (fan-out).
     # Unset: the adapter's own capability.
     max_images_per_call: int | None = Field(None, ge=1)
+    # POST /v1/images/edits: whether the model edits (unset: its family's say, else its adapter's
+    # declared capability), how many input images it takes, and how its edits reach the upstream:
+    # `multipart` to the upstream's /images/edits (the openai adapter's default) or `fields`, the
+    # files as base64 data: URIs in the `image`/`mask` fields of /images/generations (GeekAI style).
+    edits: bool | None = None
+    max_input_images: int | None = Field(None, ge=1)
+    edit_mode: Literal["multipart", "fields"] | None = None
     # Fields some relays want as `[null, value]` arrays (the grok relay's aspect_ratio, ...).
     wrap_params: list[str] = []
     # chat_image: an optional system prompt, and `image_generation: true` in the body.

@@ -117,6 +117,71 @@ class GenerationRequest(RequestModel):
         )
 
 
+class EditRequest(RequestModel):
+    """POST /v1/images/edits: the form fields beside the files (`image` or `image[]`, `mask`), as the
+    OpenAI SDK's images.edit sends them (numbers and booleans as text), plus GeekAI's extensions."""
+
+    model_config = ConfigDict(
+        extra="forbid", populate_by_name=True, frozen=True, json_schema_extra={"additionalProperties": False}
+    )
+
+    model: str | None = Field(
+        None,
+        min_length=1,
+        max_length=200,
+        description="Model to use; defaults to the first model of the providers file.",
+    )
+    prompt: str = Field(..., min_length=1, max_length=MAX_PROMPT_CHARS, description="What the edited image(s) show.")
+    n: int = Field(1, ge=1, le=MAX_N, description="How many images to make.")
+    size: str | None = Field(None, pattern=SIZE_PATTERN, description="WIDTHxHEIGHT, `auto`, or 1k/2k/4k.")
+    quality: str | None = Field(None, max_length=32)
+    response_format: Literal["url", "b64_json"] = "url"
+    output_format: Literal["png", "jpeg", "jpg", "webp"] = "png"
+    output_compression: int | None = Field(None, ge=0, le=100)
+    background: Literal["transparent", "opaque", "auto"] | None = None
+    input_fidelity: Literal["high", "low"] | None = Field(None, description="gpt-image: how closely to keep the input.")
+    user: str | None = Field(None, max_length=256)
+    stream: Literal[False] | None = Field(None, description="Streaming is not supported; omit or false.")
+    partial_images: Literal[0] | None = None
+    # GeekAI extensions, sent as form fields (the SDK's extra_body)
+    callback_url: str | None = Field(
+        None, max_length=2048, pattern=r"^https?://", description="Where the task's end is POSTed (Standard Webhooks)."
+    )
+    async_: bool = Field(False, alias="async", description="Answer 202 with a task id at once.")
+    retries: int = Field(0, ge=0, le=10, description="Automatic retries on retryable upstream errors.")
+
+    @field_validator("stream", "partial_images", mode="before")
+    @classmethod
+    def _form_literal(cls, value: Any, info: ValidationInfo) -> Any:
+        # A form sends text; a Literal takes only its own value: "false" means false, "0" means 0.
+        text = "false" if info.field_name == "stream" else "0"
+        return (False if info.field_name == "stream" else 0) if value == text else value
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_not_blank(cls, prompt: str) -> str:
+        if not prompt.strip():
+            raise ValueError("prompt must not be empty")
+        return prompt
+
+    def stored(self) -> dict[str, Any]:
+        """The fields the client sent, under the client's names (the files are described beside them)."""
+        return self.model_dump(mode="json", by_alias=True, exclude_unset=True)
+
+    def generation(self) -> GenerationRequest:
+        """The fields a generation shares, for the family checks and the adapters."""
+        return generation_of(self.stored())
+
+
+# Fields GenerationRequest does not have: an attempt hands them to the adapter as edit params.
+EDIT_ONLY_FIELDS = frozenset({"input_fidelity"})
+
+
+def generation_of(fields: dict[str, Any]) -> GenerationRequest:
+    """The GenerationRequest of a stored edit's fields (edit-only fields left out)."""
+    return GenerationRequest.model_validate({k: v for k, v in fields.items() if k not in EDIT_ONLY_FIELDS})
+
+
 class ImageData(BaseModel):
     url: str | None = None
     b64_json: str | None = None

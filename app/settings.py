@@ -55,6 +55,10 @@ class Settings(BaseSettings):
     sync_timeout_s: float = Field(300.0, gt=0)
     # Largest request body accepted (base64 input images make bodies large).
     max_body_bytes: int = Field(25 * 1024 * 1024, gt=0)
+    # POST /v1/images/edits: largest input file (each image, the mask) and most images per request.
+    # The whole multipart body is bounded by max_body_bytes as well.
+    max_input_image_bytes: int = Field(20 * 1024 * 1024, gt=0)
+    max_input_images: int = Field(16, ge=1)
     # An authenticated API key is remembered in each API process this long: no database lookup per
     # request, so revoking a key takes effect within this time. 0 looks the key up on every request.
     key_cache_ttl_s: float = Field(15.0, ge=0)

@@ -5,6 +5,7 @@ Each pass, as single guarded UPDATEs (safe with several sweepers on several host
 - tasks past IMAGEGATE_TASK_DEADLINE_S fail `deadline_exceeded`;
 - running attempts whose lease expired (worker killed, frozen, or its poll message lost) go back to
   pending and are republished, or fail `attempts_exhausted` / `cancelled`;
+- the input files of ended edit tasks are deleted (their attempts are over);
 - pending tasks overdue by IMAGEGATE_REPUBLISH_AFTER_S (committed but never published, or lost from a
   flushed broker) are republished. A duplicate message is harmless: a claim takes one delivery;
 - the images of tasks ended more than IMAGEGATE_IMAGE_RETENTION_S ago are deleted, a small batch a pass.
@@ -48,6 +49,7 @@ from imagegate.app.queue import (
 from imagegate.app.runtime import Runtime, build_runtime
 from imagegate.app.settings import Settings
 from imagegate.app.state.tasks import is_overdue_pending, republish_overdue
+from imagegate.app.stores.inputs import forget_ended as forget_ended_inputs
 from imagegate.app.stores.tasks import Requeued
 
 log = logging.getLogger(__name__)
@@ -108,6 +110,7 @@ class Sweeper:
         for batch_id in self.runtime.batches.open_batches():
             self.runtime.after_end.batch_touched(batch_id)
         self.runtime.tasks.forget_idempotency_keys(self.settings.idempotency_ttl_s)
+        forget_ended_inputs(self.runtime.engine)  # an ended edit's input files, a bounded number a pass
         forget_old_heartbeats(self.runtime.engine)
         expired = self._expire_images()
         report = SweepReport(len(overdue), len(requeued), len(exhausted), len(republished), errors, expired)

@@ -22,6 +22,7 @@ from pydantic import ValidationError
 from sqlalchemy.exc import InterfaceError, OperationalError
 
 from imagegate.app.after_end import AfterEnd
+from imagegate.app.edits import MASK, EditInputs, can_edit, split_stored
 from imagegate.app.failures import ErrorCode, Failure
 from imagegate.app.ids import parse_id
 from imagegate.app.image_store import DatabaseImages, ImageStore
@@ -30,7 +31,7 @@ from imagegate.app.models import utcnow
 from imagegate.app.providers import ModelConfig
 from imagegate.app.queue import publish_run
 from imagegate.app.redaction import Redactor
-from imagegate.app.schemas import GenerationRequest
+from imagegate.app.schemas import EDIT_ONLY_FIELDS, GenerationRequest, generation_of
 from imagegate.app.settings import Settings
 from imagegate.app.state.refused import Outcome, Refused
 from imagegate.app.stores.attempts import AttemptStore, CallOutcome, Claim, NewImage, Success
@@ -156,31 +157,55 @@ class TaskRunner:
                 raise UpstreamError(ErrorCode.MISCONFIGURED, f"model {claim.route!r} is no longer configured", False)
             if upstream.unavailable:
                 raise UpstreamError(ErrorCode.MISCONFIGURED, upstream.unavailable, False)
-            request = GenerationRequest.model_validate(claim.request)
+            fields, edit = split_stored(claim.request)
+            request = GenerationRequest.model_validate(fields) if edit is None else generation_of(fields)
+            if edit is not None and not (upstream.adapter.capabilities.edits and can_edit(upstream.config)):
+                raise UpstreamError(ErrorCode.MISCONFIGURED, f"model {claim.route!r} cannot edit images", False)
+            # An edit's files are read from the database by every attempt that calls (not by a poll).
+            inputs = functools.partial(self._edit_inputs, claim, fields, edit) if edit is not None else None
             adapter = upstream.connect(self.http)
             if upstream.polling:  # declared by the adapter, checked when the adapters were loaded
-                self._run_polling(claim, upstream.config, cast(PollingAdapter, adapter), request)
+                self._run_polling(claim, upstream.config, cast(PollingAdapter, adapter), request, inputs)
             else:
-                self._run_calls(claim, upstream, cast(ImageAdapter, adapter), request)
+                self._run_calls(claim, upstream, cast(ImageAdapter, adapter), request, inputs and inputs())
         except UpstreamError as exc:  # before any call was made: the model cannot be served
             self._end_failed(claim, self._failure(exc), [])
         except ValidationError:
             self._end_failed(claim, Failure(ErrorCode.INTERNAL, "stored request no longer validates"), [])
+        except (OperationalError, InterfaceError):  # reading an edit's files: the attempt is taken back
+            raise  # when its lease expires, and the next one reads them again
         except Exception:
             log.exception("task %s attempt %s: unexpected error", claim.task_id, claim.attempt)
             self._end_failed(claim, Failure(ErrorCode.INTERNAL, "The gateway failed while running this task."), [])
 
+    def _edit_inputs(self, claim: Claim, fields: dict, edit: dict) -> EditInputs:
+        images, mask = self.store.inputs(claim.task_id)
+        if len(images) != len(edit.get("images", ())) or (mask is None) == (MASK in edit):
+            raise UpstreamError(ErrorCode.INTERNAL, "the task's input images are no longer stored", False)
+        params = {name: value for name, value in fields.items() if name in EDIT_ONLY_FIELDS}
+        return EditInputs(tuple(images), mask, params)
+
     # -- upstreams that answer with images ----------------------------------------------------
-    def _run_calls(self, claim: Claim, upstream: Upstream, adapter: ImageAdapter, request: GenerationRequest) -> None:
+    def _run_calls(
+        self,
+        claim: Claim,
+        upstream: Upstream,
+        adapter: ImageAdapter,
+        request: GenerationRequest,
+        inputs: EditInputs | None = None,
+    ) -> None:
         config = upstream.config
         counts = slot_counts(request.n, upstream.max_images_per_call)
         todo = list(claim.slots)
+        make, kind = (
+            (functools.partial(adapter.edit, inputs=inputs), "edit") if inputs else (adapter.generate, "generate")
+        )
 
         def call(slot: int) -> Call:
             single = request if len(counts) == 1 else request.model_copy(update={"n": counts[slot]})
             current_call.set(f"imagegate-{claim.task_id}-{claim.attempt}-{slot}")
             try:
-                generation = metered_call(claim.route, "generate", functools.partial(adapter.generate, single))
+                generation = metered_call(claim.route, kind, functools.partial(make, single))
                 return self._stored(slot, generation, config)
             except UpstreamError as exc:
                 return Call(slot, upstream_status=exc.upstream_status, error=exc)
@@ -229,12 +254,22 @@ class TaskRunner:
 
     # -- upstreams that are themselves asynchronous -------------------------------------------
     def _run_polling(
-        self, claim: Claim, config: ModelConfig, adapter: PollingAdapter, request: GenerationRequest
+        self,
+        claim: Claim,
+        config: ModelConfig,
+        adapter: PollingAdapter,
+        request: GenerationRequest,
+        inputs: Callable[[], EditInputs] | None = None,
     ) -> None:
         current_call.set(f"imagegate-{claim.task_id}-{claim.attempt}-0-{claim.polls}")
         try:
             if claim.upstream_task_id is None:
-                upstream_task_id = metered_call(claim.route, "submit", functools.partial(adapter.submit, request))
+                submit = (
+                    functools.partial(adapter.submit_edit, request, inputs())
+                    if inputs
+                    else functools.partial(adapter.submit, request)
+                )
+                upstream_task_id = metered_call(claim.route, "submit", submit)
                 self._wait_upstream(claim, upstream_task_id, config.poll_interval_s, poll=1)
                 return
             generation = metered_call(claim.route, "poll", functools.partial(adapter.poll, claim.upstream_task_id))

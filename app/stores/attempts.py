@@ -13,10 +13,12 @@ from typing import Any
 
 from sqlalchemy import Engine, bindparam, insert, select, update
 
+from imagegate.app.edits import InputFile
 from imagegate.app.failures import Failure
 from imagegate.app.models import Attempt, Image, Task, utcnow
 from imagegate.app.state import attempts as transitions
 from imagegate.app.state.refused import Outcome, Refused
+from imagegate.app.stores.inputs import load_inputs
 from imagegate.app.stores.webhooks import enqueue_task_events
 
 tasks, attempts, images = Task.__table__, Attempt.__table__, Image.__table__
@@ -123,6 +125,10 @@ class AttemptStore:
                     ],
                 )
         return Claim(**{**claim.__dict__, "slots": tuple(slots)})
+
+    def inputs(self, task_id: uuid.UUID) -> tuple[list[InputFile], InputFile | None]:
+        """An edit task's input files: (the images in order, the mask or None)."""
+        return load_inputs(self.engine, task_id)
 
     def claim_poll(self, task_id: uuid.UUID, attempt: int, poll: int, *, lease_s: float) -> Claim | Refused:
         """Take poll step `poll` of a running attempt that is waiting on an asynchronous upstream."""

@@ -6,6 +6,7 @@ events, the attempts an end closes). The worker's side is app.stores.attempts.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, NamedTuple
@@ -13,6 +14,7 @@ from typing import Any, NamedTuple
 from sqlalchemy import Connection, Engine, bindparam, delete, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from imagegate.app.edits import InputFile
 from imagegate.app.failures import ErrorCode, Failure
 from imagegate.app.idempotency import reserve
 from imagegate.app.image_store import DatabaseImages, ImageStore
@@ -21,6 +23,7 @@ from imagegate.app.state import tasks as transitions
 from imagegate.app.state.refused import Refused
 from imagegate.app.state.tasks import UNFINISHED, CancelOutcome, TaskStatus
 from imagegate.app.stores.images import ImageRecords
+from imagegate.app.stores.inputs import delete_inputs, save_inputs
 from imagegate.app.stores.webhooks import enqueue_task_events
 
 TASK_TABLE, ATTEMPT_TABLE = Task.__table__, Attempt.__table__
@@ -108,10 +111,11 @@ class TaskStore:
         response_format: str,
         callback_url: str | None = None,
         idempotency: tuple[str, str] | None = None,
+        inputs: Sequence[InputFile] = (),
     ) -> tuple[NewTask, bool]:
         """The new task, True; or, when the Idempotency-Key (key, fingerprint) was used before with
         the same request, that earlier task, False. One transaction, Core statements (no ORM unit of
-        work): this is the hot path of every submit."""
+        work): this is the hot path of every submit. An edit's input files are written in it too."""
         now, task_id = utcnow(), uuid.uuid4()
         row = transitions.new_task(
             task_id=task_id,
@@ -122,16 +126,17 @@ class TaskStore:
             callback_url=callback_url,
             now=now,
         )
-        if idempotency is None:  # the INSERT alone
+        if idempotency is None and not inputs:  # the INSERT alone
             with self._autocommit.connect() as connection:
                 transitions.accept(connection, row)
             return NewTask(task_id, now), True
         with self._engine.begin() as connection:
-            earlier = reserve(connection, api_key_id, *idempotency, task_id=task_id)
+            earlier = reserve(connection, api_key_id, *idempotency, task_id=task_id) if idempotency else None
             if earlier is not None:
                 found = connection.execute(_TASK_CREATED, {"id": earlier.task_id}).one()
                 return NewTask(found.id, found.created_at), False
             transitions.accept(connection, row)
+            save_inputs(connection, task_id, inputs)
         return NewTask(task_id, now), True
 
     def get(
@@ -233,6 +238,7 @@ class TaskStore:
                 if cancelled is CancelOutcome.ENDED:
                     enqueue_task_events(connection, [task_id])
             transitions.mark_deleted(connection, task_id, deleted_request(row.request))
+            delete_inputs(connection, [task_id])  # an edit's input files go with its request
         self._image_records.delete_for_tasks([task_id])
         return Deleted(task_id, row.batch_id, row.callback_url is not None, cancelled)
 

@@ -11,7 +11,7 @@ from imagegate.app.providers import load_models
 from imagegate.app.queue import reuse_publish_client
 from imagegate.app.runtime import build_runtime
 from imagegate.app.settings import Settings
-from imagegate.app.web import batches, dashboard, files, images, models, openapi, task_reads, usage, webhooks
+from imagegate.app.web import batches, dashboard, edits, files, images, models, openapi, task_reads, usage, webhooks
 from imagegate.app.web.cors import enable_cors
 from imagegate.app.web.errors import register_error_handlers
 from imagegate.app.web.health import register_probes
@@ -47,6 +47,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     register_request_ids(app)
     app.register_blueprint(batches.bp)  # before images: /v1/images/batches is not a task id
     app.register_blueprint(images.bp)
+    app.register_blueprint(edits.bp)
     app.register_blueprint(task_reads.bp)
     app.register_blueprint(models.bp)
     app.register_blueprint(usage.bp)

@@ -5,11 +5,13 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections.abc import Sequence
 
 from flask import Blueprint, g, request
 from pydantic import ValidationError
 from werkzeug.routing import BaseConverter
 
+from imagegate.app.edits import InputFile
 from imagegate.app.failures import http_status_of_failure
 from imagegate.app.ids import parse_id
 from imagegate.app.logs import bind_contextvars
@@ -96,18 +98,41 @@ def create_generation():
     body = _parse_generation(svc)
     model_name, _ = checked_model(svc, body)
     callback_url = checked_callback(svc, body.callback_url) or default_callback()
-    task, new = svc.tasks.create(
-        api_key_id=g.api_key_id,
-        model=model_name,
+    return submit_task(
+        svc,
+        model_name=model_name,
         request=body.stored(),
         response_format=body.response_format,
         callback_url=callback_url,
-        idempotency=idempotency(body.stored()),
+        async_=body.async_,
+    )
+
+
+def submit_task(
+    svc: Services,
+    *,
+    model_name: str,
+    request: dict,
+    response_format: str,
+    callback_url: str | None,
+    async_: bool,
+    inputs: Sequence[InputFile] = (),
+):
+    """Store the checked request as a task (with an edit's input files), publish it, and answer: 202
+    at once when async, else the images once it ended (or 202 when the wait ran out)."""
+    task, new = svc.tasks.create(
+        api_key_id=g.api_key_id,
+        model=model_name,
+        request=request,
+        response_format=response_format,
+        callback_url=callback_url,
+        idempotency=idempotency(request),
+        inputs=inputs,
     )
     replayed = {} if new else {"Idempotent-Replayed": "true"}
     bind_contextvars(task_id=str(task.id), model=model_name)
     log.info("task accepted" if new else "task replayed for its Idempotency-Key")
-    if body.async_:
+    if async_:
         if new:
             _publish(svc, task.id)
         accepted = TaskAccepted(
@@ -233,17 +258,6 @@ def cancel_task(task_id: str):
 
 
 # 400, not 501: clients (the OpenAI SDKs among them) retry a 5xx, which here can only fail again.
-@bp.post("/edits")
-@operation(
-    operation_id="createImageEdit",
-    summary="Not supported yet: image edits (answers 400 `unsupported_endpoint`)",
-    replies={},
-    errors=(400, 401),
-)
-def create_edit():
-    raise _not_supported("Image edits (POST /v1/images/edits)")
-
-
 @bp.post("/variations")
 @operation(
     operation_id="createImageVariation",
@@ -258,7 +272,6 @@ def create_variation():
 def _not_supported(what: str) -> ApiError:
     return ApiError(
         400,
-        f"{what} are not supported yet by this gateway. Use POST /v1/images/generations; a model that "
-        "edits takes its input images there in `image`.",
+        f"{what} are not supported yet by this gateway. Use POST /v1/images/edits to edit images.",
         code="unsupported_endpoint",
     )

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from flask import request
+from werkzeug.datastructures import MultiDict
 from werkzeug.wsgi import ClosingIterator
 
 from imagegate.app.web.errors import ApiError
@@ -35,12 +36,21 @@ def _gevent_timeout(seconds: float):
 
 def read_body(timeout_s: float) -> bytes:
     """The request body, read within timeout_s; else 408 in OpenAI's shape, and the connection closed."""
+    return _within(timeout_s, lambda: request.get_data(cache=False))
+
+
+def read_form(timeout_s: float) -> tuple[MultiDict, MultiDict]:
+    """A multipart body's (fields, files), received within timeout_s like read_body's."""
+    return _within(timeout_s, lambda: (request.form, request.files))
+
+
+def _within(timeout_s: float, read: Callable[[], Any]) -> Any:
     timeout = _gevent_timeout(timeout_s)
     if timeout is None:
-        return request.get_data(cache=False)
+        return read()
     try:
         with timeout:
-            return request.get_data(cache=False)
+            return read()
     except BodyTimeout:
         _close_after_reply()
         raise ApiError(

@@ -96,13 +96,20 @@ def test_a_sync_request_is_answered_when_its_end_is_never_announced(quiet_api, a
     assert response.json()["task_status"] == "failed"
 
 
-def _trickler(port: int, api_key: str, length: int = 200) -> socket.socket:
-    """A connection that sends a request's headers and the first byte of its body, then nothing."""
+def _trickler(
+    port: int,
+    api_key: str,
+    length: int = 200,
+    path: str = "/v1/images/generations",
+    content_type: str = "application/json",
+    start: str = "{",
+) -> socket.socket:
+    """A connection that sends a request's headers and the start of its body, then nothing."""
     sock = socket.create_connection(("127.0.0.1", port))
     sock.sendall(
         (
-            f"POST /v1/images/generations HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {api_key}\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {length}\r\n\r\n{{"
+            f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {api_key}\r\n"
+            f"Content-Type: {content_type}\r\nContent-Length: {length}\r\n\r\n{start}"
         ).encode()
     )
     return sock
@@ -145,6 +152,18 @@ def test_a_trickled_body_gets_408_in_openai_shape(quiet_api, api_key):
     assert time.monotonic() - started >= BODY_TIMEOUT_S
     error = json.loads(reply.split(b"\r\n\r\n", 1)[1])["error"]
     assert error["code"] == "request_timeout" and error["type"] == "invalid_request_error"
+
+
+def test_a_trickled_multipart_edit_gets_408_too(quiet_api, api_key):
+    _, port = quiet_api
+    start = '--b\r\nContent-Disposition: form-data; name="prompt"\r\n\r\n'
+    sock = _trickler(port, api_key, 2000, "/v1/images/edits", "multipart/form-data; boundary=b", start)
+    try:
+        reply = _read_reply(sock, timeout_s=15, trickle=True)
+    finally:
+        sock.close()
+    assert reply.startswith(b"HTTP/1.1 408"), reply[:200]
+    assert json.loads(reply.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "request_timeout"
 
 
 def test_one_client_cannot_hold_more_than_its_share_of_requests(quiet_api, api_key):

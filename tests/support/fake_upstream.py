@@ -7,10 +7,13 @@ and one worker. Every call is logged with its arrival time.
 from __future__ import annotations
 
 import base64
+import io
 import json
 import time
 import uuid
 from dataclasses import dataclass, field
+
+from werkzeug.formparser import parse_form_data
 
 from tests.support.fake_http import JsonHandler, ScriptedServer, png_bytes
 
@@ -43,8 +46,10 @@ class Call:
     at: float
     body: dict
     authorization: str | None
-    kind: str = "generate"  # or "submit" / "poll" for the asynchronous flow
+    kind: str = "generate"  # or "submit" / "poll" for the asynchronous flow, "edit" for /images/edits
     key: str | None = None  # the Idempotency-Key: which call of which attempt of which task
+    # A multipart edit's file parts: field name -> [(filename, content type, bytes)].
+    files: dict[str, list[tuple[str, str, bytes]]] = field(default_factory=dict)
 
 
 class FakeUpstream(ScriptedServer):
@@ -120,9 +125,14 @@ class FakeUpstream(ScriptedServer):
                 self.send_json(200, reply)
 
             def do_POST(self) -> None:
-                body = self.read_json()
+                files: dict[str, list[tuple[str, str, bytes]]] = {}
+                if self.path.rstrip("/").endswith("/images/edits"):
+                    body, files = self.read_multipart()
+                    kind = "edit"
+                else:
+                    body = self.read_json()
+                    kind = "submit" if body.get("async") else "generate"
                 prompt = body.get("prompt", "")
-                kind = "submit" if body.get("async") else "generate"
                 upstream.log(
                     Call(
                         prompt,
@@ -131,6 +141,7 @@ class FakeUpstream(ScriptedServer):
                         self.headers.get("Authorization"),
                         kind,
                         self.headers.get("Idempotency-Key"),
+                        files,
                     )
                 )
                 step = upstream.next_step(prompt)
@@ -157,6 +168,22 @@ class FakeUpstream(ScriptedServer):
                     self._trickle(upstream.images_reply(step, int(body.get("n", 1))))
                 else:
                     self.send_json(200, upstream.images_reply(step, int(body.get("n", 1))), step.headers)
+
+            def read_multipart(self) -> tuple[dict, dict[str, list[tuple[str, str, bytes]]]]:
+                """OpenAI's /images/edits body: (the text fields, the file parts)."""
+                length = int(self.headers.get("Content-Length") or 0)
+                environ = {
+                    "REQUEST_METHOD": "POST",
+                    "CONTENT_TYPE": self.headers.get("Content-Type", ""),
+                    "CONTENT_LENGTH": str(length),
+                    "wsgi.input": io.BytesIO(self.rfile.read(length)),
+                }
+                _, form, parts = parse_form_data(environ)
+                files = {
+                    name: [(part.filename, part.content_type, part.read()) for part in parts.getlist(name)]
+                    for name in parts
+                }
+                return form.to_dict(), files
 
             def _trickle(self, document: dict) -> None:
                 body = json.dumps(document).encode()

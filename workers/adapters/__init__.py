@@ -12,7 +12,7 @@ import httpx
 
 from imagegate.app.families import constraints
 from imagegate.app.providers import ADAPTER_ENTRY_POINTS, ModelConfig
-from imagegate.workers.adapters.base import REQUIRED_METHODS, Adapter, Capabilities
+from imagegate.workers.adapters.base import EDIT_METHODS, REQUIRED_METHODS, Adapter, Capabilities
 
 
 def load_adapters() -> dict[str, type[Adapter]]:
@@ -28,11 +28,14 @@ def checked(name: str, adapter: type) -> type[Adapter]:
             f"adapter {name!r} ({adapter.__qualname__}): `capabilities` must be a "
             f"imagegate.workers.adapters.base.Capabilities"
         )
-    missing = [
-        method for method in REQUIRED_METHODS[capabilities.polling] if not callable(getattr(adapter, method, None))
-    ]
+    required = REQUIRED_METHODS[capabilities.polling] + (
+        (EDIT_METHODS[capabilities.polling],) if capabilities.edits else ()
+    )
+    missing = [method for method in required if not callable(getattr(adapter, method, None))]
     if missing:
-        kind = "a polling adapter" if capabilities.polling else "an adapter"
+        kind = ("a polling adapter" if capabilities.polling else "an adapter") + (
+            " that edits" if capabilities.edits else ""
+        )
         raise TypeError(f"adapter {name!r} ({adapter.__qualname__}): {kind} needs {' and '.join(missing)}()")
     return adapter
 

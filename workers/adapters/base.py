@@ -8,11 +8,13 @@ model's `api_key_env` (see workers.adapters.resolve_upstreams).
 
 from __future__ import annotations
 
+import base64
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
 import httpx
 
+from imagegate.app.edits import EditInputs, InputFile
 from imagegate.app.failures import ErrorCode
 from imagegate.app.providers import ModelConfig
 from imagegate.app.schemas import GenerationRequest
@@ -78,6 +80,9 @@ class Capabilities:
     # How many images one upstream call can return; None: any n. A model's own
     # `max_images_per_call` (or its family's) wins over this.
     max_images_per_call: int | None = None
+    # Image edits (POST /v1/images/edits): the adapter has `edit` (`submit_edit` when polling). Keep
+    # app.edits.ADAPTERS_THAT_EDIT in step for a built-in adapter (the API never imports this one).
+    edits: bool = False
 
 
 class Adapter(Protocol):
@@ -95,6 +100,10 @@ class ImageAdapter(Adapter, Protocol):
 
     def generate(self, request: GenerationRequest) -> Generation: ...
 
+    def edit(self, request: GenerationRequest, inputs: EditInputs) -> Generation:
+        """With `capabilities.edits`: the images of an edit of `inputs`."""
+        ...
+
 
 class PollingAdapter(Adapter, Protocol):
     """An upstream that is itself asynchronous (`capabilities.polling`): submit once, then poll its
@@ -108,9 +117,28 @@ class PollingAdapter(Adapter, Protocol):
         """The images once the upstream task succeeded; None while it is still going."""
         ...
 
+    def submit_edit(self, request: GenerationRequest, inputs: EditInputs) -> str:
+        """With `capabilities.edits`: submit an edit of `inputs`; the upstream's task id (then `poll`)."""
+        ...
+
 
 # The methods each kind of adapter must have, checked once when the adapters are loaded.
 REQUIRED_METHODS = {False: ("generate",), True: ("submit", "poll")}
+EDIT_METHODS = {False: "edit", True: "submit_edit"}
+
+
+def data_uri(file: InputFile) -> str:
+    return f"data:{file.content_type};base64,{base64.b64encode(file.data).decode()}"
+
+
+def with_input_fields(request: GenerationRequest, inputs: EditInputs) -> GenerationRequest:
+    """The request with the edit's files in GeekAI's `image` (one string, or a list for several) and
+    `mask` fields, as base64 data: URIs."""
+    images = [data_uri(image) for image in inputs.images]
+    update: dict[str, Any] = {"image": images[0] if len(images) == 1 else images}
+    if inputs.mask is not None:
+        update["mask"] = data_uri(inputs.mask)
+    return request.model_copy(update=update)
 
 
 class HttpAdapter:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import re
 from typing import Any, ClassVar
 
+from imagegate.app.edits import EditInputs
 from imagegate.app.failures import ErrorCode
 from imagegate.app.providers import ModelConfig
 from imagegate.app.schemas import GenerationRequest
@@ -26,6 +27,7 @@ from imagegate.workers.adapters.base import (
     HttpAdapter,
     UpstreamError,
     UpstreamImage,
+    with_input_fields,
 )
 from imagegate.workers.adapters.openai import call
 
@@ -39,7 +41,7 @@ DATA_URI = re.compile(r"data:image/[\w.+-]+;base64,[A-Za-z0-9+/=]+")
 class ChatImageAdapter(HttpAdapter):
     name: ClassVar[str] = "chat_image"
     # A chat reply carries one image; the runner fans out concurrent calls for n > 1.
-    capabilities: ClassVar[Capabilities] = Capabilities(max_images_per_call=1)
+    capabilities: ClassVar[Capabilities] = Capabilities(max_images_per_call=1, edits=True)
 
     def generate(self, request: GenerationRequest) -> Generation:
         reply, document = call(
@@ -54,6 +56,14 @@ class ChatImageAdapter(HttpAdapter):
         # Never more than the call asked for, should the model draw a few variants.
         images = [UpstreamImage(url=url) for url in urls[: request.n]]
         return Generation(images, usage if isinstance(usage, dict) else None, reply.status)
+
+    def edit(self, request: GenerationRequest, inputs: EditInputs) -> Generation:
+        """The images to edit go in as `image_url` parts of the user message; a chat has no mask."""
+        if inputs.mask is not None:
+            raise UpstreamError(
+                ErrorCode.UPSTREAM_REJECTED, "this chat model takes no mask; send the edit without one", False
+            )
+        return self.generate(with_input_fields(request, inputs))
 
 
 def chat_body(request: GenerationRequest, config: ModelConfig) -> dict[str, Any]:

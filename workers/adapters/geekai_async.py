@@ -8,9 +8,16 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+from imagegate.app.edits import EditInputs
 from imagegate.app.failures import ErrorCode
 from imagegate.app.schemas import GenerationRequest
-from imagegate.workers.adapters.base import Capabilities, Generation, HttpAdapter, UpstreamError
+from imagegate.workers.adapters.base import (
+    Capabilities,
+    Generation,
+    HttpAdapter,
+    UpstreamError,
+    with_input_fields,
+)
 from imagegate.workers.adapters.openai import call, images_body, images_of
 
 REFUSAL_WORDS = ("policy", "sensitive", "moderation", "safety")
@@ -18,7 +25,7 @@ REFUSAL_WORDS = ("policy", "sensitive", "moderation", "safety")
 
 class GeekAIAsyncAdapter(HttpAdapter):
     name: ClassVar[str] = "geekai_async"
-    capabilities: ClassVar[Capabilities] = Capabilities(polling=True)
+    capabilities: ClassVar[Capabilities] = Capabilities(polling=True, edits=True)
 
     def submit(self, request: GenerationRequest) -> str:
         body = images_body(request, self.config) | {"async": True}
@@ -32,6 +39,10 @@ class GeekAIAsyncAdapter(HttpAdapter):
                 upstream_status=reply.status,
             )
         return task_id
+
+    def submit_edit(self, request: GenerationRequest, inputs: EditInputs) -> str:
+        """GeekAI takes the images to edit in the `image` (and `mask`) fields of a generation."""
+        return self.submit(with_input_fields(request, inputs))
 
     def poll(self, upstream_task_id: str) -> Generation | None:
         reply, document = call(self.http, self.config, self.api_key, "GET", f"/images/{upstream_task_id}")

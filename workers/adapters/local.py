@@ -8,8 +8,9 @@ import textwrap
 from typing import ClassVar
 
 import httpx
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageFont, ImageOps
 
+from imagegate.app.edits import EditInputs
 from imagegate.app.failures import ErrorCode
 from imagegate.app.providers import ModelConfig
 from imagegate.app.schemas import GenerationRequest
@@ -46,22 +47,47 @@ def render(prompt: str, index: int, width: int, height: int, image_format: str) 
 
 class LocalAdapter:
     name: ClassVar[str] = "local"
-    capabilities: ClassVar[Capabilities] = Capabilities()
+    capabilities: ClassVar[Capabilities] = Capabilities(edits=True)
 
     def __init__(self, config: ModelConfig, http: httpx.Client, api_key: str | None) -> None:
         self.config = config
 
     def generate(self, request: GenerationRequest) -> Generation:
-        try:
-            width, height = parse_size(request.size)
-        except ValueError:
-            width = height = 0  # refused just below, in the same words
-        if not (1 <= width <= MAX_SIDE and 1 <= height <= MAX_SIDE):
-            raise UpstreamError(
-                ErrorCode.UPSTREAM_REJECTED, f"size must be at most {MAX_SIDE}x{MAX_SIDE}", retryable=False
-            )
+        width, height = _checked_size(request.size)
         images = [
             UpstreamImage(data=render(request.prompt, index, width, height, request.image_format))
             for index in range(request.n)
         ]
         return Generation(images=images, usage={"generated_images": len(images)})
+
+    def edit(self, request: GenerationRequest, inputs: EditInputs) -> Generation:
+        """The first input image (at the requested size, else its own) with the prompt's picture
+        drawn in where the mask is transparent, or blended over all of it without a mask."""
+        with Image.open(io.BytesIO(inputs.images[0].data)) as opened:
+            base = opened.convert("RGBA")
+        width, height = _checked_size(request.size) if request.size not in (None, "auto") else base.size
+        base = base.resize((width, height))
+        where = None
+        if inputs.mask is not None:
+            with Image.open(io.BytesIO(inputs.mask.data)) as opened:
+                where = ImageOps.invert(opened.convert("RGBA").getchannel("A").resize((width, height)))
+        images = []
+        for index in range(request.n):
+            with Image.open(io.BytesIO(render(request.prompt, index, width, height, "png"))) as drawn:
+                drawn = drawn.convert("RGBA")
+                edited = Image.composite(drawn, base, where) if where else Image.blend(base, drawn, 0.5)
+            out = io.BytesIO()
+            mode = "RGBA" if request.image_format in ("png", "webp") else "RGB"
+            edited.convert(mode).save(out, format=request.image_format.upper())
+            images.append(UpstreamImage(data=out.getvalue()))
+        return Generation(images=images, usage={"generated_images": len(images)})
+
+
+def _checked_size(size: str | None) -> tuple[int, int]:
+    try:
+        width, height = parse_size(size)
+    except ValueError:
+        width = height = 0  # refused just below, in the same words
+    if not (1 <= width <= MAX_SIDE and 1 <= height <= MAX_SIDE):
+        raise UpstreamError(ErrorCode.UPSTREAM_REJECTED, f"size must be at most {MAX_SIDE}x{MAX_SIDE}", retryable=False)
+    return width, height

@@ -10,6 +10,7 @@ from typing import Any, ClassVar
 
 import httpx
 
+from imagegate.app.edits import EditInputs
 from imagegate.app.failures import ErrorCode
 from imagegate.app.providers import ModelConfig
 from imagegate.app.schemas import GenerationRequest
@@ -21,6 +22,7 @@ from imagegate.workers.adapters.base import (
     UpstreamError,
     UpstreamImage,
     error_for_status,
+    with_input_fields,
 )
 
 CONTENT_POLICY_CODES = {"content_policy_violation", "moderation_blocked", "content_filter"}
@@ -28,11 +30,27 @@ CONTENT_POLICY_CODES = {"content_policy_violation", "moderation_blocked", "conte
 
 class OpenAIAdapter(HttpAdapter):
     name: ClassVar[str] = "openai"
-    capabilities: ClassVar[Capabilities] = Capabilities()
+    capabilities: ClassVar[Capabilities] = Capabilities(edits=True)
 
     def generate(self, request: GenerationRequest) -> Generation:
         reply, document = call(
             self.http, self.config, self.api_key, "POST", "/images/generations", json=images_body(request, self.config)
+        )
+        return images_of(reply, document)
+
+    def edit(self, request: GenerationRequest, inputs: EditInputs) -> Generation:
+        """Multipart to the upstream's /images/edits, as OpenAI takes it; or, with `edit_mode =
+        "fields"`, the files in the `image`/`mask` fields of /images/generations (GeekAI style)."""
+        if self.config.edit_mode == "fields":
+            return self.generate(with_input_fields(request, inputs))
+        reply, document = call(
+            self.http,
+            self.config,
+            self.api_key,
+            "POST",
+            "/images/edits",
+            data=edit_form(request, inputs, self.config),
+            files=edit_files(inputs),
         )
         return images_of(reply, document)
 
@@ -44,6 +62,25 @@ def images_body(request: GenerationRequest, config: ModelConfig) -> dict[str, An
         if name in body:
             body[name] = [None, body[name]]
     return body
+
+
+def edit_form(request: GenerationRequest, inputs: EditInputs, config: ModelConfig) -> dict[str, str]:
+    """The text fields of a multipart edit: what the client sent and the upstream's model name."""
+    fields = request.upstream_params() | (inputs.params or {}) | {"model": config.upstream_name}
+    return {name: _form_text(value) for name, value in fields.items() if value is not None}
+
+
+def _form_text(value: Any) -> str:
+    return ("true" if value else "false") if isinstance(value, bool) else str(value)
+
+
+def edit_files(inputs: EditInputs) -> list[tuple[str, tuple[str, bytes, str]]]:
+    """The file parts, named as the OpenAI SDK names them: `image` for one, `image[]` for several."""
+    name = "image" if len(inputs.images) == 1 else "image[]"
+    parts = [(name, (image.upload_name, image.data, image.content_type)) for image in inputs.images]
+    if inputs.mask is not None:
+        parts.append(("mask", (inputs.mask.upload_name, inputs.mask.data, inputs.mask.content_type)))
+    return parts
 
 
 def call(
