@@ -65,6 +65,10 @@ class ApiKey(Base):
     webhook_secret_previous_until: Mapped[datetime | None]
     # When an API process last authenticated it; written at most once a minute per key and process.
     last_used_at: Mapped[datetime | None]
+    # Limits at intake (app/key_limits.py): NULL follows the IMAGEGATE_DEFAULT_* setting, 0 is no limit.
+    rpm: Mapped[int | None] = mapped_column(Integer)
+    images_per_day: Mapped[int | None] = mapped_column(Integer)
+    max_pending: Mapped[int | None] = mapped_column(Integer)
 
     # A name means one live key; a revoked key's name may be given again.
     __table_args__ = (
@@ -142,6 +146,13 @@ class Task(Base):
         # Newest first, for one key (its own list) and for all (an admin's), paged by (created_at, id).
         Index("ix_tasks_api_key_id_created_at_id", "api_key_id", "created_at", "id"),
         Index("ix_tasks_created_at_id", "created_at", "id"),
+        # A key's unfinished tasks, counted at intake against its max_pending (app/key_limits.py).
+        Index(
+            "ix_tasks_unfinished_api_key",
+            "api_key_id",
+            postgresql_where=text("status IN ('pending', 'running')"),
+            sqlite_where=text("status IN ('pending', 'running')"),
+        ),
     )
 
 
