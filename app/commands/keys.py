@@ -32,7 +32,10 @@ def _checked_callback(url: str | None) -> str | None:
 class LimitValue(click.ParamType):
     """A per-key limit: a whole number (0: no limit), or `default` to follow IMAGEGATE_DEFAULT_*."""
 
-    name = "N|default"
+    name = "limit"
+
+    def get_metavar(self, param, ctx=None) -> str:
+        return "N|default"
 
     def convert(self, value, param, ctx):
         if isinstance(value, int) or value == DEFAULT:
@@ -41,8 +44,9 @@ class LimitValue(click.ParamType):
             number = int(str(value).strip())
         except ValueError:
             number = -1
-        if number < 0:
-            self.fail(f"{value!r} is not a whole number >= 0 or 'default'", param, ctx)
+        if number < 0:  # one line, as every other mistake (a UsageError would print the usage too)
+            flag = param.opts[0] if param else "the limit"
+            raise click.ClickException(f"{flag}: {value!r} is not a whole number >= 0 or 'default'")
         return number
 
 
@@ -92,7 +96,7 @@ def keys_update(name: str, rpm: int | str | None, images_per_day: int | str | No
     given = {"rpm": rpm, "images_per_day": images_per_day, "max_pending": max_pending}
     changes = {column: None if value == DEFAULT else value for column, value in given.items() if value is not None}
     if not changes:
-        raise click.UsageError("nothing to update: give --rpm, --images-per-day or --max-pending")
+        raise click.ClickException("nothing to update: give --rpm, --images-per-day or --max-pending")
     if not update_limits(_key_sessions(), name, **{column: changes.get(column, KEEP) for column in given}):
         raise click.ClickException(f"no live key named {name!r} (see `imagegate keys list`)")
     click.echo(f"updated {name!r}")
