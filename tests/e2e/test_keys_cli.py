@@ -13,7 +13,6 @@ from tests.support.databases import drop_database, fresh_database
 from tests.support.processes import create_key, run_cli
 from tests.support.services import free_port
 
-
 HEADER = ["name", "prefix", "created", "last used", "revoked", "rpm", "images/day", "max pending"]
 
 
