@@ -265,3 +265,23 @@ def test_the_embedded_mode_limits_in_memory_on_sqlite(tmp_path, settings):
     finally:
         application.extensions["imagegate"].engine.dispose()
         engine.dispose()
+
+
+def test_an_update_changes_only_the_limits_given_and_the_api_applies_it(idle_settings, sessions):
+    from imagegate.app.keys import authenticate, update_limits
+
+    name = f"updated-{uuid.uuid4().hex[:8]}"
+    key = create_key(sessions, name, limits=StoredLimits(rpm=5, images_per_day=50, max_pending=3)).key
+    assert update_limits(sessions, name, rpm=1, max_pending=None)  # images_per_day left as it is
+    assert authenticate(sessions, key).limits == StoredLimits(rpm=1, images_per_day=50, max_pending=None)
+    assert not update_limits(sessions, "no-such-key", rpm=1)
+
+    application = create_app(idle_settings.model_copy(update={"key_cache_ttl_s": 0}))
+    try:
+        client = application.test_client()
+        client.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {key}"
+        assert submit(client).status_code == 202
+        assert update_limits(sessions, name, rpm=2)
+        assert submit(client).headers["x-ratelimit-remaining-requests"] == "0"  # 2 per minute now, 2 used
+    finally:
+        application.extensions["imagegate"].engine.dispose()
