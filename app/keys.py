@@ -135,11 +135,17 @@ def update_limits(
         for column, value in (("rpm", rpm), ("images_per_day", images_per_day), ("max_pending", max_pending))
         if value is not KEEP
     }
+    values = changes or {"name": ApiKey.name}  # nothing to change: still say whether the key exists
     with sessions.begin() as session:
-        query = update(ApiKey).where(ApiKey.name == name, ApiKey.revoked_at.is_(None))
-        if not changes:
-            query = query.values(name=ApiKey.name)  # nothing to change: still say whether the key exists
-        return session.execute(query.values(**changes).execution_options(synchronize_session=False)).rowcount > 0
+        return (
+            session.execute(
+                update(ApiKey)
+                .where(ApiKey.name == name, ApiKey.revoked_at.is_(None))
+                .values(**values)
+                .execution_options(synchronize_session=False)
+            ).rowcount
+            > 0
+        )
 
 
 def revoke_key(sessions: sessionmaker[Session], name: str) -> bool:
