@@ -36,7 +36,7 @@ def app(idle_settings, migrated):
 
 
 @pytest.fixture(scope="module")
-def sessions(database_url):
+def sessions(database_url, migrated):
     engine = make_engine(database_url, pool_size=1)
     yield make_sessionmaker(engine)
     engine.dispose()
