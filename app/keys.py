@@ -20,6 +20,7 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
+from imagegate.app.key_limits import NO_OWN_LIMITS, StoredLimits
 from imagegate.app.models import ApiKey, utcnow
 from imagegate.app.webhook_signing import new_secret
 
@@ -46,10 +47,11 @@ class NewKey:
 
 @dataclass(frozen=True)
 class Caller:
-    """Who is calling: the key's id, and where its events go by default."""
+    """Who is calling: the key's id, where its events go by default, and its own limits."""
 
     id: uuid.UUID
     callback_url: str | None
+    limits: StoredLimits = NO_OWN_LIMITS
     # The models this key may use; None: every model served.
     models: frozenset[str] | None = None
 
@@ -66,10 +68,15 @@ class KeyListing:
     created_at: datetime
     last_used_at: datetime | None
     revoked_at: datetime | None
+    limits: StoredLimits = NO_OWN_LIMITS
 
 
 def create_key(
-    sessions: sessionmaker[Session], name: str, callback_url: str | None = None, models: list[str] | None = None
+    sessions: sessionmaker[Session],
+    name: str,
+    callback_url: str | None = None,
+    limits: StoredLimits = NO_OWN_LIMITS,
+    models: list[str] | None = None,
 ) -> NewKey:
     """Store a new key and return it; this is the only time the key itself exists. A name is
     unique among live keys (KeyNameTaken). `models` limits the key to those models (None: all)."""
@@ -88,6 +95,9 @@ def create_key(
                     callback_url=callback_url,
                     webhook_secret=secret,
                     models=models,
+                    rpm=limits.rpm,
+                    images_per_day=limits.images_per_day,
+                    max_pending=limits.max_pending,
                 )
             )
     except IntegrityError:  # created at the same moment by someone else: the unique index decided
@@ -99,11 +109,49 @@ def list_keys(sessions: sessionmaker[Session]) -> list[KeyListing]:
     """Every key, live and revoked, oldest first."""
     with sessions() as session:
         rows = session.execute(
-            select(ApiKey.name, ApiKey.prefix, ApiKey.created_at, ApiKey.last_used_at, ApiKey.revoked_at).order_by(
-                ApiKey.created_at, ApiKey.name
-            )
+            select(
+                ApiKey.name,
+                ApiKey.prefix,
+                ApiKey.created_at,
+                ApiKey.last_used_at,
+                ApiKey.revoked_at,
+                ApiKey.rpm,
+                ApiKey.images_per_day,
+                ApiKey.max_pending,
+            ).order_by(ApiKey.created_at, ApiKey.name)
         ).all()
-    return [KeyListing(*row) for row in rows]
+    return [KeyListing(*row[:5], limits=StoredLimits(*row[5:])) for row in rows]
+
+
+# A limit left out of an update stays as it is; None sets it back to the settings' default.
+KEEP: object = object()
+
+
+def update_key(
+    sessions: sessionmaker[Session],
+    name: str,
+    *,
+    rpm: int | None | object = KEEP,
+    images_per_day: int | None | object = KEEP,
+    max_pending: int | None | object = KEEP,
+    models: list[str] | None | object = KEEP,
+) -> bool:
+    """Change the limits and the models (None: every model) of the live key named `name`; what is
+    KEEP stays. False when there is no such key. API processes apply a change within
+    IMAGEGATE_KEY_CACHE_TTL_S."""
+    given = {"rpm": rpm, "images_per_day": images_per_day, "max_pending": max_pending, "models": models}
+    changes = {column: value for column, value in given.items() if value is not KEEP}
+    values = changes or {"name": ApiKey.name}  # nothing to change: still say whether the key exists
+    with sessions.begin() as session:
+        return (
+            session.execute(
+                update(ApiKey)
+                .where(ApiKey.name == name, ApiKey.revoked_at.is_(None))
+                .values(**values)
+                .execution_options(synchronize_session=False)
+            ).rowcount
+            > 0
+        )
 
 
 def revoke_key(sessions: sessionmaker[Session], name: str) -> bool:
@@ -151,21 +199,6 @@ def set_callback_url(sessions: sessionmaker[Session], name: str, url: str | None
         )
 
 
-def set_models(sessions: sessionmaker[Session], name: str, models: list[str] | None) -> bool:
-    """Limit the live key named `name` to `models` (None: every model); False when there is none.
-    API processes apply it within IMAGEGATE_KEY_CACHE_TTL_S."""
-    with sessions.begin() as session:
-        return (
-            session.execute(
-                update(ApiKey)
-                .where(ApiKey.name == name, ApiKey.revoked_at.is_(None))
-                .values(models=models)
-                .execution_options(synchronize_session=False)
-            ).rowcount
-            > 0
-        )
-
-
 def authenticate(sessions: sessionmaker[Session], presented: str) -> Caller | None:
     """The live key whose hash matches, else None."""
     if not presented.startswith(KEY_PREFIX) or len(presented) > 200:
@@ -173,19 +206,30 @@ def authenticate(sessions: sessionmaker[Session], presented: str) -> Caller | No
     digest = hash_key(presented)
     with sessions() as session:
         row = session.execute(
-            select(ApiKey.id, ApiKey.key_hash, ApiKey.callback_url, ApiKey.models).where(
-                ApiKey.key_hash == digest, ApiKey.revoked_at.is_(None)
-            )
+            select(
+                ApiKey.id,
+                ApiKey.key_hash,
+                ApiKey.callback_url,
+                ApiKey.models,
+                ApiKey.rpm,
+                ApiKey.images_per_day,
+                ApiKey.max_pending,
+            ).where(ApiKey.key_hash == digest, ApiKey.revoked_at.is_(None))
         ).one_or_none()
     if row is None or not hmac.compare_digest(row.key_hash, digest):
         return None
-    return Caller(row.id, row.callback_url, frozenset(row.models) if row.models is not None else None)
+    return Caller(
+        row.id,
+        row.callback_url,
+        StoredLimits(row.rpm, row.images_per_day, row.max_pending),
+        frozenset(row.models) if row.models is not None else None,
+    )
 
 
 class KeyCache:
     """Authenticated keys remembered in-process for ttl_s, keyed by the key's SHA-256 (the raw key is
     never kept), so a request costs no database round trip for its key. The price: a revoked key
-    (or a changed default callback URL) takes effect within ttl_s. Refused keys are not cached, so
+    (or a changed default callback URL or limit) takes effect within ttl_s. Refused keys are not cached, so
     a key created a moment ago works at once. ttl_s = 0 looks every key up. A key's last_used_at is
     written at most every last_used_every_s from this process."""
 

@@ -69,6 +69,10 @@ class ApiKey(Base):
     models: Mapped[list[str] | None] = mapped_column(
         JSON(none_as_null=True).with_variant(JSONB(none_as_null=True), "postgresql")
     )
+    # Limits at intake (app/key_limits.py): NULL follows the IMAGEGATE_DEFAULT_* setting, 0 is no limit.
+    rpm: Mapped[int | None] = mapped_column(Integer)
+    images_per_day: Mapped[int | None] = mapped_column(Integer)
+    max_pending: Mapped[int | None] = mapped_column(Integer)
 
     # A name means one live key; a revoked key's name may be given again.
     __table_args__ = (
@@ -157,6 +161,13 @@ class Task(Base):
             "finished_at",
             postgresql_where=text("images_expired_at IS NULL AND finished_at IS NOT NULL"),
             sqlite_where=text("images_expired_at IS NULL AND finished_at IS NOT NULL"),
+        ),
+        # A key's unfinished tasks, counted at intake against its max_pending (app/key_limits.py).
+        Index(
+            "ix_tasks_unfinished_api_key",
+            "api_key_id",
+            postgresql_where=text("status IN ('pending', 'running')"),
+            sqlite_where=text("status IN ('pending', 'running')"),
         ),
     )
 

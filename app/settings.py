@@ -67,6 +67,12 @@ class Settings(BaseSettings):
     body_timeout_s: float = Field(30.0, gt=0)
     # Requests in progress from one client address, per API process; more get 429 at once.
     max_requests_per_client: int = Field(1000, ge=1)
+    # Per-key limits at intake for keys that set none of their own (`imagegate keys create/update
+    # --rpm/--images-per-day/--max-pending`); 0 is no limit. Requests per minute (a batch counts
+    # its lines), images per day (each request's n), tasks pending or running at once.
+    default_rpm: int = Field(0, ge=0)
+    default_images_per_day: int = Field(0, ge=0)
+    default_max_pending: int = Field(0, ge=0)
     # How long a signed image URL stays valid (OpenAI's expire after an hour too).
     image_url_ttl_s: int = Field(3600, gt=0)
     # Browser origins allowed to call the API (CORS), comma-separated, such as

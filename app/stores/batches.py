@@ -12,6 +12,7 @@ from sqlalchemy import Engine, Row, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from imagegate.app.idempotency import reserve
+from imagegate.app.key_limits import Admission, Admit
 from imagegate.app.models import Batch, Image, Task, utcnow
 from imagegate.app.schemas import GenerationRequest
 from imagegate.app.state import batches as transitions
@@ -50,16 +51,19 @@ class BatchStore:
         callback_url: str | None,
         metadata: dict[str, Any] | None,
         idempotency: tuple[str, str] | None = None,
+        admit: Admit | None = None,
     ) -> tuple[Batch | Row, list[uuid.UUID]]:
         """The batch (a Core row with the Batch's attribute names when new) and the ids of its new tasks
-        (none when an Idempotency-Key replays an earlier batch)."""
+        (none when an Idempotency-Key replays an earlier batch). `admit` (the key's limits) runs in
+        the transaction, only for a batch that is not a replay, and may refuse it."""
         now, batch_id = utcnow(), uuid.uuid4()
-        with self._sessions.begin() as session:
+        with Admission(admit) as admission, self._sessions.begin() as session:
             if idempotency is not None:
                 earlier = reserve(session, api_key_id, *idempotency, batch_id=batch_id)
                 if earlier is not None:
                     return session.get(Batch, earlier.batch_id), []
             connection = session.connection()
+            admission.run(connection)
             batch = transitions.accept(
                 connection,
                 api_key_id=api_key_id,

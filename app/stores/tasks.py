@@ -18,6 +18,7 @@ from imagegate.app.edits import InputFile
 from imagegate.app.failures import ErrorCode, Failure
 from imagegate.app.idempotency import reserve
 from imagegate.app.image_store import DatabaseImages, ImageStore
+from imagegate.app.key_limits import Admission, Admit
 from imagegate.app.models import Attempt, IdempotencyKey, Image, Task, utcnow
 from imagegate.app.state import tasks as transitions
 from imagegate.app.state.refused import Refused
@@ -112,10 +113,13 @@ class TaskStore:
         callback_url: str | None = None,
         idempotency: tuple[str, str] | None = None,
         inputs: Sequence[InputFile] = (),
+        admit: Admit | None = None,
     ) -> tuple[NewTask, bool]:
         """The new task, True; or, when the Idempotency-Key (key, fingerprint) was used before with
         the same request, that earlier task, False. One transaction, Core statements (no ORM unit of
-        work): this is the hot path of every submit. An edit's input files are written in it too."""
+        work): this is the hot path of every submit. An edit's input files are written in it too.
+        `admit` (the key's limits) runs in it, only for a request that is not a replay, and may
+        refuse it."""
         now, task_id = utcnow(), uuid.uuid4()
         row = transitions.new_task(
             task_id=task_id,
@@ -126,15 +130,16 @@ class TaskStore:
             callback_url=callback_url,
             now=now,
         )
-        if idempotency is None and not inputs:  # the INSERT alone
+        if idempotency is None and not inputs and admit is None:  # the INSERT alone
             with self._autocommit.connect() as connection:
                 transitions.accept(connection, row)
             return NewTask(task_id, now), True
-        with self._engine.begin() as connection:
+        with Admission(admit) as admission, self._engine.begin() as connection:
             earlier = reserve(connection, api_key_id, *idempotency, task_id=task_id) if idempotency else None
             if earlier is not None:
                 found = connection.execute(_TASK_CREATED, {"id": earlier.task_id}).one()
                 return NewTask(found.id, found.created_at), False
+            admission.run(connection)
             transitions.accept(connection, row)
             save_inputs(connection, task_id, inputs)
         return NewTask(task_id, now), True

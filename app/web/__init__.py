@@ -15,6 +15,7 @@ from imagegate.app.web import batches, dashboard, edits, files, images, models, 
 from imagegate.app.web.cors import enable_cors
 from imagegate.app.web.errors import register_error_handlers
 from imagegate.app.web.health import register_probes
+from imagegate.app.web.key_limits import register_key_limits
 from imagegate.app.web.limits import ClientLimit
 from imagegate.app.web.metrics import bp as metrics_bp
 from imagegate.app.web.request_ids import register_request_ids
@@ -45,6 +46,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     register_error_handlers(app)
     enable_cors(app, settings.cors_origins)
     register_request_ids(app)
+    register_key_limits(app, settings)
     app.register_blueprint(batches.bp)  # before images: /v1/images/batches is not a task id
     app.register_blueprint(images.bp)
     app.register_blueprint(edits.bp)

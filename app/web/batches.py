@@ -31,6 +31,7 @@ from imagegate.app.web.intake import (
     default_callback,
     idempotency,
 )
+from imagegate.app.web.key_limits import admission
 from imagegate.app.web.limits import read_body
 from imagegate.app.web.operations import Reply, operation
 from imagegate.app.web.services import Services, services
@@ -188,7 +189,7 @@ def _publish_in_background(svc: Services, task_ids: list[uuid.UUID], batch_id: u
     other_bodies={"application/jsonl": JSONL_BODY},
     headers=IDEMPOTENCY_HEADER,
     replies={202: Reply("Accepted", BatchView)},
-    errors=(400, 401, 404, 408, 413, 422, 503),
+    errors=(400, 401, 404, 408, 413, 422, 429, 503),
 )
 def create_batch():
     svc = services()
@@ -207,6 +208,7 @@ def create_batch():
         callback_url=callback_url,
         metadata=metadata,
         idempotency=idempotency(fingerprinted),
+        admit=admission(requests=len(lines), images=sum(line.body.n for line in lines), param="requests"),
     )
     bind_contextvars(batch_id=str(batch.id))
     if task_ids:

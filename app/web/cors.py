@@ -11,7 +11,10 @@ from flask import Flask, Response, request
 ALLOWED_HEADERS = "Authorization, Content-Type, Idempotency-Key"
 ALLOWED_METHODS = "GET, POST, OPTIONS"
 # Response headers a page may read besides the simple ones.
-EXPOSED_HEADERS = "x-request-id, Idempotent-Replayed, Retry-After"
+EXPOSED_HEADERS = (
+    "x-request-id, Idempotent-Replayed, Retry-After, x-ratelimit-limit-requests, x-ratelimit-remaining-requests, "
+    "x-ratelimit-reset-requests, x-ratelimit-limit-images, x-ratelimit-remaining-images, x-ratelimit-reset-images"
+)
 PREFLIGHT_MAX_AGE_S = 600
 
 

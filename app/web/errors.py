@@ -26,10 +26,12 @@ class ApiError(Exception):
         param: str | None = None,
         code: str | None = None,
         extra: dict | None = None,
+        headers: dict[str, str] | None = None,
     ):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
         self.extra = extra or {}  # more fields inside "error", e.g. a batch's bad lines
+        self.headers = headers or {}  # e.g. a 429's Retry-After
 
 
 def error_response(
@@ -77,7 +79,11 @@ def from_error_details(error: ErrorDetails) -> ApiError:
 def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(ApiError)
     def _api_error(exc: ApiError):
-        return error_response(exc.status, exc.message, type=exc.type, param=exc.param, code=exc.code, detail=exc.extra)
+        response = error_response(
+            exc.status, exc.message, type=exc.type, param=exc.param, code=exc.code, detail=exc.extra
+        )
+        response.headers.update(exc.headers)
+        return response
 
     @app.errorhandler(IdempotencyMismatch)  # a single submit's or a batch's: one answer
     def _idempotency_key_reused(_exc: IdempotencyMismatch):

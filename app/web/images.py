@@ -29,6 +29,7 @@ from imagegate.app.web.intake import (
     default_callback,
     idempotency,
 )
+from imagegate.app.web.key_limits import admission
 from imagegate.app.web.limits import read_body
 from imagegate.app.web.operations import Reply, operation
 from imagegate.app.web.services import Services, services
@@ -91,7 +92,7 @@ def _publish(svc: Services, task_id: uuid.UUID) -> None:
         200: Reply("The images (OpenAI's shape, plus task_id and task_status)", ImagesResponse),
         202: Reply("Accepted: the task id (async, or the wait ran out)", TaskAccepted),
     },
-    errors=(400, 401, 404, 408, 409, 413, 422, 500, 502, 503, 504),
+    errors=(400, 401, 404, 408, 409, 413, 422, 429, 500, 502, 503, 504),
 )
 def create_generation():
     svc = services()
@@ -128,6 +129,7 @@ def submit_task(
         callback_url=callback_url,
         idempotency=idempotency(request),
         inputs=inputs,
+        admit=admission(requests=1, images=request.get("n", 1), param="n"),
     )
     replayed = {} if new else {"Idempotent-Replayed": "true"}
     bind_contextvars(task_id=str(task.id), model=model_name)

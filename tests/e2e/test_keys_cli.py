@@ -13,17 +13,19 @@ from tests.support.databases import drop_database, fresh_database
 from tests.support.processes import create_key, run_cli
 from tests.support.services import free_port
 
+HEADER = ["name", "prefix", "created", "last used", "revoked", "rpm", "images/day", "max pending"]
+
 
 def unique(name: str) -> str:
     return f"{name}-{uuid.uuid4().hex[:8]}"
 
 
-def listed(env) -> dict[str, list[str]]:
+def listed(env: dict[str, str]) -> dict[str, list[str]]:
     """`keys list` piped (not a terminal): a header, then tab-separated rows, by name."""
     result = run_cli(["keys", "list"], env)
     assert result.returncode == 0, result.stderr
     header, *rows = result.stdout.strip().splitlines()
-    assert header.split("\t") == ["name", "prefix", "created", "last used", "revoked"]
+    assert header.split("\t") == HEADER
     return {row.split("\t")[0]: row.split("\t") for row in rows}
 
 
@@ -91,3 +93,41 @@ def test_a_broker_that_does_not_answer(env, migrated):
     # Keys live in the database alone: making one needs no broker.
     result = run_cli(["keys", "create", "--name", unique("no-broker")], env | {"IMAGEGATE_BROKER_URL": broker})
     assert result.returncode == 0, result.stderr
+
+
+def test_limits_set_at_creation_changed_by_update_and_shown_by_list(env, migrated):
+    name = unique("limited")
+    limits = ["--rpm", "60", "--images-per-day", "500", "--max-pending", "0"]
+    result = run_cli(["keys", "create", "--name", name, *limits], env)
+    assert result.returncode == 0, result.stderr
+    assert listed(env)[name][5:] == ["60", "500", "unlimited"]
+
+    # Only the flags given change; `default` follows the IMAGEGATE_DEFAULT_* setting again.
+    result = run_cli(["keys", "update", "--name", name, "--rpm", "default", "--max-pending", "4"], env)
+    assert result.returncode == 0 and name in result.stdout, result.stderr
+    assert listed(env)[name][5:] == ["default (unlimited)", "500", "4"]
+    assert listed(env | {"IMAGEGATE_DEFAULT_RPM": "30"})[name][5] == "default (30)"
+
+    plain = unique("plain")
+    create_key(env, plain)
+    assert listed(env | {"IMAGEGATE_DEFAULT_MAX_PENDING": "8"})[plain][5:] == [
+        "default (unlimited)",
+        "default (unlimited)",
+        "default (8)",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["create", "--name", "bad-limit", "--rpm", "-1"], ["--rpm", "-1"]),
+        (["create", "--name", "bad-limit", "--images-per-day", "lots"], ["--images-per-day", "lots"]),
+        (["update", "--name", "anyone", "--max-pending", "1.5"], ["--max-pending"]),
+        (["update", "--name", "anyone"], ["nothing to update"]),
+        (["update", "--name", "nobody-has-this-name", "--rpm", "5"], ["no live key named"]),
+    ],
+)
+def test_bad_limits_and_unknown_keys_are_one_clear_line(env, migrated, args, words):
+    result = run_cli(["keys", *args], env)
+    assert_one_clear_line(result, *words)
+    assert "bad-limit" not in listed(env)

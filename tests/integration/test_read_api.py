@@ -218,7 +218,7 @@ def test_every_model_for_an_unlimited_key_with_its_capabilities(new_client, prov
 
 
 def test_a_key_limited_to_some_models_sees_and_uses_only_those(new_client, count_tasks, sessions):
-    from imagegate.app.keys import set_models
+    from imagegate.app.keys import update_key
 
     client = new_client(models=["fake-grok", "fake-dalle"])
     assert [model["id"] for model in client.get("/v1/models").get_json()["data"]] == ["fake-dalle", "fake-grok"]
@@ -245,7 +245,7 @@ def test_a_key_limited_to_some_models_sees_and_uses_only_those(new_client, count
     assert client.get(f"/v1/images/{task_id}").get_json()["model"] == "fake-dalle"
     assert client.get("/v1/models/fake-dalle").get_json()["imagegate"]["default"] is True
 
-    assert set_models(sessions, client.key_name, None)
+    assert update_key(sessions, client.key_name, models=None)
     assert len(client.get("/v1/models").get_json()["data"]) > 2
     assert submit(client, model="local")
 
