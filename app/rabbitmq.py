@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 from kombu import Connection, Exchange, Queue
+from kombu.exceptions import OperationalError
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,9 @@ def celery_config(queue_names: Iterable[str], default_queue: str) -> dict[str, A
         # Native delayed delivery's own queues are quorum queues too (Celery's default, said here).
         "broker_native_delayed_delivery_queue_type": "quorum",
         "worker_detect_quorum_queues": True,
+        # Said explicitly (Celery warns otherwise): a connection lost does not cancel running tasks.
+        # run_task was acknowledged at its start anyway; a webhook hand-over returns at once.
+        "worker_cancel_long_running_tasks_on_connection_loss": False,
     }
 
 
@@ -102,10 +106,10 @@ class AmqpBroker:
                         )
                         self._connection.connect()
                     return function(self._connection)
-                except Exception:
+                except Exception as exc:
                     self._drop()
-                    if last_try:
-                        raise
+                    if last_try:  # as kombu's own: one error type for callers (and the CLI's one line)
+                        raise OperationalError(f"{type(exc).__name__}: {exc}") from exc
         raise AssertionError("unreachable")
 
     def _drop(self) -> None:

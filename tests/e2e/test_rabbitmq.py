@@ -193,3 +193,15 @@ def test_readyz_and_the_queues_rabbitmq_holds(rabbit, rabbit_processes, rabbitmq
     ours = {name: kind for name, kind in types.items() if name in (QUEUE, BATCH_QUEUE, WEBHOOK_QUEUE, *DELAYED)}
     assert set(ours) == {QUEUE, BATCH_QUEUE, WEBHOOK_QUEUE, *DELAYED} and set(ours.values()) == {"quorum"}
     assert worker.poll() is None  # its consumer watchdog found nothing wrong all along
+
+
+def test_the_cli_says_in_one_line_what_is_wrong_with_a_rabbitmq_setup(rabbit_env):
+    without_redis = {name: value for name, value in rabbit_env.items() if name != "IMAGEGATE_REDIS_URL"}
+    result = run_cli(["sweeper", "--once"], without_redis)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "IMAGEGATE_REDIS_URL" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+    nobody = rabbit_env | {"IMAGEGATE_BROKER_URL": f"amqp://guest:guest@127.0.0.1:{free_port()}/"}
+    result = run_cli(["sweeper", "--once"], nobody)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "the broker does not answer" in result.stderr and len(result.stderr.strip().splitlines()) == 1

@@ -228,7 +228,15 @@ class RabbitMQ:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        self.ctl("await_startup", "--timeout", "90", timeout_s=120)
+
+        def listening() -> bool:
+            if self.process.poll() is not None:  # type: ignore[union-attr]
+                output = (self.directory / "server.log").read_text()[-3000:]  # type: ignore[operator]
+                raise MissingService(f"rabbitmq-server exited at start:\n{output}")
+            return reachable("127.0.0.1", self.port)
+
+        wait_until(listening, 120, f"RabbitMQ node {self.node} to listen on {self.port}", interval_s=0.25)
+        self.ctl("await_startup", "--timeout", "60", timeout_s=90)
 
 
 def machine_rabbitmq() -> RabbitMQ | None:
