@@ -6,6 +6,7 @@ from __future__ import annotations
 import glob
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -214,8 +215,8 @@ class RabbitMQ:
             try:
                 self.ctl("stop")
                 self.process.wait(timeout=60)
-            except (RuntimeError, subprocess.TimeoutExpired):
-                self.process.kill()
+            except (RuntimeError, subprocess.TimeoutExpired):  # not answering: its whole process group
+                os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
         if self.directory is not None:
             shutil.rmtree(self.directory, ignore_errors=True)
@@ -284,5 +285,9 @@ def start_rabbitmq() -> RabbitMQ:
         "ERL_EPMD_ADDRESS": "127.0.0.1",
         "ERL_FLAGS": "-kernel inet_dist_use_interface {127,0,0,1}",
     }
-    node._boot()
+    try:
+        node._boot()
+    except BaseException:  # a node that never came up is still this run's to stop and remove
+        node.stop()
+        raise
     return node
