@@ -239,7 +239,7 @@ def metrics() -> Metrics:
 class BacklogCollector(Collector):
     """Read at scrape time, by the sweeper: live tasks by model and status (pending and running only,
     served by the status indexes; ended tasks are counted by imagegate_tasks_ended_total), the
-    messages waiting in each queue (Redis brokers), and the processes whose heartbeat is recent."""
+    messages waiting in each queue (Redis and RabbitMQ brokers), and the processes whose heartbeat is recent."""
 
     def __init__(self, engine: Engine, broker: Any = None):
         self.engine, self.broker = engine, broker

@@ -15,6 +15,7 @@ from typing import Any
 
 from celery import Celery
 
+from imagegate.app import rabbitmq
 from imagegate.app.settings import Settings
 
 RUN_TASK = "imagegate.run_task"
@@ -53,7 +54,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             # kombu's exchange tables (remote control): ./control in the working directory otherwise.
             "control_folder": str(settings.data_dir / "broker-control"),  # type: ignore[operator]
         }
-    return {
+    config = {
         "broker_url": settings.broker_url,
         "broker_transport_options": transport_options,
         "broker_connection_retry_on_startup": True,
@@ -78,6 +79,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # worker's: task-sent events would cost every publish at intake another Redis round trip.
         "worker_send_task_events": not settings.broker_url.startswith("filesystem://"),
     }
+    if settings.uses_amqp:  # quorum queues, publisher confirms, countdowns held by RabbitMQ
+        config |= rabbitmq.celery_config(WORKER_QUEUES, QUEUE)
+    return config
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -101,6 +105,7 @@ def publish_run(
 ) -> None:
     """Ask a worker for attempt `attempt` of a task (or for poll step `poll` of that attempt)."""
     args = [str(task_id), attempt] + ([poll] if poll else [])
+    countdown = rabbitmq.countdown_for(celery.conf.broker_url, countdown)
     celery.send_task(RUN_TASK, args=args, countdown=countdown, queue=queue_of(batch_id))
 
 
@@ -112,24 +117,33 @@ class RunPublisher:
     message once per queue (into a stand-in producer); each publish copies it with the task's ids.
 
     Greenlets share the producer: a Redis publish is one LPUSH through the channel's client, whose
-    pool gives each caller a connection of its own. Built lazily: nothing connects at start."""
+    pool gives each caller a connection of its own. An AMQP channel is one conversation (and with
+    publisher confirms each publish waits for its confirm), so on RabbitMQ each publish takes a
+    producer from Celery's pool instead; kombu reconnects it if RabbitMQ restarted. Built lazily:
+    nothing connects at start."""
 
     def __init__(self, celery: Celery) -> None:
         self._celery = celery
         self._producer: Any = None
         self._shapes: dict[str, tuple[Any, dict[str, Any]]] = {}
+        self._pooled = rabbitmq.is_amqp(celery.conf.broker_url)
 
     def publish(self, task_id: uuid.UUID, *, batch_id: uuid.UUID | None = None) -> None:
         """Attempt 1 of `task_id`: the message `publish_run(celery, task_id, 1)` sends."""
         queue = queue_of(batch_id)
         shape = self._shapes.get(queue) or self._shape(queue)
-        if self._producer is None:
-            self._producer = self._celery.connection_for_write().Producer()
         args = [str(task_id), 1]
         (_, kwargs, embed), options = shape
         message_id = str(uuid.uuid4())
         headers = {**options["headers"], "id": message_id, "root_id": message_id, "argsrepr": repr(args)}
-        self._producer.publish((args, kwargs, embed), **{**options, "headers": headers, "correlation_id": message_id})
+        message = (args, kwargs, embed), {**options, "headers": headers, "correlation_id": message_id}
+        if self._pooled:
+            with self._celery.producer_pool.acquire(block=True) as producer:
+                producer.publish(message[0], **message[1])
+            return
+        if self._producer is None:
+            self._producer = self._celery.connection_for_write().Producer()
+        self._producer.publish(message[0], **message[1])
 
     def _shape(self, queue: str) -> tuple[Any, dict[str, Any]]:
         sent = _Capture(self._celery.connection_for_write())
@@ -173,11 +187,15 @@ def publish_runs(
 
 
 def publish_webhook(celery: Celery, event_id: str, countdown: float | None = None) -> None:
+    countdown = rabbitmq.countdown_for(celery.conf.broker_url, countdown)
     celery.send_task(DELIVER_WEBHOOK, args=[event_id], countdown=countdown, queue=WEBHOOK_QUEUE)
 
 
 def messages_queued(broker: Any, queues: list[str]) -> dict[str, int]:
-    """How many messages wait in a Redis broker's lists for each queue. `broker` is a redis client."""
+    """How many messages wait in the broker for each queue. `broker` is a redis client (the lists
+    kombu keeps) or a rabbitmq.AmqpBroker (the queues' ready messages)."""
+    if isinstance(broker, rabbitmq.AmqpBroker):
+        return broker.queued(queues)
     pipe = broker.pipeline(transaction=False)
     for queue in queues:
         for step in _PRIORITY_STEPS:
@@ -192,8 +210,12 @@ def messages_unacked(broker: Any, queues: list[str], *, delivered_within_s: floa
     last `delivered_within_s` seconds and has not acknowledged. Kept apart from the lists' counts: an
     entry can outlive its task (an ack that never reached Redis), or its worker (a worker killed with
     messages reserved leaves them here until the visibility timeout, an hour), so it is worth
-    something only while recent and while its task still waits."""
+    something only while recent and while its task still waits. RabbitMQ does not show its
+    unacknowledged messages over AMQP: none are listed, so the sweeper may republish the task of a
+    message a worker holds, which its claim then ignores as a duplicate."""
     found: dict[str, list[str]] = {queue: [] for queue in queues}
+    if isinstance(broker, rabbitmq.AmqpBroker):
+        return found
     tags = broker.zrangebyscore(_UNACKED_INDEX, time.time() - delivered_within_s, "+inf")
     for start in range(0, len(tags), 1000):
         for value in broker.hmget(_UNACKED_HASH, tags[start : start + 1000]):
@@ -204,6 +226,18 @@ def messages_unacked(broker: Any, queues: list[str], *, delivered_within_s: floa
             except (ValueError, IndexError, KeyError, TypeError):
                 continue
     return found
+
+
+def broker_client(settings: Settings, timeout_s: float = 3.0) -> Any:
+    """What counts the broker's messages (messages_queued): a redis client, a rabbitmq.AmqpBroker,
+    or None for the filesystem broker. Connects on first use."""
+    if settings.uses_redis:
+        import redis
+
+        return redis.Redis.from_url(settings.broker_url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+    if settings.uses_amqp:
+        return rabbitmq.AmqpBroker(settings.broker_url, timeout_s)
+    return None
 
 
 def reuse_publish_client(celery: Celery) -> None:

@@ -45,7 +45,7 @@ def build_runtime(settings: Settings, *, pool_size: int = 10, max_overflow: int 
     the pool then drops them all, and the caller retries or the sweeper recovers what it was doing."""
     engine = make_engine(settings.database_url, pool_size=pool_size, max_overflow=max_overflow, pre_ping=False)
     sessions = make_sessionmaker(engine)
-    celery, wakeups = make_celery(settings), make_wakeups(settings.broker_url)
+    celery, wakeups = make_celery(settings), make_wakeups(settings.shared_redis_url or settings.broker_url)
     batches, webhooks = BatchStore(sessions), WebhookStore(sessions)
     image_store = make_image_store(settings)
     presign_ttl_s = settings.image_url_ttl_s if settings.image_urls == "store" else None

@@ -43,8 +43,13 @@ class Settings(BaseSettings):
 
     # Where tasks, keys and image bytes live (SQLAlchemy URL; Postgres via psycopg 3).
     database_url: str = "postgresql+psycopg://postgres@127.0.0.1:5432/imagegate"
-    # Celery broker. Redis in production; the same Redis carries the task-ended pub/sub.
+    # Celery broker: Redis (redis://), RabbitMQ (amqp://user:password@host:5672/vhost), or the
+    # embedded mode's filesystem://. A Redis broker also carries the task-ended pub/sub.
     broker_url: str = "redis://127.0.0.1:6379/0"
+    # The Redis for what is not a task message: the task-ended wake-ups of synchronous requests and
+    # the rate-limit counters every API process shares. Unset: the broker's, when it is Redis. Needed
+    # with a RabbitMQ broker (the README's "Picking a broker" says why).
+    redis_url: str | None = None
     # TOML file declaring the models served; without one, the built-in `local` model is served.
     providers_file: Path | None = None
     # Signs image URLs.
@@ -196,6 +201,11 @@ class Settings(BaseSettings):
             raise SettingsError("IMAGEGATE_IMAGE_STORE=dir needs IMAGEGATE_IMAGE_DIR")
         if self.image_urls == "store" and self.image_url_ttl_s > 7 * 86_400:
             raise SettingsError("IMAGEGATE_IMAGE_URL_TTL_S must be at most 604800 (7 days) with S3 presigned URLs")
+        if self.uses_amqp and self.redis_url is None:
+            raise SettingsError(
+                "IMAGEGATE_BROKER_URL is RabbitMQ (amqp://): set IMAGEGATE_REDIS_URL too, such as "
+                "redis://127.0.0.1:6379/0 (synchronous requests are woken and rate limits shared through Redis)"
+            )
         if self.broker_url.startswith("filesystem://") and self.data_dir is None:
             raise SettingsError("a filesystem:// broker needs IMAGEGATE_DATA_DIR")
         return self
@@ -203,3 +213,14 @@ class Settings(BaseSettings):
     @property
     def uses_redis(self) -> bool:
         return self.broker_url.startswith(("redis://", "rediss://"))
+
+    @property
+    def uses_amqp(self) -> bool:
+        """A RabbitMQ broker (kombu's py-amqp transport)."""
+        return self.broker_url.startswith(("amqp://", "amqps://", "pyamqp://"))
+
+    @property
+    def shared_redis_url(self) -> str | None:
+        """The Redis carrying wake-ups and shared counters: IMAGEGATE_REDIS_URL, else a Redis
+        broker's; None without Redis (the embedded mode)."""
+        return self.redis_url or (self.broker_url if self.uses_redis else None)

@@ -15,11 +15,13 @@ overdue as a whole while every message is still queued, and republishing it all 
 thousands of useless messages. Per lane (queue), the sweeper counts the overdue pending tasks and
 the messages Redis holds for that lane (its lists, and those of kombu's `unacked` hash delivered
 within IMAGEGATE_REPUBLISH_AFTER_S whose task is among the overdue) and republishes only the
-difference, oldest first. Every pending task has at least one message unless one was lost, so
+difference, oldest first. (With RabbitMQ the lanes' ready messages are counted; a message a worker
+holds unacknowledged is not seen, so its task may be republished once more: a duplicate its claim
+ignores.) Every pending task has at least one message unless one was lost, so
 the difference never exceeds what was lost; messages of running, retrying or ended tasks make it
 smaller, never larger, so a lost message may wait until its lane has drained that far (it is never
-dropped: the count catches up as the lane empties, and the task deadline bounds the wait). Other
-brokers keep the plain rule.
+dropped: the count catches up as the lane empties, and the task deadline bounds the wait). The
+filesystem broker keeps the plain rule.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from imagegate.app.queue import (
     BATCH_QUEUE,
     QUEUE,
     WEBHOOK_QUEUE,
+    broker_client,
     messages_queued,
     messages_unacked,
     publish_run,
@@ -90,7 +93,7 @@ class SweepReport:
 @dataclass
 class Sweeper:
     runtime: Runtime
-    broker: Any = None  # a redis client when the broker is Redis: republish only what it lost
+    broker: Any = None  # a queue.broker_client (Redis or RabbitMQ): republish only what it lost
 
     @property
     def settings(self) -> Settings:
@@ -222,9 +225,4 @@ class Sweeper:
 
 
 def make_sweeper(settings: Settings) -> Sweeper:
-    broker = None
-    if settings.uses_redis:
-        import redis
-
-        broker = redis.Redis.from_url(settings.broker_url, socket_timeout=10, socket_connect_timeout=3)
-    return Sweeper(build_runtime(settings, pool_size=2), broker)
+    return Sweeper(build_runtime(settings, pool_size=2), broker_client(settings, timeout_s=10))

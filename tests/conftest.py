@@ -27,8 +27,10 @@ from tests.support.processes import (
 from tests.support.services import (
     MissingService,
     free_port,
+    machine_rabbitmq,
     reachable,
     start_postgres,
+    start_rabbitmq,
     start_redis,
 )
 
@@ -299,3 +301,43 @@ def own_database(postgres_url):
     upgrade(url)
     yield url
     drop_database(url)
+
+
+@pytest.fixture(scope="session")
+def rabbitmq():
+    """The machine's RabbitMQ when it answers (and rabbitmqctl reaches it), else a throwaway node,
+    else stop with what is missing."""
+    node = machine_rabbitmq()
+    if node is not None:
+        yield node
+        return
+    try:
+        node = start_rabbitmq()
+    except MissingService as exc:
+        pytest.exit(str(exc), returncode=3)
+    yield node
+    node.stop()
+
+
+@pytest.fixture(scope="session")
+def amqp_url(rabbitmq):
+    """A RabbitMQ vhost of this run's own (amqp://guest:guest@127.0.0.1:5672/imagegate-test-...)."""
+    url = rabbitmq.add_vhost()
+    yield url
+    rabbitmq.delete_vhost(url)
+
+
+@pytest.fixture
+def own_vhost(rabbitmq):
+    """A RabbitMQ vhost of this test's own, for tests that count or purge all of it."""
+    url = rabbitmq.add_vhost()
+    yield url
+    rabbitmq.delete_vhost(url)
+
+
+@pytest.fixture
+def own_rabbitmq():
+    """A throwaway RabbitMQ node of this test's own, for tests that stop it (never the machine's)."""
+    node = start_rabbitmq()
+    yield node
+    node.stop()

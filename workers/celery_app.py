@@ -10,7 +10,7 @@ from celery.signals import task_received, worker_ready, worker_shutting_down
 
 from imagegate.app.heartbeats import Heart
 from imagegate.app.providers import load_models
-from imagegate.app.queue import DELIVER_WEBHOOK, RUN_TASK, WEBHOOK_QUEUE, WORKER_QUEUES
+from imagegate.app.queue import DELIVER_WEBHOOK, RUN_TASK, WEBHOOK_QUEUE, WORKER_QUEUES, broker_client
 from imagegate.app.runtime import build_runtime
 from imagegate.app.settings import Settings
 from imagegate.app.stores.attempts import AttemptStore
@@ -72,12 +72,11 @@ def make_worker_app(settings: Settings, *, concurrency: int = 1000) -> Celery:
         heart.start()
 
     watchdog: ConsumerWatchdog | None = None
-    if settings.uses_redis:
-        import redis
+    if settings.uses_redis or settings.uses_amqp:
         from celery.worker import state
 
         watchdog = ConsumerWatchdog(
-            redis.Redis.from_url(settings.broker_url, socket_timeout=10, socket_connect_timeout=3),
+            broker_client(settings, timeout_s=10),
             list(WORKER_QUEUES),
             concurrency,
             settings.consumer_stall_s,

@@ -5,6 +5,11 @@ After Redis restarts, a worker has been seen alive with no BRPOP connection, nev
 Its supervisor cannot tell, so the process checks itself: if messages wait in its queues while it
 has free slots and it has received nothing for IMAGEGATE_CONSUMER_STALL_S, it exits with status 3
 for its supervisor to restart it. The sweeper takes back the leases of whatever it was running.
+
+On RabbitMQ it counts the queues' ready messages: RabbitMQ pushes a message to any consumer with room
+in its prefetch window, and a window frees as each task starts, so messages that stay ready while
+this worker has free slots and receives nothing mean its consumer is gone there too. Delayed
+messages (countdowns) wait in other queues and are not counted.
 """
 
 from __future__ import annotations

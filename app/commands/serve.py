@@ -133,10 +133,8 @@ def sweeper(once: bool, metrics_port: int | None) -> None:
     configure_logging(settings, "sweeper")
     sweep = make_sweeper(settings)
     if once:
-        if settings.uses_redis:  # a pass that cannot publish is no pass: say so, in one line
-            import redis
-
-            redis.Redis.from_url(settings.broker_url, socket_connect_timeout=3, socket_timeout=3).ping()
+        if sweep.broker is not None:  # a pass that cannot publish is no pass: say so, in one line
+            sweep.broker.ping()
         click.echo(str(sweep.sweep_once()))
         return
     if metrics_port is not None:

@@ -13,6 +13,7 @@ from flask import Flask
 from sqlalchemy import Connection, text
 
 from imagegate.app.heartbeats import recent
+from imagegate.app.queue import broker_client
 from imagegate.app.settings import Settings
 from imagegate.app.web.errors import error_response
 from imagegate.app.web.services import services
@@ -31,7 +32,7 @@ class Readiness:
     def __init__(self, settings: Settings):
         self.settings = settings
         self._head: str | None = None
-        self._redis = None
+        self._broker = None
 
     def migrations_head(self) -> str | None:
         if self._head is None:
@@ -43,16 +44,12 @@ class Readiness:
         return self._head
 
     def broker(self) -> str:
-        if self.settings.uses_redis:
-            import redis
-
-            if self._redis is None:
-                self._redis = redis.Redis.from_url(
-                    self.settings.broker_url, socket_connect_timeout=BROKER_TIMEOUT_S, socket_timeout=BROKER_TIMEOUT_S
-                )
+        if self.settings.uses_redis or self.settings.uses_amqp:
+            if self._broker is None:
+                self._broker = broker_client(self.settings, timeout_s=BROKER_TIMEOUT_S)
             try:
-                self._redis.ping()
-            except (redis.RedisError, OSError) as exc:
+                self._broker.ping()
+            except Exception as exc:  # redis, kombu and socket errors alike: the broker does not answer
                 log.warning("readyz: broker unreachable: %s", exc)
                 return f"unreachable ({type(exc).__name__})"
             return OK

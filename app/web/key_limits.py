@@ -37,7 +37,7 @@ EXTENSION = "imagegate.key_counters"
 def register_key_limits(app: Flask, settings: Settings) -> None:
     """Counters in Redis (shared by every replica), or in memory without Redis (the embedded mode's
     single API process); and the x-ratelimit-* headers on every authenticated /v1 answer."""
-    app.extensions[EXTENSION] = make_counters(settings.broker_url if settings.uses_redis else None)
+    app.extensions[EXTENSION] = make_counters(settings.shared_redis_url)
     app.extensions["imagegate.key_limit_defaults"] = KeyLimits.defaults(settings)
     app.after_request(_rate_limit_headers)
 

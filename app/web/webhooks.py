@@ -79,7 +79,7 @@ def _redeliver_limit():
         from limits import parse, storage, strategies
 
         settings = services().settings
-        store = storage.storage_from_string(settings.broker_url if settings.uses_redis else "memory://")
+        store = storage.storage_from_string(settings.shared_redis_url or "memory://")
         found = current_app.extensions["imagegate.redeliver_limit"] = (
             strategies.FixedWindowRateLimiter(store),
             parse(settings.redeliver_rate),

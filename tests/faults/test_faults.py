@@ -17,10 +17,12 @@ import pytest
 import redis
 from sqlalchemy import text
 
+from imagegate.app.queue import QUEUE
+from tests.faults.brokers import RabbitMQUnderTest, RedisUnderTest
 from tests.faults.harness import Cluster, Figures
 from tests.support.databases import drop_database, fresh_database
 from tests.support.fake_upstream import Step
-from tests.support.services import start_postgres, wait_until
+from tests.support.services import start_postgres, start_rabbitmq, wait_until
 
 pytestmark = pytest.mark.faults
 
@@ -92,23 +94,63 @@ def test_a_postgres_outage_at_the_final_write_buys_no_image_twice(tmp_path, thro
         drop_database(database)
 
 
-@pytest.mark.parametrize("fault", ["flushall", "restart"])
-def test_redis_loses_200_queued_tasks(cluster, own_redis, fault):
+@pytest.fixture(params=["redis", "rabbitmq"])
+def broker(request, own_redis):
+    """A broker of this test's own: Redis, or a throwaway RabbitMQ node (with Redis beside it)."""
+    if request.param == "redis":
+        yield RedisUnderTest(own_redis)
+        return
+    node = start_rabbitmq()
+    try:
+        yield RabbitMQUnderTest(node, own_redis)
+    finally:
+        node.stop()
+
+
+@pytest.fixture
+def broker_cluster(tmp_path, postgres_url, own_redis, broker, upstream):
+    database = fresh_database(postgres_url)
+    running = Cluster(tmp_path, database, own_redis.url, upstream)
+    running.env |= broker.env  # before any process starts
+    yield running
+    running.close()
+    drop_database(database)
+
+
+@pytest.mark.parametrize("fault", ["purge", "restart"])
+def test_the_broker_loses_or_restarts_with_200_queued_tasks(broker_cluster, broker, fault):
+    """Redis (no persistence here) comes back empty either way; RabbitMQ's quorum queue keeps its
+    200 messages across a restart and loses them to a purge. Either way every task ends once."""
+    cluster = broker_cluster
     cluster.start_api()
-    tasks = cluster.submit(200, f"redis-{fault}")
-    broker = redis.Redis.from_url(f"{own_redis.url}/0")
-    assert broker.llen("imagegate") == 200
-    if fault == "flushall":
-        broker.flushall()
-    else:
-        own_redis.pause()
-        own_redis.resume()
-    assert redis.Redis.from_url(f"{own_redis.url}/0").llen("imagegate") == 0
+    tasks = cluster.submit(200, f"{broker.name}-{fault}")
+    assert broker.queued(QUEUE) == 200
+    what = broker.lose_everything() if fault == "purge" else broker.restart()
+    kept = 200 if (broker.name, fault) == ("rabbitmq", "restart") else 0
+    assert broker.queued(QUEUE) == kept
     cluster.start("sweeper")
     cluster.start_worker()
     cluster.wait_all_ended(tasks, 90)
-    figures = cluster.figures(f"Redis {'FLUSHALL' if fault == 'flushall' else 'restart'}, 200 queued", tasks)
+    figures = cluster.figures(f"{what}, 200 queued", tasks, note=f"{kept} messages still queued after it")
     assert figures.succeed == 200
+
+
+def test_the_broker_restarts_with_tasks_in_flight(broker_cluster, broker, upstream):
+    """A restart while 20 calls run and 80 wait: the worker's consumer, the API's publisher, the
+    sweeper and /readyz all find the broker again, and nothing is lost or called twice."""
+    cluster = broker_cluster
+    cluster.start_api()
+    cluster.start("sweeper")
+    worker = cluster.start_worker(concurrency=20)
+    tasks = cluster.submit(100, f"{broker.name}-in-flight", steps=(Step(delay_s=1),))
+    wait_until(lambda: calls_for(upstream, tasks) >= 20, 30, "20 calls in flight")
+    what = broker.restart()
+    wait_until(lambda: httpx.get(f"{cluster.api_url}/readyz").status_code == 200, 30, "/readyz to see the broker")
+    tasks |= cluster.submit(50, f"{broker.name}-after", steps=(Step(delay_s=1),))
+    cluster.wait_all_ended(tasks, 120)
+    figures = cluster.figures(f"{what} with 20 calls in flight and 80 queued", tasks)
+    assert figures.succeed == 150
+    assert worker.poll() is None, "the worker exited (its consumer watchdog fired?)"
 
 
 @pytest.fixture

@@ -6,6 +6,7 @@ from __future__ import annotations
 import glob
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -148,3 +149,145 @@ def start_redis() -> Throwaway:
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL)
     wait_until(lambda: reachable("127.0.0.1", port), 20, "throwaway redis-server")
     return Throwaway(f"redis://127.0.0.1:{port}", process=process, start_command=command)
+
+
+RABBITMQ_BIN = Path("/usr/lib/rabbitmq/bin")  # Debian's: the /usr/sbin wrappers switch to the rabbitmq user
+
+
+def _rabbitmq_user(environment: dict[str, str] | None = None) -> list[str]:
+    """rabbitmq-server and rabbitmqctl run as the rabbitmq user (its Erlang cookie) when we are root."""
+    variables = [f"{name}={value}" for name, value in (environment or {}).items()]
+    if os.geteuid() == 0:
+        return ["runuser", "-u", "rabbitmq", "--", "env", "HOME=/var/lib/rabbitmq", *variables]
+    return ["env", *variables]
+
+
+@dataclass
+class RabbitMQ:
+    """A RabbitMQ node: the machine's (node None: rabbitmqctl's default) or a throwaway one of this
+    run's own. Tests take a vhost of their own on it, so runs and tests never share a queue."""
+
+    port: int
+    node: str | None = None
+    directory: Path | None = None
+    environment: dict[str, str] = field(default_factory=dict)
+    process: subprocess.Popen | None = None
+
+    def ctl(self, *args: str, timeout_s: float = 60) -> str:
+        node = ["-n", self.node] if self.node else []
+        command = _rabbitmq_user() + [str(RABBITMQ_BIN / "rabbitmqctl"), *node, *args]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s)
+        if result.returncode != 0:
+            raise RuntimeError(f"rabbitmqctl {' '.join(args)} failed: {result.stdout}{result.stderr}")
+        return result.stdout
+
+    def add_vhost(self) -> str:
+        """A new vhost that guest may use fully: amqp://guest:guest@127.0.0.1:PORT/NAME."""
+        name = f"imagegate-test-{os.getpid()}-{os.urandom(4).hex()}"
+        self.ctl("add_vhost", name)
+        self.ctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
+        return f"amqp://guest:guest@127.0.0.1:{self.port}/{name}"
+
+    def delete_vhost(self, url: str) -> None:
+        try:
+            self.ctl("delete_vhost", url.rsplit("/", 1)[1])
+        except (RuntimeError, subprocess.TimeoutExpired):  # a node stopped by its test goes with its data
+            pass
+
+    def queue_types(self, url: str) -> dict[str, str]:
+        """{queue: type} in the url's vhost, as RabbitMQ itself lists them."""
+        lines = self.ctl("list_queues", "-p", url.rsplit("/", 1)[1], "name", "type", "--no-table-headers", "-q")
+        return dict(line.split("\t")[:2] for line in lines.splitlines() if "\t" in line)
+
+    # A throwaway node only: stopped (its Erlang VM gone, its port closed) and started again with
+    # its data, as a restarted server.
+    def pause(self) -> None:
+        assert self.node and self.process, "only a throwaway RabbitMQ is stopped by tests"
+        self.ctl("stop")
+        self.process.wait(timeout=60)
+
+    def resume(self) -> None:
+        assert self.node
+        self._boot()
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            try:
+                self.ctl("stop")
+                self.process.wait(timeout=60)
+            except (RuntimeError, subprocess.TimeoutExpired):  # not answering: its whole process group
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        if self.directory is not None:
+            shutil.rmtree(self.directory, ignore_errors=True)
+
+    def _boot(self) -> None:
+        log = (self.directory / "server.log").open("a")  # type: ignore[operator]
+        self.process = subprocess.Popen(
+            [*_rabbitmq_user(self.environment), str(RABBITMQ_BIN / "rabbitmq-server")],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+        def listening() -> bool:
+            if self.process.poll() is not None:  # type: ignore[union-attr]
+                output = (self.directory / "server.log").read_text()[-3000:]  # type: ignore[operator]
+                raise MissingService(f"rabbitmq-server exited at start:\n{output}")
+            return reachable("127.0.0.1", self.port)
+
+        wait_until(listening, 120, f"RabbitMQ node {self.node} to listen on {self.port}", interval_s=0.25)
+        self.ctl("await_startup", "--timeout", "60", timeout_s=90)
+
+
+def machine_rabbitmq() -> RabbitMQ | None:
+    """The machine's RabbitMQ on 127.0.0.1:5672 when it answers and rabbitmqctl can reach it."""
+    if not reachable("127.0.0.1", 5672) or not (RABBITMQ_BIN / "rabbitmqctl").exists():
+        return None
+    node = RabbitMQ(5672)
+    try:
+        node.ctl("status", timeout_s=30)
+    except (RuntimeError, subprocess.TimeoutExpired):
+        return None
+    return node
+
+
+def start_rabbitmq() -> RabbitMQ:
+    """A throwaway RabbitMQ node of its own name, ports, data and config (the machine's node, if
+    any, is left alone)."""
+    if not (RABBITMQ_BIN / "rabbitmq-server").exists():
+        raise MissingService(
+            "RabbitMQ is not reachable at 127.0.0.1:5672 (or rabbitmqctl cannot manage it) and "
+            "rabbitmq-server is not installed (apt-get install rabbitmq-server)"
+        )
+    directory = Path(tempfile.mkdtemp(prefix="imagegate-rabbitmq-"))
+    port, dist_port = free_port(), free_port()
+    (directory / "rabbitmq.conf").write_text(f"listeners.tcp.local = 127.0.0.1:{port}\n")
+    for name in ("env.conf", "enabled_plugins"):
+        (directory / name).write_text("")
+    if os.geteuid() == 0:
+        for path in [directory, *directory.iterdir()]:
+            shutil.chown(path, "rabbitmq")
+    node = RabbitMQ(
+        port,
+        node=f"imagegate-{os.getpid()}-{os.urandom(3).hex()}@localhost",
+        directory=directory,
+    )
+    node.environment = {
+        "RABBITMQ_NODENAME": node.node,
+        "RABBITMQ_NODE_PORT": str(port),
+        "RABBITMQ_DIST_PORT": str(dist_port),
+        "RABBITMQ_MNESIA_BASE": str(directory / "mnesia"),
+        "RABBITMQ_LOG_BASE": str(directory / "log"),
+        "RABBITMQ_CONFIG_FILE": str(directory / "rabbitmq.conf"),
+        "RABBITMQ_CONF_ENV_FILE": str(directory / "env.conf"),
+        "RABBITMQ_ENABLED_PLUGINS_FILE": str(directory / "enabled_plugins"),
+        "ERL_EPMD_ADDRESS": "127.0.0.1",
+        "ERL_FLAGS": "-kernel inet_dist_use_interface {127,0,0,1}",
+    }
+    try:
+        node._boot()
+    except BaseException:  # a node that never came up is still this run's to stop and remove
+        node.stop()
+        raise
+    return node

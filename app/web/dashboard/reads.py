@@ -127,7 +127,7 @@ class ErrorRate:
 
 @dataclass(frozen=True)
 class Health:
-    queues: dict[str, int] | None  # None: not a Redis broker, or Redis did not answer
+    queues: dict[str, int] | None  # None: the filesystem broker, or the broker did not answer
     workers: int
     sweepers: int
     error_rates: list[ErrorRate]
@@ -273,7 +273,7 @@ def error_rates(engine: Engine, api_key_id: uuid.UUID | None, task_deadline_s: f
 
 
 def queue_depths(broker: Any) -> dict[str, int] | None:
-    """Messages waiting per queue, from a Redis broker; None without one or when it does not answer."""
+    """Messages waiting per queue, from a Redis or RabbitMQ broker; None without one or when it does not answer."""
     if broker is None:
         return None
     try:

@@ -17,6 +17,7 @@ from werkzeug.exceptions import HTTPException
 
 from imagegate.app.ids import parse_id
 from imagegate.app.image_urls import signed_image_url
+from imagegate.app.queue import broker_client
 from imagegate.app.state.tasks import ENDED, TaskStatus
 from imagegate.app.web.dashboard import access, reads
 from imagegate.app.web.services import services
@@ -114,15 +115,10 @@ def _page(template: str, status: int = 200, *, refresh: bool = False, **context)
 
 
 def _broker():
-    """A Redis client for the queue depths (one per app, made on first use), None for other brokers."""
-    svc = services()
-    if not svc.settings.uses_redis:
-        return None
+    """What counts the queue depths (one per app, made on first use), None for the filesystem broker."""
     state = current_app.extensions.setdefault("imagegate.dashboard", {})
     if "broker" not in state:
-        import redis
-
-        state["broker"] = redis.Redis.from_url(svc.settings.broker_url, socket_timeout=1, socket_connect_timeout=1)
+        state["broker"] = broker_client(services().settings, timeout_s=1)
     return state["broker"]
 
 
