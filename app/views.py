@@ -77,6 +77,8 @@ def task_view(record: TaskRecord, settings: Settings, *, as_urls: bool = False) 
         )
     if task.cancel_requested:
         return view.model_copy(update={"cancel_requested": True})
+    if task.status == TaskStatus.PENDING and task.queued_reason:
+        return view.model_copy(update={"queued_reason": task.queued_reason})
     return view
 
 

@@ -47,6 +47,9 @@ from imagegate.workers.grouped import Grouped
 from imagegate.workers.http import current_call
 from imagegate.workers.images import fetch_images
 from imagegate.workers.leases import LeaseKeeper
+from imagegate.workers.model_admission import ModelAdmission
+from imagegate.workers.model_gate import Granted
+from imagegate.workers.model_limiter import ModelLimiter
 from imagegate.workers.outbound import CheckedClients
 from imagegate.workers.retry import backoff_s
 from imagegate.workers.task_metrics import (
@@ -108,14 +111,18 @@ class TaskRunner:
     celery: Celery
     # For image URLs off the model's own origin (see workers.images).
     checked: CheckedClients = dataclasses.field(default_factory=CheckedClients)
+    # The per-model upstream limits (workers/model_limiter.py); None: none are kept.
+    limiter: ModelLimiter | None = None
     # Each model bound to its adapter and upstream key, once; and the keys' redactor.
     upstreams: dict[str, Upstream] = dataclasses.field(init=False)
     redact: Redactor = dataclasses.field(init=False)
     batches: BatchClosing = dataclasses.field(init=False)
+    admission: ModelAdmission = dataclasses.field(init=False)
 
     def __post_init__(self) -> None:
         self.batches = BatchClosing(lambda batch_id: self.after_end.batch_touched(batch_id))
         self.upstreams = resolve_upstreams(self.models, self.adapters)
+        self.admission = ModelAdmission(self.upstreams, self.celery, self.limiter)
         self.redact = Redactor(upstream.api_key for upstream in self.upstreams.values())
         for name, upstream in self.upstreams.items():
             if upstream.unavailable:
@@ -132,33 +139,39 @@ class TaskRunner:
         if parsed is None:
             return
         lease_s = self.settings.lease_s
-        claim = (
-            self.store.claim_poll(parsed, attempt, poll, lease_s=lease_s)
-            if poll
-            else self.store.claim(
-                parsed, attempt, worker=worker, lease_s=lease_s, plan=functools.partial(plan_calls, self.upstreams)
+        if poll:
+            claim, granted = self.store.claim_poll(parsed, attempt, poll, lease_s=lease_s), None
+        else:  # under the model's upstream limits: room for the calls, or a wait (claim None)
+            plan = functools.partial(plan_calls, self.upstreams)
+            claim, granted = self.admission.claim(
+                self.store, parsed, attempt, worker=worker, lease_s=lease_s, plan=plan
             )
-        )
         if not claim:
-            log.info("task %s attempt %s poll %s: not claimed (%s)", task_id, attempt, poll, claim)
+            if claim is not None:
+                log.info("task %s attempt %s poll %s: not claimed (%s)", task_id, attempt, poll, claim)
             return
         count_started(claim)
-        with bound_contextvars(**_log_context(claim)), self.leases.held(claim), attempt_running():
-            self._run_claimed(claim)
+        try:
+            with bound_contextvars(**_log_context(claim)), self.leases.held(claim), attempt_running():
+                self._run_claimed(claim, granted)
+        finally:
+            self.admission.release(granted)
 
-    def _run_claimed(self, claim: Claim) -> None:
+    def _run_claimed(self, claim: Claim, granted: Granted | None) -> None:
         try:
             upstream = self.upstreams.get(claim.route)
             if upstream is None:
                 raise UpstreamError(ErrorCode.MISCONFIGURED, f"model {claim.route!r} is no longer configured", False)
             if upstream.unavailable:
                 raise UpstreamError(ErrorCode.MISCONFIGURED, upstream.unavailable, False)
+            if refusal := self.admission.refusal(upstream.config, len(claim.slots)):
+                raise refusal
             request = GenerationRequest.model_validate(claim.request)
             adapter = upstream.connect(self.http)
             if upstream.polling:  # declared by the adapter, checked when the adapters were loaded
-                self._run_polling(claim, upstream.config, cast(PollingAdapter, adapter), request)
+                self._run_polling(claim, upstream.config, cast(PollingAdapter, adapter), request, granted)
             else:
-                self._run_calls(claim, upstream, cast(ImageAdapter, adapter), request)
+                self._run_calls(claim, upstream, cast(ImageAdapter, adapter), request, granted)
         except UpstreamError as exc:  # before any call was made: the model cannot be served
             self._end_failed(claim, self._failure(exc), [])
         except ValidationError:
@@ -168,7 +181,14 @@ class TaskRunner:
             self._end_failed(claim, Failure(ErrorCode.INTERNAL, "The gateway failed while running this task."), [])
 
     # -- upstreams that answer with images ----------------------------------------------------
-    def _run_calls(self, claim: Claim, upstream: Upstream, adapter: ImageAdapter, request: GenerationRequest) -> None:
+    def _run_calls(
+        self,
+        claim: Claim,
+        upstream: Upstream,
+        adapter: ImageAdapter,
+        request: GenerationRequest,
+        granted: Granted | None,
+    ) -> None:
         config = upstream.config
         counts = slot_counts(request.n, upstream.max_images_per_call)
         todo = list(claim.slots)
@@ -184,9 +204,11 @@ class TaskRunner:
 
         if len(todo) == 1:
             calls = [call(todo[0])]
-        else:  # concurrent calls; under the gevent pool these threads are greenlets
-            with ThreadPoolExecutor(max_workers=len(todo)) as pool:
+        else:  # concurrent calls, no more than the model's slots; under the gevent pool, greenlets
+            at_once = min(len(todo), granted.slots) if granted and granted.slots else len(todo)
+            with ThreadPoolExecutor(max_workers=at_once) as pool:
                 calls = list(pool.map(in_this_context(call), todo))
+        self.admission.release(granted)  # the calls are over: give their room back before the write
         self._finish(claim, config, request, calls)
 
     def _stored(self, slot: int, generation: Generation, config: ModelConfig) -> Call:
@@ -210,6 +232,8 @@ class TaskRunner:
         for call in calls:
             usage = merge_usage(usage, call.usage)
         errors = [call.error for call in calls if call.error]
+        for error in errors:  # a 429 lowers the model's rate for every worker
+            self.admission.answered(config, error)
         if not errors:
             if written := self._durably(claim, self.successes, Success(claim, images, usage, outcomes)):
                 log.info("task %s attempt %s: succeed via %s", claim.task_id, claim.attempt, claim.route)
@@ -225,12 +249,20 @@ class TaskRunner:
 
     # -- upstreams that are themselves asynchronous -------------------------------------------
     def _run_polling(
-        self, claim: Claim, config: ModelConfig, adapter: PollingAdapter, request: GenerationRequest
+        self,
+        claim: Claim,
+        config: ModelConfig,
+        adapter: PollingAdapter,
+        request: GenerationRequest,
+        granted: Granted | None,
     ) -> None:
         current_call.set(f"imagegate-{claim.task_id}-{claim.attempt}-0-{claim.polls}")
         try:
-            if claim.upstream_task_id is None:
-                upstream_task_id = metered_call(claim.route, "submit", functools.partial(adapter.submit, request))
+            if claim.upstream_task_id is None:  # the submit is the call the model's limits count
+                try:
+                    upstream_task_id = metered_call(claim.route, "submit", functools.partial(adapter.submit, request))
+                finally:
+                    self.admission.release(granted)
                 self._wait_upstream(claim, upstream_task_id, config.poll_interval_s, poll=1)
                 return
             generation = metered_call(claim.route, "poll", functools.partial(adapter.poll, claim.upstream_task_id))
