@@ -8,7 +8,10 @@ Per model, under one hash tag (a Redis Cluster keeps them in one slot):
   task was accepted), each with how many calls it needs and when its place lapses if it stops asking.
   A task is let in only if the room left also covers every task ahead of it in the line: a task
   needing four calls is not passed forever by tasks needing one.
-- `slow` (the lowered rate and when it was lowered) and `pause`: what a 429 left behind.
+- `slow` (the lowered rate), `pause` and `burst`: what a 429 left behind, once per burst of them.
+  Only a model with an `rpm` has its rate halved: halving the calls merely seen in the last minute
+  made a burst of 429s stop a model for the whole next minute. Any model is paused for Retry-After;
+  once per burst, or sporadic 429s would each pause every task in turn, one task every Retry-After.
 
 Why a script and not the `limits` library: taking a concurrency slot, a rate token and one's place in
 the line must succeed or fail together (a token taken for an attempt that then finds no slot would be
@@ -58,7 +61,7 @@ for _, gone in ipairs(redis.call('ZRANGEBYSCORE', line_expiry, '-inf', now)) do
 end
 
 local rate = rpm
-local slowed = tonumber(redis.call('HGET', slow, 'rpm') or '0')
+local slowed = tonumber(redis.call('GET', slow) or '0')
 if slowed > 0 and (rate == 0 or slowed < rate) then rate = slowed end
 local paused = redis.call('PTTL', pause)
 
@@ -138,32 +141,32 @@ return 1
 """
 )
 
-# KEYS: slow, pause, calls. ARGV: rpm (0: none), cooldown ms, Retry-After ms (0: none), window ms,
-# least ms between two halvings (the calls in flight when the first 429 came get theirs too).
-# Halves the model's rate (its rpm, the lowered one, or the calls of the last minute) for the
-# cooldown, and pauses it for Retry-After. Returns the lowered rate.
+# KEYS: slow, pause, burst. ARGV: rpm (0: none), cooldown ms, Retry-After ms (0: none), burst ms.
+# At most once a burst (the calls in flight when the first 429 came get theirs too, and so do the
+# first calls after a pause): a model with an rpm has it halved (or its lowered rate halved again)
+# for the cooldown, and any model is paused for Retry-After. Each task that got a 429 waits out its
+# own Retry-After besides (its retry's backoff). Returns the lowered rate (0: none).
 THROTTLE = (
     _PRELUDE
     + """
-local slow, pause, calls_key = unpack(KEYS)
-local rpm, cooldown, retry_after = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local window, gap = tonumber(ARGV[4]), tonumber(ARGV[5])
-local current = tonumber(redis.call('HGET', slow, 'rpm') or '0')
-local at = tonumber(redis.call('HGET', slow, 'at') or '0')
-if current == 0 or now - at >= gap then
-  local base = current
-  if base == 0 then base = rpm end
-  if base == 0 then base = redis.call('ZCOUNT', calls_key, now - window, '+inf') end
-  current = math.max(1, math.floor(base / 2))
-  redis.call('HSET', slow, 'rpm', current, 'at', now)
+local slow, pause, burst_key = unpack(KEYS)
+local rpm, cooldown, retry_after, burst = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local current = tonumber(redis.call('GET', slow) or '0')
+if not redis.call('SET', burst_key, '1', 'PX', burst, 'NX') then return current end
+if rpm > 0 then
+  if current == 0 then current = rpm end
+  current = math.max(1, math.floor(current / 2))
+  redis.call('SET', slow, current, 'PX', cooldown)
 end
-redis.call('PEXPIRE', slow, cooldown)
 if retry_after > 0 and redis.call('PTTL', pause) < retry_after then
   redis.call('SET', pause, '1', 'PX', retry_after)
 end
 return current
 """
 )
+
+# A 429 within this long of the one that lowered the rate or paused the model belongs to its burst.
+BURST_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -247,12 +250,6 @@ class RedisModelGate:
             self._renew(keys=[self._key(model, "holders")], args=[_ms(lease_s), *holders])
 
     def throttled(self, model: str, rpm: int | None, cooldown_s: float, retry_after_s: float | None) -> int:
-        keys = [self._key(model, name) for name in ("slow", "pause", "calls")]
-        args = [
-            rpm or 0,
-            _ms(cooldown_s),
-            _ms(retry_after_s) if retry_after_s else 0,
-            self._window_ms,
-            self._window_ms // 6,
-        ]
+        keys = [self._key(model, name) for name in ("slow", "pause", "burst")]
+        args = [rpm or 0, _ms(cooldown_s), _ms(retry_after_s) if retry_after_s else 0, _ms(BURST_S)]
         return int(self._throttle(keys=keys, args=args))

@@ -12,7 +12,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 from imagegate.app.state.tasks import QueuedReason
-from imagegate.workers.model_gate import WINDOW_S, Ask, Granted, NoRoom
+from imagegate.workers.model_gate import BURST_S, WINDOW_S, Ask, Granted, NoRoom
 
 
 @dataclass
@@ -21,7 +21,7 @@ class _Model:
     calls: list[float] = field(default_factory=list)  # when each call of the window started, oldest first
     line: dict[str, tuple[int, int, float]] = field(default_factory=dict)  # task -> (place, need, lapses at)
     slow_rpm: int = 0
-    slow_at: float = 0.0
+    throttled_at: float = -math.inf
     slow_until: float = 0.0
     paused_until: float = 0.0
 
@@ -105,10 +105,12 @@ class LocalModelGate:
             now = time.monotonic()
             state = self._models[model]
             self._tidy(state, now)
-            if not state.slow_rpm or now - state.slow_at >= self._window_s / 6:
-                base = state.slow_rpm or rpm or len(state.calls)
-                state.slow_rpm, state.slow_at = max(1, math.floor(base / 2)), now
-            state.slow_until = now + cooldown_s
+            if now - state.throttled_at < BURST_S:
+                return state.slow_rpm
+            state.throttled_at = now
+            if rpm:
+                state.slow_rpm = max(1, math.floor((state.slow_rpm or rpm) / 2))
+                state.slow_until = now + cooldown_s
             if retry_after_s:
                 state.paused_until = max(state.paused_until, now + retry_after_s)
             return state.slow_rpm

@@ -27,6 +27,7 @@ from imagegate.workers.model_gate_local import LocalModelGate
 log = logging.getLogger(__name__)
 
 MIN_WAIT_S = 0.05
+MAX_JITTER_S = 0.5
 
 
 class ModelGate(Protocol):
@@ -75,8 +76,10 @@ class ModelLimiter:
         except redis.RedisError as exc:
             raise LimitsUnavailable(str(exc)) from exc
         if isinstance(answer, NoRoom):
-            # A little jitter, so the tasks told to wait alike do not all ask again at one instant.
-            return Wait(answer.reason, max(MIN_WAIT_S, answer.wait_s * random.uniform(1.0, 1.2)))
+            # A little jitter, so the tasks told to wait alike do not all ask again at one instant;
+            # little enough that a task told when room comes is not late for it.
+            jitter = random.uniform(0, min(answer.wait_s * 0.2, MAX_JITTER_S))
+            return Wait(answer.reason, max(MIN_WAIT_S, answer.wait_s + jitter))
         if answer.holders:
             with self._lock:
                 self._held.add(answer)
@@ -97,19 +100,17 @@ class ModelLimiter:
             log.warning("could not give back %d slots of model %r: %s", granted.slots, granted.model, exc)
 
     def throttled(self, config: ModelConfig, retry_after_s: float | None) -> None:
-        """The upstream answered 429: lower the model's rate for everyone, pause it for Retry-After."""
+        """The upstream answered 429: halve the model's rpm for everyone (if it has one) for a while,
+        and pause it for Retry-After."""
         try:
             rate = self.gate.throttled(config.name, config.rpm, self._cooldown_s, retry_after_s)
         except redis.RedisError as exc:
             log.warning("could not record a 429 of model %r: %s", config.name, exc)
             return
-        log.info(
-            "model %r answered 429: %d calls a minute for %.0f s%s",
-            config.name,
-            rate,
-            self._cooldown_s,
-            f", none for {retry_after_s:g} s" if retry_after_s else "",
-        )
+        lowered = f"{rate} calls a minute for {self._cooldown_s:g} s" if rate else ""
+        paused = f"none for {retry_after_s:g} s" if retry_after_s else ""
+        if lowered or paused:
+            log.info("model %r answered 429: %s", config.name, ", ".join(filter(None, (paused, lowered))))
 
     def _start_renewing(self) -> None:
         if self._renewer is None or not self._renewer.is_alive():

@@ -97,18 +97,27 @@ max_retries = 3
         "IMAGEGATE_RETRY_BASE_S": "0.2",
         "IMAGEGATE_RETRY_MAX_S": "10",
         "IMAGEGATE_MODEL_WAIT_S": "0.3",
+        "IMAGEGATE_SHUTDOWN_GRACE_S": "2",
     }
-    processes = [start_api(env, directory / "api.log", api_port)]
     engine = create_engine(database_url)
+    # Started together, and each told ready: starting one after the other took most of a minute.
+    logs = [directory / f"worker-{index}.log" for index in range(3)]
+    processes = [start_process(["worker", "--concurrency", "10"], env, log) for log in logs]
     try:
-        processes += [start_worker(env, directory / f"worker-{index}.log") for index in range(3)]
         processes.append(start_process(["sweeper"], env, directory / "sweeper.log"))
+        processes.append(start_api(env, directory / "api.log", api_port))
+        for worker, log in zip(processes, logs, strict=False):
+            wait_until(lambda w=worker, f=log: w.poll() is not None or "ready" in f.read_text(), 60, "a worker")
+            assert worker.poll() is None, log.read_text()
         cluster = Limited(directory, env, f"http://127.0.0.1:{api_port}", create_key(env, "limits"), processes, engine)
         with cluster.client() as client:  # the rate workload: more than a minute's worth at once
             prompt = f"rate {UNIQUE}"
             cluster.rate_tasks = [submit_async(client, model="rate", prompt=prompt) for _ in range(RATE_TASKS)]
         yield cluster
     finally:
+        for process in processes:  # all asked to stop at once, each then waited for
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGTERM)
         for process in processes:
             stop_process(process)
         engine.dispose()

@@ -130,11 +130,16 @@ def test_a_429_halves_the_rate_once_per_burst_and_pauses_for_retry_after(gate):
     assert [isinstance(answer, Granted) for answer in granted] == [True] * 4 + [False]
 
 
-def test_a_429_slows_a_model_without_limits_to_half_the_calls_it_made(gate):
+def test_a_429_pauses_a_model_without_rpm_for_retry_after_and_lowers_nothing(gate):
     for index in range(6):
         assert isinstance(gate.acquire(ask(f"t{index}", order=index)), Granted)
-    assert gate.throttled("m", None, cooldown_s=30, retry_after_s=None) == 3
-    assert isinstance(gate.acquire(ask("next", order=10)), NoRoom)
+    assert gate.throttled("m", None, cooldown_s=30, retry_after_s=0.4) == 0
+    assert gate.throttled("m", None, cooldown_s=30, retry_after_s=5) == 0  # the same burst: no longer pause
+    refused = gate.acquire(ask("next", order=10))
+    assert isinstance(refused, NoRoom) and refused.reason == QueuedReason.MODEL_RATE_LIMIT
+    time.sleep(refused.wait_s + 0.05)
+    assert all(isinstance(gate.acquire(ask(f"u{index}", order=20 + index)), Granted) for index in range(6))
+    assert isinstance(gate.acquire(ask("last", order=40)), Granted)
 
 
 def test_the_slow_down_ends_after_the_cooldown(make_gate):
