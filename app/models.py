@@ -121,6 +121,9 @@ class Task(Base):
     # A pending task is due from run_after (retry countdowns); the sweeper republishes one that is
     # long overdue, as its message was lost.
     run_after: Mapped[datetime] = mapped_column(default=utcnow)
+    # Set while a pending task waits for room under its model's upstream limits: one of
+    # app.state.tasks.QueuedReason (a CHECK constraint); cleared when an attempt is claimed.
+    queued_reason: Mapped[str | None] = mapped_column(String(32))
     # A running attempt is owned until lease_expires_at; the sweeper takes back expired ones.
     lease_expires_at: Mapped[datetime | None]
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)

@@ -74,6 +74,11 @@ class ModelConfig(BaseModel):
     poll_deadline_s: float = Field(600.0, gt=0)
     # Models to go on with, in order, once this one's retries are spent on retryable errors.
     fallbacks: list[str] = []
+    # The upstream's own limits for this model, kept by every worker together (workers/model_limits.py):
+    # upstream calls in flight at once, and calls started in any 60 s. Each fan-out call counts;
+    # for an asynchronous upstream, the submit. Unset: no limit.
+    max_concurrency: int | None = Field(None, ge=1)
+    rpm: int | None = Field(None, ge=1)
 
     @model_validator(mode="before")
     @classmethod

@@ -5,11 +5,11 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_serializer
 from pydantic_core import PydanticCustomError
 
 from imagegate.app.state.batches import BatchStatus
-from imagegate.app.state.tasks import TaskStatus
+from imagegate.app.state.tasks import QueuedReason, TaskStatus
 
 MAX_PROMPT_CHARS = 32000  # gpt-image's limit, the largest of any model family
 MAX_N = 10
@@ -243,6 +243,19 @@ class TaskView(BaseModel):
     error: TaskError | None = Field(None, description="Only when task_status is failed.")
     attempt_log: list[AttemptView] = Field([], description="Every upstream call, in order.")
     deleted: bool | None = Field(None, description="True once the client deleted it: no images, no request.")
+    queued_reason: QueuedReason | None = Field(
+        None,
+        description="Why a pending task is waiting: its model's upstream limits (`max_concurrency`, `rpm`, "
+        "or a 429's slow-down) have no room for its calls yet. Waiting uses no retry. Null otherwise.",
+    )
+
+    @model_serializer(mode="wrap")
+    def _queued_reason_always(self, handler):
+        # Answered as null rather than left out (the other empty fields are left out), so a client
+        # can tell "not waiting" from a gateway that does not know of the limits.
+        data = handler(self)
+        data.setdefault("queued_reason", None)
+        return data
 
 
 class BatchLine(RequestModel):

@@ -112,6 +112,14 @@ class Settings(BaseSettings):
     # queues has lost its broker consumer: it exits (status 3) for its supervisor to restart it.
     consumer_stall_s: float = Field(60.0, gt=0)
 
+    # Per-model upstream limits (`max_concurrency`, `rpm` in the providers file) are kept in this
+    # Redis, shared by every worker; unset: the broker's when it is Redis, else each worker process
+    # keeps them alone. A task with no room asks again after about model_wait_s (longer further back
+    # in its model's line); a 429 halves its model's rate for model_cooldown_s.
+    model_limits_url: str | None = None
+    model_wait_s: float = Field(1.0, gt=0)
+    model_cooldown_s: float = Field(60.0, gt=0)
+
     # Webhooks: private callback URLs are refused unless this is set (private deployments, tests);
     # the retry schedule in seconds after each failed delivery (comma-separated).
     webhook_allow_private: bool = False
@@ -224,3 +232,8 @@ class Settings(BaseSettings):
         """The Redis carrying wake-ups and shared counters: IMAGEGATE_REDIS_URL, else a Redis
         broker's; None without Redis (the embedded mode)."""
         return self.redis_url or (self.broker_url if self.uses_redis else None)
+
+    @property
+    def shared_limits_url(self) -> str | None:
+        """The Redis keeping the per-model upstream limits for every worker; None: per process."""
+        return self.model_limits_url or self.shared_redis_url

@@ -16,7 +16,7 @@ from imagegate.app.schemas import (
     TaskView,
 )
 from imagegate.app.settings import Settings
-from imagegate.app.state.tasks import TaskStatus
+from imagegate.app.state.tasks import QueuedReason, TaskStatus
 from imagegate.app.stores.tasks import TaskRecord
 
 
@@ -84,6 +84,8 @@ def task_view(record: TaskRecord, settings: Settings, *, as_urls: bool = False) 
         )
     if task.cancel_requested:
         return view.model_copy(update={"cancel_requested": True})
+    if task.status == TaskStatus.PENDING and task.queued_reason:
+        return view.model_copy(update={"queued_reason": QueuedReason(task.queued_reason)})
     return view
 
 

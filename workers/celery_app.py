@@ -19,6 +19,7 @@ from imagegate.workers.consumer_watchdog import ConsumerWatchdog, spawn
 from imagegate.workers.grouped import Grouped
 from imagegate.workers.http import make_client
 from imagegate.workers.leases import LeaseKeeper
+from imagegate.workers.model_limiter import make_limiter
 from imagegate.workers.runner import TaskRunner
 from imagegate.workers.task_events import group_task_events
 from imagegate.workers.webhook_delivery import WebhookSender
@@ -48,6 +49,7 @@ def make_worker_app(settings: Settings, *, concurrency: int = 1000) -> Celery:
         after_end=runtime.after_end,
         celery=celery,
         image_store=runtime.image_store,
+        limiter=make_limiter(settings),
     )
     sender = WebhookSender(settings, runtime.webhooks, runtime.tasks, runtime.batches, celery)
 

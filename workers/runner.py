@@ -49,6 +49,9 @@ from imagegate.workers.grouped import Grouped
 from imagegate.workers.http import current_call
 from imagegate.workers.images import discard_unwritten, fetch_images, put_while_leased
 from imagegate.workers.leases import LeaseKeeper
+from imagegate.workers.model_admission import ModelAdmission
+from imagegate.workers.model_gate import Granted
+from imagegate.workers.model_limiter import ModelLimiter
 from imagegate.workers.outbound import CheckedClients
 from imagegate.workers.retry import backoff_s
 from imagegate.workers.task_metrics import (
@@ -112,14 +115,18 @@ class TaskRunner:
     checked: CheckedClients = dataclasses.field(default_factory=CheckedClients)
     # Where image bytes are put before the rows that point at them (IMAGEGATE_IMAGE_STORE).
     image_store: ImageStore = dataclasses.field(default_factory=DatabaseImages)
+    # The per-model upstream limits (workers/model_limiter.py); None: none are kept.
+    limiter: ModelLimiter | None = None
     # Each model bound to its adapter and upstream key, once; and the keys' redactor.
     upstreams: dict[str, Upstream] = dataclasses.field(init=False)
     redact: Redactor = dataclasses.field(init=False)
     batches: BatchClosing = dataclasses.field(init=False)
+    admission: ModelAdmission = dataclasses.field(init=False)
 
     def __post_init__(self) -> None:
         self.batches = BatchClosing(lambda batch_id: self.after_end.batch_touched(batch_id))
         self.upstreams = resolve_upstreams(self.models, self.adapters)
+        self.admission = ModelAdmission(self.upstreams, self.celery, self.limiter)
         self.redact = Redactor(upstream.api_key for upstream in self.upstreams.values())
         for name, upstream in self.upstreams.items():
             if upstream.unavailable:
@@ -136,27 +143,33 @@ class TaskRunner:
         if parsed is None:
             return
         lease_s = self.settings.lease_s
-        claim = (
-            self.store.claim_poll(parsed, attempt, poll, lease_s=lease_s)
-            if poll
-            else self.store.claim(
-                parsed, attempt, worker=worker, lease_s=lease_s, plan=functools.partial(plan_calls, self.upstreams)
+        if poll:
+            claim, granted = self.store.claim_poll(parsed, attempt, poll, lease_s=lease_s), None
+        else:  # under the model's upstream limits: room for the calls, or a wait (claim None)
+            plan = functools.partial(plan_calls, self.upstreams)
+            claim, granted = self.admission.claim(
+                self.store, parsed, attempt, worker=worker, lease_s=lease_s, plan=plan
             )
-        )
         if not claim:
-            log.info("task %s attempt %s poll %s: not claimed (%s)", task_id, attempt, poll, claim)
+            if claim is not None:
+                log.info("task %s attempt %s poll %s: not claimed (%s)", task_id, attempt, poll, claim)
             return
         count_started(claim)
-        with bound_contextvars(**_log_context(claim)), self.leases.held(claim), attempt_running():
-            self._run_claimed(claim)
+        try:
+            with bound_contextvars(**_log_context(claim)), self.leases.held(claim), attempt_running():
+                self._run_claimed(claim, granted)
+        finally:
+            self.admission.release(granted)
 
-    def _run_claimed(self, claim: Claim) -> None:
+    def _run_claimed(self, claim: Claim, granted: Granted | None) -> None:
         try:
             upstream = self.upstreams.get(claim.route)
             if upstream is None:
                 raise UpstreamError(ErrorCode.MISCONFIGURED, f"model {claim.route!r} is no longer configured", False)
             if upstream.unavailable:
                 raise UpstreamError(ErrorCode.MISCONFIGURED, upstream.unavailable, False)
+            if refusal := self.admission.refusal(upstream.config, len(claim.slots)):
+                raise refusal
             fields, edit = split_stored(claim.request)
             request = GenerationRequest.model_validate(fields) if edit is None else generation_of(fields)
             if edit is not None and not (upstream.adapter.capabilities.edits and can_edit(upstream.config)):
@@ -165,9 +178,9 @@ class TaskRunner:
             inputs = functools.partial(self._edit_inputs, claim, fields, edit) if edit is not None else None
             adapter = upstream.connect(self.http)
             if upstream.polling:  # declared by the adapter, checked when the adapters were loaded
-                self._run_polling(claim, upstream.config, cast(PollingAdapter, adapter), request, inputs)
+                self._run_polling(claim, upstream.config, cast(PollingAdapter, adapter), request, granted, inputs)
             else:
-                self._run_calls(claim, upstream, cast(ImageAdapter, adapter), request, inputs and inputs())
+                self._run_calls(claim, upstream, cast(ImageAdapter, adapter), request, granted, inputs and inputs())
         except UpstreamError as exc:  # before any call was made: the model cannot be served
             self._end_failed(claim, self._failure(exc), [])
         except ValidationError:
@@ -192,6 +205,7 @@ class TaskRunner:
         upstream: Upstream,
         adapter: ImageAdapter,
         request: GenerationRequest,
+        granted: Granted | None,
         inputs: EditInputs | None = None,
     ) -> None:
         config = upstream.config
@@ -212,9 +226,11 @@ class TaskRunner:
 
         if len(todo) == 1:
             calls = [call(todo[0])]
-        else:  # concurrent calls; under the gevent pool these threads are greenlets
-            with ThreadPoolExecutor(max_workers=len(todo)) as pool:
+        else:  # concurrent calls, no more than the model's slots; under the gevent pool, greenlets
+            at_once = min(len(todo), granted.slots) if granted and granted.slots else len(todo)
+            with ThreadPoolExecutor(max_workers=at_once) as pool:
                 calls = list(pool.map(in_this_context(call), todo))
+        self.admission.release(granted)  # the calls are over: give their room back before the write
         self._finish(claim, config, request, calls)
 
     def _stored(self, slot: int, generation: Generation, config: ModelConfig) -> Call:
@@ -238,6 +254,8 @@ class TaskRunner:
         for call in calls:
             usage = merge_usage(usage, call.usage)
         errors = [call.error for call in calls if call.error]
+        for error in errors:  # a 429 lowers the model's rate for every worker
+            self.admission.answered(config, error)
         if not errors:
             images = self._put(claim, images)
             if written := self._durably_with(claim, images, self.successes, Success(claim, images, usage, outcomes)):
@@ -259,17 +277,21 @@ class TaskRunner:
         config: ModelConfig,
         adapter: PollingAdapter,
         request: GenerationRequest,
+        granted: Granted | None,
         inputs: Callable[[], EditInputs] | None = None,
     ) -> None:
         current_call.set(f"imagegate-{claim.task_id}-{claim.attempt}-0-{claim.polls}")
         try:
-            if claim.upstream_task_id is None:
-                submit = (
-                    functools.partial(adapter.submit_edit, request, inputs())
-                    if inputs
-                    else functools.partial(adapter.submit, request)
-                )
-                upstream_task_id = metered_call(claim.route, "submit", submit)
+            if claim.upstream_task_id is None:  # the submit is the call the model's limits count
+                try:
+                    submit = (
+                        functools.partial(adapter.submit_edit, request, inputs())
+                        if inputs
+                        else functools.partial(adapter.submit, request)
+                    )
+                    upstream_task_id = metered_call(claim.route, "submit", submit)
+                finally:
+                    self.admission.release(granted)
                 self._wait_upstream(claim, upstream_task_id, config.poll_interval_s, poll=1)
                 return
             generation = metered_call(claim.route, "poll", functools.partial(adapter.poll, claim.upstream_task_id))

@@ -89,10 +89,30 @@ def claim(
             started_at=now,
             lease_expires_at=lease_until,
             polls=0,
+            queued_reason=None,
         )
         .returning(*CLAIM_COLUMNS)
     ).one_or_none()
     return row if row is not None else why_refused(connection, task_id, attempt, claiming=True)
+
+
+def wait_for_model(
+    connection: Connection, task_id: uuid.UUID, attempt: int, *, now: datetime, reason: str, countdown_s: float
+) -> Outcome:
+    """pending -> pending, attempt `attempt` left unclaimed: its model's upstream limits had no room
+    for its calls, so it is due again in `countdown_s`, saying why. The attempt count and the retries
+    stay as they were (no call was made), and run_after moves on so the sweeper does not take the
+    wait for a lost message. Refused if another delivery claimed the attempt meanwhile, or it ended."""
+    guard = [
+        tasks.c.id == task_id,
+        tasks.c.status == TaskStatus.PENDING,
+        tasks.c.attempts == attempt - 1,
+        tasks.c.cancel_requested.is_(False),
+    ]
+    values_ = {"queued_reason": reason, "run_after": now + timedelta(seconds=countdown_s)}
+    if connection.execute(update(tasks).where(*guard).values(**values_)).rowcount > 0:
+        return True
+    return why_refused(connection, task_id, attempt, claiming=True)
 
 
 def claim_poll(

@@ -44,6 +44,14 @@ class TaskStatus(StrEnum):
         return self in ENDED
 
 
+class QueuedReason(StrEnum):
+    """Why a pending task is not running yet, when it is waiting on purpose (`queued_reason`; a
+    CHECK constraint): its model's upstream limits (app/providers.py) had no room for its calls."""
+
+    MODEL_CONCURRENCY_LIMIT = "model_concurrency_limit"  # the model's max_concurrency calls are in flight
+    MODEL_RATE_LIMIT = "model_rate_limit"  # its rpm is spent for now, or a 429 paused or slowed it
+
+
 UNFINISHED = (TaskStatus.PENDING, TaskStatus.RUNNING)
 ENDED = (TaskStatus.SUCCEED, TaskStatus.FAILED)
 

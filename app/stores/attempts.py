@@ -80,6 +80,35 @@ class Success:
 PlanCalls = Callable[[Claim, set[int]], list[int]]
 
 
+@dataclass(frozen=True)
+class Wait:
+    """An attempt its model's upstream limits have no room for yet: why, and when to ask again."""
+
+    reason: str  # app.state.tasks.QueuedReason
+    countdown_s: float
+
+
+@dataclass(frozen=True)
+class Waiting:
+    """The claim was not made: the task stays pending, waiting `countdown_s` (see `claim`)."""
+
+    task_id: uuid.UUID
+    attempt: int
+    reason: str
+    countdown_s: float
+    batch_id: uuid.UUID | None = None
+
+
+# Given the claim and its planned slots, None to make the calls now, or how long to wait. Asked
+# inside the claim's transaction, so a wait leaves no trace of the claim.
+AdmitCalls = Callable[[Claim, list[int]], Wait | None]
+
+
+class _NotAdmitted(Exception):
+    def __init__(self, claim: Claim, wait: Wait) -> None:
+        self.claim, self.wait = claim, wait
+
+
 def _after(seconds: float) -> datetime:
     return utcnow() + timedelta(seconds=seconds)
 
@@ -91,10 +120,41 @@ class AttemptStore:
     lease_chunk: int = field(default=500)
 
     def claim(
-        self, task_id: uuid.UUID, attempt: int, *, worker: str, lease_s: float, plan: PlanCalls
-    ) -> Claim | Refused:
+        self,
+        task_id: uuid.UUID,
+        attempt: int,
+        *,
+        worker: str,
+        lease_s: float,
+        plan: PlanCalls,
+        admit: AdmitCalls | None = None,
+    ) -> Claim | Waiting | Refused:
         """pending -> running for attempt `attempt`, the calls about to be made recorded in the same
-        transaction; refused when another delivery got there first, or the attempt is past."""
+        transaction; refused when another delivery got there first, or the attempt is past. When
+        `admit` says the calls must wait, the claim is rolled back and the task stays pending,
+        waiting (`wait_for_model`): no attempt is used."""
+        try:
+            return self._claim(task_id, attempt, worker=worker, lease_s=lease_s, plan=plan, admit=admit)
+        except _NotAdmitted as not_admitted:
+            claim, wait = not_admitted.claim, not_admitted.wait
+        with self.engine.begin() as connection:
+            written = transitions.wait_for_model(
+                connection, task_id, attempt, now=utcnow(), reason=wait.reason, countdown_s=wait.countdown_s
+            )
+        if not written:
+            return written
+        return Waiting(task_id, attempt, wait.reason, wait.countdown_s, claim.batch_id)
+
+    def _claim(
+        self,
+        task_id: uuid.UUID,
+        attempt: int,
+        *,
+        worker: str,
+        lease_s: float,
+        plan: PlanCalls,
+        admit: AdmitCalls | None,
+    ) -> Claim | Refused:
         with self.engine.begin() as connection:
             row = transitions.claim(
                 connection, task_id, attempt, worker=worker, now=utcnow(), lease_until=_after(lease_s)
@@ -108,6 +168,8 @@ class AttemptStore:
                 else set()
             )
             slots = plan(claim, done)
+            if slots and admit is not None and (wait := admit(claim, slots)) is not None:
+                raise _NotAdmitted(claim, wait)  # rolls the claim back
             if slots:
                 now = utcnow()
                 connection.execute(

@@ -1,7 +1,8 @@
 """A real HTTP server on 127.0.0.1 that speaks the OpenAI Images wire format, scripted per prompt.
 
 Tests key their script by a unique prompt, so they stay independent while sharing one server
-and one worker. Every call is logged with its arrival time.
+and one worker. Every call is logged with its arrival time, and the calls in flight are counted per
+upstream model (the body's `model`), with the most ever seen at once.
 """
 
 from __future__ import annotations
@@ -57,7 +58,30 @@ class FakeUpstream(ScriptedServer):
 
     def __init__(self) -> None:
         self._async_tasks: dict[str, dict] = {}
+        self._in_flight: dict[str, int] = {}
+        self._peak: dict[str, int] = {}
         super().__init__()
+
+    def peak_in_flight(self, model: str) -> int:
+        """The most calls of this upstream model this server was answering at once."""
+        with self._lock:
+            return self._peak.get(model, 0)
+
+    def call_times(self, model: str, kind: str | None = None) -> list[float]:
+        """When each call of this upstream model arrived (time.time()), in order."""
+        with self._lock:
+            return sorted(
+                call.at for call in self.calls if call.body.get("model") == model and kind in (None, call.kind)
+            )
+
+    def _enter(self, model: str) -> None:
+        with self._lock:
+            self._in_flight[model] = self._in_flight.get(model, 0) + 1
+            self._peak[model] = max(self._peak.get(model, 0), self._in_flight[model])
+
+    def _leave(self, model: str) -> None:
+        with self._lock:
+            self._in_flight[model] -= 1
 
     def calls_for(self, prompt: str, kind: str | None = None) -> list[Call]:
         return [call for call in super().calls_for(prompt) if kind in (None, call.kind)]
@@ -132,6 +156,14 @@ class FakeUpstream(ScriptedServer):
                 else:
                     body = self.read_json()
                     kind = "submit" if body.get("async") else "generate"
+                model = str(body.get("model"))
+                upstream._enter(model)
+                try:
+                    self._answer_post(body, kind, files)
+                finally:
+                    upstream._leave(model)
+
+            def _answer_post(self, body: dict, kind: str, files: dict) -> None:
                 prompt = body.get("prompt", "")
                 upstream.log(
                     Call(

@@ -1,0 +1,88 @@
+"""An attempt's claim under its model's upstream limits: the room for its calls is taken inside the
+claim's transaction (workers/model_limiter.py), so an attempt with no room is never claimed. It stays
+pending, says why (`queued_reason`), and its message comes back after the wait: no retry is used,
+no worker slot is held meanwhile, and its place in the model's line is kept."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass
+
+from celery import Celery
+
+from imagegate.app.failures import ErrorCode
+from imagegate.app.providers import ModelConfig
+from imagegate.app.queue import publish_run
+from imagegate.app.state.refused import Refused
+from imagegate.app.stores.attempts import AttemptStore, Claim, PlanCalls, Wait, Waiting
+from imagegate.workers.adapters import Upstream
+from imagegate.workers.adapters.base import UpstreamError
+from imagegate.workers.model_gate import Granted
+from imagegate.workers.model_limiter import LimitsUnavailable, ModelLimiter, over_rate
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelAdmission:
+    upstreams: dict[str, Upstream]
+    celery: Celery
+    limiter: ModelLimiter | None = None  # None: no limits are kept
+
+    def claim(
+        self, store: AttemptStore, task_id: uuid.UUID, attempt: int, *, worker: str, lease_s: float, plan: PlanCalls
+    ) -> tuple[Claim | Refused | None, Granted | None]:
+        """The claim and the room its calls hold (until `release`); None for an attempt now waiting
+        for room (its message is published again) or not claimed because the limits are unavailable
+        (still pending: the sweeper publishes it again)."""
+        if self.limiter is None:
+            return store.claim(task_id, attempt, worker=worker, lease_s=lease_s, plan=plan), None
+        granted: list[Granted] = []
+
+        def admit(claim: Claim, slots: list[int]) -> Wait | None:
+            answer = self._admit(claim, slots)
+            if isinstance(answer, Granted):
+                granted.append(answer)
+                return None
+            return answer
+
+        try:
+            claim = store.claim(task_id, attempt, worker=worker, lease_s=lease_s, plan=plan, admit=admit)
+        except LimitsUnavailable as exc:
+            log.warning("task %s attempt %s: model limits unavailable (%s); not claimed", task_id, attempt, exc)
+            return None, None
+        except BaseException:
+            self.release(granted[0] if granted else None)
+            raise
+        if isinstance(claim, Waiting):
+            log.info("task %s attempt %s: waiting %.1f s (%s)", task_id, attempt, claim.countdown_s, claim.reason)
+            publish_run(self.celery, task_id, attempt, countdown=claim.countdown_s, batch_id=claim.batch_id)
+            return None, None
+        if not claim:
+            self.release(granted[0] if granted else None)
+        return claim, granted[0] if granted else None
+
+    def _admit(self, claim: Claim, slots: list[int]) -> Granted | Wait | None:
+        upstream = self.upstreams.get(claim.route)
+        if self.limiter is None or upstream is None or upstream.unavailable:
+            return None  # no call will be made: the attempt fails
+        if upstream.polling and claim.upstream_task_id:
+            return None  # only polling what the upstream was already given: not a new call
+        if over_rate(upstream.config, len(slots)):
+            return None  # it can never start: `refusal` fails it
+        return self.limiter.admit(upstream.config, claim, len(slots))
+
+    def refusal(self, config: ModelConfig, calls: int) -> UpstreamError | None:
+        """Why an attempt of `calls` calls fails at once: more than the model's rpm."""
+        too_many = over_rate(config, calls) if self.limiter is not None else None
+        return UpstreamError(ErrorCode.MISCONFIGURED, too_many, False) if too_many else None
+
+    def release(self, granted: Granted | None) -> None:
+        if self.limiter is not None:
+            self.limiter.release(granted)
+
+    def answered(self, config: ModelConfig, exc: UpstreamError) -> None:
+        """An upstream call failed: a 429 lowers the model's rate for every worker."""
+        if self.limiter is not None and exc.upstream_status == 429:
+            self.limiter.throttled(config, exc.retry_after_s)
