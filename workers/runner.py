@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -44,10 +43,11 @@ from imagegate.workers.adapters.base import (
     UpstreamError,
 )
 from imagegate.workers.batch_closing import BatchClosing
-from imagegate.workers.fanout import merge_usage, slot_counts
+from imagegate.workers.durable_writes import DurableWrites
+from imagegate.workers.fanout import Call, merge_usage, plan_calls, slot_counts
 from imagegate.workers.grouped import Grouped
 from imagegate.workers.http import current_call
-from imagegate.workers.images import discard_unwritten, fetch_images, put_while_leased
+from imagegate.workers.images import fetch_images
 from imagegate.workers.leases import LeaseKeeper
 from imagegate.workers.model_admission import ModelAdmission
 from imagegate.workers.model_gate import Granted
@@ -68,30 +68,6 @@ log = logging.getLogger(__name__)
 MAX_POLL_INTERVAL_S = 30.0
 # A stored error message is cut to this, after redaction: a secret cut in two would no longer match.
 MAX_MESSAGE_CHARS = 1000
-
-
-@dataclass(frozen=True)
-class Call:
-    """What one upstream call (one fan-out slot) gave."""
-
-    slot: int
-    images: list[NewImage] = dataclasses.field(default_factory=list)
-    usage: dict | None = None
-    upstream_status: int | None = None
-    error: UpstreamError | None = None
-
-
-def plan_calls(upstreams: dict[str, Upstream], claim: Claim, done: set[int]) -> list[int]:
-    """The fan-out slots an attempt calls: those earlier attempts did not store; none when the model
-    cannot be served (the attempt then fails without a call)."""
-    upstream = upstreams.get(claim.route)
-    if upstream is None or upstream.unavailable:
-        return []
-    if upstream.polling:
-        return [0]
-    n = claim.request.get("n", 1)
-    counts = slot_counts(n if isinstance(n, int) else 1, upstream.max_images_per_call)
-    return [slot for slot in range(len(counts)) if slot not in done]
 
 
 def _log_context(claim: Claim) -> dict[str, str]:
@@ -122,11 +98,13 @@ class TaskRunner:
     redact: Redactor = dataclasses.field(init=False)
     batches: BatchClosing = dataclasses.field(init=False)
     admission: ModelAdmission = dataclasses.field(init=False)
+    durable: DurableWrites = dataclasses.field(init=False)
 
     def __post_init__(self) -> None:
         self.batches = BatchClosing(lambda batch_id: self.after_end.batch_touched(batch_id))
         self.upstreams = resolve_upstreams(self.models, self.adapters)
         self.admission = ModelAdmission(self.upstreams, self.celery, self.limiter)
+        self.durable = DurableWrites(self.store, self.leases, self.image_store)
         self.redact = Redactor(upstream.api_key for upstream in self.upstreams.values())
         for name, upstream in self.upstreams.items():
             if upstream.unavailable:
@@ -257,8 +235,10 @@ class TaskRunner:
         for error in errors:  # a 429 lowers the model's rate for every worker
             self.admission.answered(config, error)
         if not errors:
-            images = self._put(claim, images)
-            if written := self._durably_with(claim, images, self.successes, Success(claim, images, usage, outcomes)):
+            images = self.durable.put(claim, images)
+            if written := self.durable.write_pointing_at(
+                claim, images, self.successes, Success(claim, images, usage, outcomes)
+            ):
                 log.info("task %s attempt %s: succeed via %s", claim.task_id, claim.attempt, claim.route)
                 count_stored(claim, images)
                 count_ended(claim, "succeed")
@@ -315,7 +295,7 @@ class TaskRunner:
 
     def _wait_upstream(self, claim: Claim, upstream_task_id: str, countdown: float, poll: int) -> None:
         """Schedule poll step `poll`; the lease covers the wait, so a lost poll message is taken back."""
-        if written := self._durably(
+        if written := self.durable.write(
             claim, self.store.wait_upstream, claim, upstream_task_id, lease_s=countdown + self.settings.lease_s
         ):
             publish_run(
@@ -366,8 +346,8 @@ class TaskRunner:
         route: str | None,
         why: str,
     ) -> None:
-        images = self._put(claim, images)
-        if written := self._durably_with(
+        images = self.durable.put(claim, images)
+        if written := self.durable.write_pointing_at(
             claim,
             images,
             self.store.retry_later,
@@ -394,51 +374,16 @@ class TaskRunner:
 
     def _stop_if_cancelled(self, claim: Claim, refused: Refused) -> None:
         """A fenced write was refused: if because the client cancelled, end the task so."""
-        if refused is Refused.CANCELLED and self._durably(claim, self.store.end_cancelled, claim):
+        if refused is Refused.CANCELLED and self.durable.write(claim, self.store.end_cancelled, claim):
             log.info("task %s attempt %s: cancelled", claim.task_id, claim.attempt)
             count_ended(claim, "failed", ErrorCode.CANCELLED)
             self._announce(claim)
 
     def _end_failed(self, claim: Claim, failure: Failure, outcomes: list[CallOutcome]) -> None:
-        if self._durably(claim, self.store.fail, claim, failure, outcomes):
+        if self.durable.write(claim, self.store.fail, claim, failure, outcomes):
             log.info("task %s attempt %s: failed (%s: %s)", claim.task_id, claim.attempt, failure.code, failure.message)
             count_ended(claim, "failed", failure.code)
             self._announce(claim)
-
-    def _durably(self, claim: Claim, write: Callable[..., Outcome], *args, **kwargs) -> Outcome:
-        """Make an attempt's write, retrying through a database outage while the lease is still ours:
-        the upstream has answered (and been paid), so its result is kept in memory rather than thrown
-        away and bought again by the attempt that would take over once the lease expired. The write is
-        fenced, so a retry after a commit whose reply was lost is refused, not applied twice."""
-        pause = 0.2
-        while True:
-            try:
-                return write(*args, **kwargs)
-            except (OperationalError, InterfaceError) as exc:
-                left = self.leases.valid_for_s(claim) - pause - 1.0
-                if left <= 0:
-                    raise
-                log.warning(
-                    "task %s attempt %s: database unavailable (%s); retrying for up to %.0f s",
-                    claim.task_id,
-                    claim.attempt,
-                    type(exc).__name__,
-                    left,
-                )
-                time.sleep(pause)
-                pause = min(pause * 2, 2.0)
-
-    def _put(self, claim: Claim, images: list[NewImage]) -> list[NewImage]:
-        return put_while_leased(self.image_store, claim.task_id, images, lambda: self.leases.valid_for_s(claim))
-
-    def _durably_with(
-        self, claim: Claim, images: list[NewImage], write: Callable[..., Outcome], *args, **kwargs
-    ) -> Outcome:
-        """_durably, for rows pointing at images already put: refused, it takes back their bytes."""
-        written = self._durably(claim, write, *args, **kwargs)
-        if not written:
-            discard_unwritten(self.image_store, self.store, images)
-        return written
 
     def _announce(self, claim: Claim) -> None:
         # The batch is closed through self.batches: one check at a time per batch, not one per task.

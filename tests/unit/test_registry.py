@@ -11,7 +11,7 @@ import pytest
 from imagegate.app.providers import ModelConfig, installed_adapters
 from imagegate.workers.adapters import checked, load_adapters, resolve_upstreams
 from imagegate.workers.adapters.base import Capabilities, HttpAdapter
-from imagegate.workers.runner import plan_calls
+from imagegate.workers.fanout import plan_calls
 
 
 def model(name: str, adapter: str, **values) -> ModelConfig:
