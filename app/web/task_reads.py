@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from flask import Blueprint, g, request
-from pydantic import ValidationError
+from flask import Blueprint, g
 
 from imagegate.app.ids import parse_id
 from imagegate.app.logs import bind_contextvars
@@ -15,9 +14,10 @@ from imagegate.app.state.tasks import CancelOutcome
 from imagegate.app.stores.listing import ListFilter, UnknownCursor, list_tasks
 from imagegate.app.views import task_view
 from imagegate.app.web.auth import require_api_key
-from imagegate.app.web.errors import ApiError, from_validation_error
+from imagegate.app.web.errors import ApiError
 from imagegate.app.web.images import TaskIdConverter
 from imagegate.app.web.operations import Reply, operation
+from imagegate.app.web.params import id_param, query_params
 from imagegate.app.web.services import services
 
 log = logging.getLogger(__name__)
@@ -25,15 +25,6 @@ log = logging.getLogger(__name__)
 bp = Blueprint("task_reads", __name__, url_prefix="/v1/images")
 bp.before_request(require_api_key)
 bp.record_once(lambda state: state.app.url_map.converters.setdefault("task_id", TaskIdConverter))
-
-
-def _id_param(name: str, value: str | None):
-    if value is None:
-        return None
-    parsed = parse_id(value)
-    if parsed is None:
-        raise ApiError(400, f"Invalid value for '{name}': '{value}' is not an id.", param=name, code="invalid_value")
-    return parsed
 
 
 @bp.get("")
@@ -46,20 +37,17 @@ def _id_param(name: str, value: str | None):
     errors=(400, 401, 503),
 )
 def list_image_tasks():
-    try:
-        query = TaskListQuery.model_validate(request.args.to_dict())
-    except ValidationError as exc:
-        raise from_validation_error(exc) from None
+    query = query_params(TaskListQuery)
     svc = services()
     filters = ListFilter(
         api_key_id=g.api_key_id,
         status=query.status,
         model=query.model,
-        batch_id=_id_param("batch_id", query.batch_id),
+        batch_id=id_param("batch_id", query.batch_id),
         created_after=query.created_after,
     )
     try:
-        page = list_tasks(svc.engine, filters, limit=query.limit, after=_id_param("after", query.after))
+        page = list_tasks(svc.engine, filters, limit=query.limit, after=id_param("after", query.after))
     except UnknownCursor:
         raise ApiError(
             400,

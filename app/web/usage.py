@@ -8,15 +8,15 @@ import hmac
 from datetime import timedelta
 
 from flask import Blueprint, g, request
-from pydantic import ValidationError
 
 from imagegate.app.ids import parse_id
 from imagegate.app.models import utcnow
 from imagegate.app.read_schemas import UpstreamUsage, UsageQuery, UsageReport, UsageRow
 from imagegate.app.stores.usage import UsageFilter, key_ids_named, usage_totals
 from imagegate.app.web.auth import require_api_key
-from imagegate.app.web.errors import ApiError, from_validation_error
+from imagegate.app.web.errors import ApiError
 from imagegate.app.web.operations import Reply, operation
+from imagegate.app.web.params import query_params
 from imagegate.app.web.services import services
 
 DEFAULT_WINDOW = timedelta(days=30)
@@ -68,10 +68,7 @@ def _key_ids(query: UsageQuery):
     errors=(400, 401, 403, 404, 503),
 )
 def get_usage():
-    try:
-        query = UsageQuery.model_validate(request.args.to_dict())
-    except ValidationError as exc:
-        raise from_validation_error(exc) from None
+    query = query_params(UsageQuery)
     end = query.end or utcnow()
     try:
         start = query.start or end - DEFAULT_WINDOW

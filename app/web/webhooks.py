@@ -7,28 +7,19 @@ import math
 import time
 import uuid
 
-from flask import Blueprint, current_app, g, request
-from pydantic import ValidationError
+from flask import Blueprint, current_app, g
 
 from imagegate.app.ids import parse_id
 from imagegate.app.schemas import DeliveryList, DeliveryQuery, DeliveryView, RedeliveryQueued
 from imagegate.app.web.auth import require_api_key
-from imagegate.app.web.errors import ApiError, error_response, from_validation_error
+from imagegate.app.web.errors import ApiError, error_response
 from imagegate.app.web.operations import Reply, operation
+from imagegate.app.web.params import id_param, query_params
 from imagegate.app.web.services import services
 
 log = logging.getLogger(__name__)
 bp = Blueprint("webhooks", __name__, url_prefix="/v1/webhooks")
 bp.before_request(require_api_key)
-
-
-def _parsed_id(name: str, value: str | None):
-    if value is None:
-        return None
-    parsed = parse_id(value)
-    if parsed is None:
-        raise ApiError(400, f"'{name}' is not a valid id.", param=name, code="invalid_value")
-    return parsed
 
 
 @bp.get("/deliveries")
@@ -41,14 +32,11 @@ def _parsed_id(name: str, value: str | None):
 )
 def list_deliveries():
     """?task_id=... or ?batch_id=... (else the key's latest); newest first."""
-    try:
-        query = DeliveryQuery.model_validate(request.args.to_dict())
-    except ValidationError as exc:
-        raise from_validation_error(exc) from None
+    query = query_params(DeliveryQuery)
     rows = services().webhooks.deliveries(
         g.api_key_id,
-        task_id=_parsed_id("task_id", query.task_id),
-        batch_id=_parsed_id("batch_id", query.batch_id),
+        task_id=id_param("task_id", query.task_id),
+        batch_id=id_param("batch_id", query.batch_id),
         limit=query.limit,
     )
     return DeliveryList(
