@@ -8,6 +8,7 @@ import re
 import signal
 import socket
 import subprocess
+import uuid
 from pathlib import Path
 
 import httpx
@@ -15,6 +16,7 @@ import pytest
 from PIL import Image
 from sqlalchemy import create_engine, text
 
+from tests.support.fake_upstream import Step
 from tests.support.processes import IMAGEGATE
 from tests.support.services import wait_until
 
@@ -167,20 +169,19 @@ def test_an_unreachable_server_is_one_line_and_exit_2(tmp_path, env):
 
 
 @pytest.mark.e2e
-def test_a_failed_line_exits_1_and_the_summary_names_it(tmp_path, api_url, api_key, worker, env):
+def test_a_failed_line_exits_1_and_the_summary_names_it(tmp_path, api_url, api_key, worker, env, upstream):
     file = write_requests(tmp_path / "mixed.jsonl", ["fine-1", "fine-2"])
-    with file.open("a") as handle:  # the local model refuses this size when it runs, not at intake
-        handle.write(
-            json.dumps({"custom_id": "too-big", "body": {"model": "local", "prompt": "huge", "size": "9000x9000"}})
-            + "\n"
-        )
+    refused = f"refused {uuid.uuid4().hex[:8]}"
+    upstream.script(refused, Step(status=400, message="The upstream refused this prompt."))
+    with file.open("a") as handle:  # accepted at intake, refused by the upstream when it runs
+        handle.write(json.dumps({"custom_id": "refused", "body": {"model": "fake-dalle", "prompt": refused}}) + "\n")
     out = tmp_path / "out"
 
     result = batch_cli(submit_args(file, out, api_url, api_key), env)
 
     assert result.returncode == 1, result.stdout + result.stderr
     assert "succeed: 2" in result.stdout and "failed: 1" in result.stdout
-    failure = [line for line in result.stdout.splitlines() if "too-big" in line]
+    failure = [line for line in result.stdout.splitlines() if "refused" in line]
     assert failure and "upstream_rejected" in failure[0]
     assert files_in(out) == {"fine-1.png", "fine-2.png", STATE_FILE}
 
