@@ -33,9 +33,14 @@ class RunFigures:
     webhooks_expected: int = 0  # events: one per task with a callback_url, one for the batch
     webhooks_delivered: int = 0  # of those, delivered (a 2xx from the receiver)
     webhooks_received: int = 0  # distinct webhook-ids the receiver saw
-    sync_interrupted: int = 0  # sync requests whose connection was cut (their API host lost)
-    sync_replayed: int = 0  # of those, retried onto a task already accepted (Idempotent-Replayed: true)
-    sync_found: int = 0  # of those, answered after the retry, their task read by id and found succeed
+    webhooks_repeated: int = 0  # deliveries of an event already received (at least once, not exactly once)
+    batches_open: int = 0  # batches not `completed` once every task ended
+    sync_waiting: int = 0  # sync requests in flight when an API host was lost
+    sync_on_lost_host: int = 0  # of those, waiting on the lost host: cut, or sent again by the balancer
+    sync_cut: int = 0  # ... whose client saw the connection cut and sent the request again
+    sync_resent_by_balancer: int = 0  # ... which the balancer sent to the other host itself
+    sync_replayed: int = 0  # ... answered with the task already accepted (Idempotent-Replayed: true)
+    sync_found: int = 0  # ... whose task, read by id after the answer, had succeeded
     served_by: dict = field(default_factory=dict)
     cpu_s: dict = field(default_factory=dict)  # CPU seconds used during the run, per host and by Postgres
     failures: dict = field(default_factory=dict)
@@ -51,6 +56,7 @@ class RunFigures:
             and self.duplicate_calls == 0
             and self.tasks_over_attempts == 0
             and self.webhooks_delivered == self.webhooks_expected
+            and self.batches_open == 0
         )
 
     def as_dict(self) -> dict:
@@ -73,14 +79,18 @@ def wait_ended(cluster, key_id: str, expected: int, timeout_s: float) -> None:
 
 
 def wait_webhooks(cluster, key_id: str, timeout_s: float) -> None:
+    """Until every event due has been delivered: one per ended task with a callback_url, one per
+    completed batch with one (a batch closes just after its last task ends), or timeout_s."""
     deadline = time.monotonic() + timeout_s
     with cluster.connect() as conn:
         while time.monotonic() < deadline:
-            (open_events,) = conn.execute(
-                "SELECT count(*) FROM webhook_events WHERE api_key_id = %s AND status IN ('pending', 'sending')",
-                (key_id,),
+            due, delivered = conn.execute(
+                "SELECT (SELECT count(*) FROM tasks WHERE api_key_id = %(key)s AND callback_url IS NOT NULL)"
+                " + (SELECT count(*) FROM batches WHERE api_key_id = %(key)s AND callback_url IS NOT NULL),"
+                " (SELECT count(*) FROM webhook_events WHERE api_key_id = %(key)s AND status = 'delivered')",
+                {"key": key_id},
             ).fetchone()
-            if not open_events:
+            if delivered >= due:
                 return
             time.sleep(0.5)
 
@@ -101,8 +111,10 @@ def count(cluster, key_id: str, workload: Workload, figures: RunFigures) -> RunF
             "SELECT count(*) FILTER (WHERE status = 'delivered'), count(*) FROM webhook_events WHERE api_key_id = %s",
             (key_id,),
         ).fetchone()
-        (batches_with_callback,) = conn.execute(
-            "SELECT count(*) FROM batches WHERE api_key_id = %s AND callback_url IS NOT NULL", (key_id,)
+        batches_with_callback, batches_open = conn.execute(
+            "SELECT count(*) FILTER (WHERE callback_url IS NOT NULL), count(*) FILTER (WHERE status <> 'completed')"
+            " FROM batches WHERE api_key_id = %s",
+            (key_id,),
         ).fetchone()
     statuses = {row[0]: row[1] for row in rows}
     figures.accepted = len(rows)
@@ -113,6 +125,7 @@ def count(cluster, key_id: str, workload: Workload, figures: RunFigures) -> RunF
     figures.extra_attempts = sum(max(0, row[2] - 1) for row in rows)
     figures.webhooks_expected = sum(bool(row[5]) for row in rows) + batches_with_callback
     figures.webhooks_delivered = delivered[0]
+    figures.batches_open = batches_open
 
     requests = workload.requests
     figures.client_unanswered = sum(request.task_id is None for request in requests)
@@ -120,10 +133,13 @@ def count(cluster, key_id: str, workload: Workload, figures: RunFigures) -> RunF
         request.task_id is not None and request.kind != "batch" and request.task_id not in statuses
         for request in requests
     )
-    interrupted = [request for request in requests if request.kind == "sync" and request.interrupted]
-    figures.sync_interrupted = len(interrupted)
-    figures.sync_replayed = sum(request.replayed for request in interrupted)
-    figures.sync_found = sum(request.found_by_id == "succeed" for request in interrupted)
+    figures.sync_waiting = sum(request.kind == "sync" and request.waiting_at_loss for request in requests)
+    lost_host = [request for request in requests if request.kind == "sync" and request.on_lost_host]
+    figures.sync_on_lost_host = len(lost_host)
+    figures.sync_cut = sum(bool(request.interrupted) for request in lost_host)
+    figures.sync_resent_by_balancer = sum(not request.interrupted for request in lost_host)
+    figures.sync_replayed = sum(request.replayed for request in lost_host)
+    figures.sync_found = sum(request.found_by_id == "succeed" for request in lost_host)
     figures.served_by = dict(Counter(request.served_by for request in requests if request.served_by))
 
     per_key = cluster.upstream.calls_per_key(workload.prompts())
@@ -133,13 +149,14 @@ def count(cluster, key_id: str, workload: Workload, figures: RunFigures) -> RunF
     calls_per_task = Counter(key.split("-", 1)[1].rsplit("-", 2)[0] for key in per_key.elements() if key)
     figures.tasks_over_attempts = sum(calls > attempts.get(task, 0) for task, calls in calls_per_task.items())
 
-    received = {
+    received = [
         value
         for hit in cluster.receiver.calls_for(workload.callback_path)
         for name, value in hit.headers.items()
         if name.lower() == "webhook-id"
-    }
-    figures.webhooks_received = len(received)
+    ]
+    figures.webhooks_received = len(set(received))
+    figures.webhooks_repeated = len(received) - len(set(received))
     if first_start and last_end:
         figures.seconds = (last_end - first_start).total_seconds()
         figures.tasks_per_s = figures.accepted / figures.seconds if figures.seconds else 0.0

@@ -12,7 +12,7 @@ def zero_loss(results: dict) -> bool:
 
 
 def show(results: dict, options, mix) -> None:
-    console = Console(width=160)
+    console = Console(width=200)
     ideal_per_host = options.concurrency / options.latency_s
     table = Table(
         title=(
@@ -22,7 +22,7 @@ def show(results: dict, options, mix) -> None:
         )
     )
     for column in ("run", "worker hosts", "tasks/s", "of C/L", "seconds", "accepted", "succeed", "failed", "lost",
-                   "dup. calls", "extra attempts", "webhooks", "worker CPU ms/task", "busiest worker host",
+                   "dup. calls", "extra attempts", "webhooks", "worker CPU ms/task", "busiest worker",
                    "load 1m"):  # fmt: skip
         table.add_column(column, justify="left" if column == "run" else "right")
     runs = results.get("throughput", []) + ([results["hosts_lost"]] if "hosts_lost" in results else [])
@@ -64,8 +64,10 @@ def show(results: dict, options, mix) -> None:
         )
         console.print(
             f"API host {api.get('host')} lost at t={api.get('at_s')} s holding {api.get('connections_on_it')} "
-            f"connections: {lost['sync_interrupted']} sync requests cut; retried with their Idempotency-Key, "
-            f"{lost['sync_replayed']} found the task already accepted, {lost['sync_found']} read succeed by id; "
+            f"connections; of {lost['sync_waiting']} sync requests waiting, {lost['sync_on_lost_host']} were on it: "
+            f"{lost['sync_cut']} cut and sent again by their client, {lost['sync_resent_by_balancer']} sent again by "
+            f"HAProxy, all with their Idempotency-Key; {lost['sync_replayed']} answered with the task already "
+            f"accepted, {lost['sync_found']} read succeed by id; "
             f"{lost['client_unanswered']} requests never accepted, {lost['client_ids_missing']} accepted ids missing"
         )
         console.print(f"balancer sessions per API host: {lost['events'].get('balancer')}")

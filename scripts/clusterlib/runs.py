@@ -77,7 +77,7 @@ def with_hosts_lost(cluster: Cluster, mix: Mix, kills: Kills, say) -> RunFigures
             time.sleep(0.05)
         servers = cluster.balancer.servers()
         lost_api = max(API_HOSTS, key=lambda name: servers.get(name, {}).get("current", 0))
-        waiting = workload.in_flight("sync")
+        waiting = workload.mark_waiting("sync")
         api_killed_at = time.monotonic()
         processes = cluster.kill_host(lost_api)
         say(f"  t={api_killed_at - workload.started:.1f} s: {lost_api} lost ({processes} processes SIGKILLed, "

@@ -40,9 +40,16 @@ class Request:
     interrupted: int = 0  # sends cut by a lost connection or answered 502/503/504
     replayed: bool = False  # an answer with Idempotent-Replayed: true
     served_by: str | None = None  # the API host that answered, per the balancer
-    found_by_id: str | None = None  # a sync request cut in the middle: its task's status, read by id
+    waiting_at_loss: bool = False  # in flight when an API host was lost
+    found_by_id: str | None = None  # then, if it was on that host: its task's status, read by id after the answer
     error: str | None = None
     in_flight: bool = False
+
+    @property
+    def on_lost_host(self) -> bool:
+        """Waiting when an API host was lost, and on that host: the client saw its connection cut
+        (and sent it again), or the balancer sent it again itself (the answer says replayed)."""
+        return self.waiting_at_loss and bool(self.interrupted or self.replayed)
 
 
 class Workload:
@@ -74,6 +81,14 @@ class Workload:
     def in_flight(self, kind: str) -> int:
         with self._lock:
             return sum(request.in_flight for request in self.requests if request.kind == kind)
+
+    def mark_waiting(self, kind: str) -> int:
+        """Mark the requests of this kind in flight now (an API host is about to be lost)."""
+        with self._lock:
+            waiting = [request for request in self.requests if request.kind == kind and request.in_flight]
+            for request in waiting:
+                request.waiting_at_loss = True
+            return len(waiting)
 
     def _spawn(self, target, *args) -> None:
         thread = threading.Thread(target=target, args=args, daemon=True)
@@ -164,7 +179,7 @@ class Workload:
                     request.outcome = self._wait_by_id(http, request.task_id)
                 else:
                     request.outcome = "failed"
-                if request.interrupted and request.task_id:  # its first API host was lost mid-wait
+                if request.on_lost_host and request.task_id:
                     request.found_by_id = self._wait_by_id(http, request.task_id)
 
     def _wait_by_id(self, http: httpx.Client, task_id: str) -> str:
