@@ -32,7 +32,7 @@ def show(results: dict, options, mix) -> None:
             run["run"],
             str(run["worker_hosts"]),
             f"{run['tasks_per_s']:.1f}",
-            f"{run['tasks_per_s'] / ideal:.0%}" if ideal else "",
+            f"{run['tasks_per_s'] / ideal:.0%}" if ideal and run["run"].startswith("throughput") else "",
             f"{run['seconds']:.1f}",
             str(run["accepted"]),
             str(run["succeed"]),
@@ -75,7 +75,9 @@ def show(results: dict, options, mix) -> None:
         console.print(
             f"{verdict}[/]: {lost['succeed']} of {lost['accepted']} succeed, {lost['lost']} lost, "
             f"{lost['duplicate_calls']} upstream calls repeated within an attempt "
-            f"({lost['upstream_calls']} calls), {lost['tasks_over_attempts']} tasks with more calls than attempts"
+            f"({lost['upstream_calls']} calls), {lost['tasks_over_attempts']} tasks with more calls than attempts; "
+            f"webhooks {lost['webhooks_delivered']}/{lost['webhooks_expected']} delivered "
+            f"({lost['webhooks_repeated']} delivered again), {lost['batches_open']} batches left open"
         )
         for why, count in lost["failures"].items():
             console.print(f"  failed {count}x {why}")
