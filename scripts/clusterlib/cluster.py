@@ -8,9 +8,11 @@ import functools
 import os
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -211,9 +213,13 @@ class Cluster:
 
     # -- the end ------------------------------------------------------------------------------
     def close(self) -> None:
-        for proc in reversed(list(self.procs.values())):
+        procs = list(self.procs.values())
+        for proc in procs:  # all at once: each worker may take IMAGEGATE_SHUTDOWN_GRACE_S
+            proc.signal(signal.SIGTERM)
+        deadline = time.monotonic() + 12
+        for proc in procs:
             try:
-                proc.stop(timeout_s=10)
+                proc.stop(timeout_s=max(0.1, deadline - time.monotonic()))
             except Exception:  # noqa: BLE001 - cleanup goes on whatever one process did
                 pass
         for part in (self.balancer and self.balancer.proc, self.redis and self.redis.proc):

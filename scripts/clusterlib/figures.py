@@ -9,6 +9,8 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
+import psycopg
+
 from clusterlib.workload import Workload
 
 ENDED = ("succeed", "failed")
@@ -183,6 +185,12 @@ class TakeBackWatch:
         self._thread.start()
 
     def _watch(self) -> None:
+        try:
+            self._poll()
+        except psycopg.Error:  # the run was interrupted and Postgres stopped: nothing more to see
+            pass
+
+    def _poll(self) -> None:
         ids = list(self.running)
         with self.cluster.connect() as conn:
             while self.claimed_again_s is None and time.monotonic() - self.killed_at < 600:

@@ -40,7 +40,7 @@ def run_workload(cluster: Cluster, run: str, mix: Mix, during=None, timeout_s: f
     }
     after = cluster.balancer.servers()
     figures.events["balancer"] = {
-        name: {"requests": server["requests"] - before.get(name, {}).get("requests", 0), "status": server["status"]}
+        name: {"sessions": server["sessions"] - before.get(name, {}).get("sessions", 0), "status": server["status"]}
         for name, server in after.items()
     }
     figures.events["load_average_1m"] = round(os.getloadavg()[0], 2)

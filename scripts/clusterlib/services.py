@@ -62,6 +62,13 @@ class Proc:
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def signal(self, signum: int) -> None:
+        if self.popen.poll() is None:
+            try:
+                os.killpg(self.popen.pid, signum)
+            except ProcessLookupError:
+                pass
+
     def stop(self, timeout_s: float = 15) -> None:
         for signum, wait_s in ((signal.SIGTERM, timeout_s), (signal.SIGKILL, 10)):
             if self.popen.poll() is not None:
@@ -200,14 +207,14 @@ listen stats
         self.url = f"http://{address}:{self.port}"
 
     def servers(self) -> dict[str, dict]:
-        """Per API server: its state as HAProxy sees it and the requests it was sent."""
+        """Per API server: its state as HAProxy sees it and the sessions (connections) it was given."""
         with urllib.request.urlopen(f"http://{self.address}:{self.stats_port}/stats;csv", timeout=5) as reply:
             text = reply.read().decode().lstrip("# ")
         rows = csv.DictReader(io.StringIO(text))
         return {
             row["svname"]: {
                 "status": row["status"],
-                "requests": int(row["stot"] or 0),
+                "sessions": int(row["stot"] or 0),
                 "current": int(row["scur"] or 0),
             }
             for row in rows
