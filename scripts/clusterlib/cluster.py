@@ -24,6 +24,9 @@ from tests.support.fake_receiver import Receiver
 from tests.support.fake_upstream import FakeUpstream, Step
 
 MODEL = "cluster-image"
+# A model with per-model upstream limits, which every worker on every host keeps together (in Redis).
+LIMITED_MODEL = "cluster-limited"
+LIMITS = {"max_concurrency": 4, "rpm": 60}
 API_PORT = 8000
 API_HOSTS = ("api1", "api2")
 WORKER_HOSTS = ("worker1", "worker2", "worker3")
@@ -110,6 +113,8 @@ class Cluster:
         providers.write_text(
             f'[models."{MODEL}"]\nadapter = "openai"\nbase_url = "{self.upstream.base_url}"\n'
             "timeout_s = 30\nmax_retries = 10\n"
+            f'\n[models."{LIMITED_MODEL}"]\nadapter = "openai"\nbase_url = "{self.upstream.base_url}"\n'
+            "timeout_s = 30\nmax_retries = 10\n" + "".join(f"{name} = {value}\n" for name, value in LIMITS.items())
         )
         options = self.options
         return {name: value for name, value in os.environ.items() if not name.startswith("IMAGEGATE_")} | {

@@ -4,6 +4,7 @@ and from what the clients saw."""
 
 from __future__ import annotations
 
+import bisect
 import threading
 import time
 from collections import Counter
@@ -11,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 
 import psycopg
 
+from clusterlib.cluster import LIMITED_MODEL, LIMITS
 from clusterlib.workload import Workload
 
 ENDED = ("succeed", "failed")
@@ -47,6 +49,9 @@ class RunFigures:
     cpu_s: dict = field(default_factory=dict)  # CPU seconds used during the run, per host and by Postgres
     failures: dict = field(default_factory=dict)
     events: dict = field(default_factory=dict)  # what happened during the run (kills), with times
+    # The limited model's limits and what the fake upstream saw of it since the cluster started:
+    # the most calls in flight at once, the most calls arriving within any 60 s.
+    limits: dict = field(default_factory=dict)
 
     @property
     def zero_loss(self) -> bool:
@@ -59,10 +64,18 @@ class RunFigures:
             and self.tasks_over_attempts == 0
             and self.webhooks_delivered == self.webhooks_expected
             and self.batches_open == 0
+            and self.limits_held
+        )
+
+    @property
+    def limits_held(self) -> bool:
+        limits = self.limits
+        return not limits or (
+            limits["peak_in_flight"] <= limits["max_concurrency"] and limits["most_in_60_s"] <= limits["rpm"]
         )
 
     def as_dict(self) -> dict:
-        return asdict(self) | {"zero_loss": self.zero_loss}
+        return asdict(self) | {"zero_loss": self.zero_loss, "limits_held": self.limits_held}
 
 
 def wait_ended(cluster, key_id: str, expected: int, timeout_s: float) -> None:
@@ -159,6 +172,13 @@ def count(cluster, key_id: str, workload: Workload, figures: RunFigures) -> RunF
     ]
     figures.webhooks_received = len(set(received))
     figures.webhooks_repeated = len(received) - len(set(received))
+    arrivals = cluster.upstream.call_times(LIMITED_MODEL)
+    figures.limits = LIMITS | {
+        "model": LIMITED_MODEL,
+        "peak_in_flight": cluster.upstream.peak_in_flight(LIMITED_MODEL),
+        "most_in_60_s": max((bisect.bisect_left(arrivals, at + 60) - i for i, at in enumerate(arrivals)), default=0),
+        "calls": len(arrivals),
+    }
     if first_start and last_end:
         figures.seconds = (last_end - first_start).total_seconds()
         figures.tasks_per_s = figures.accepted / figures.seconds if figures.seconds else 0.0

@@ -8,7 +8,7 @@ from rich.table import Table
 
 def zero_loss(results: dict) -> bool:
     runs = results.get("throughput", []) + ([results["hosts_lost"]] if "hosts_lost" in results else [])
-    return all(run["zero_loss"] for run in runs)
+    return all(run["zero_loss"] and run["limits_held"] for run in runs)
 
 
 def show(results: dict, options, mix) -> None:
@@ -17,7 +17,8 @@ def show(results: dict, options, mix) -> None:
     table = Table(
         title=(
             f"{mix.tasks} tasks a run ({mix.batch_lines}-line batch, {mix.asynchronous} async with webhooks, "
-            f"{mix.sync} sync by {mix.sync_clients} clients); worker --concurrency {options.concurrency}, "
+            f"{mix.sync} sync by {mix.sync_clients} clients, {mix.limited} async on a model with limits); "
+            f"worker --concurrency {options.concurrency}, "
             f"upstream {options.latency_s:g} s, lease {options.lease_s:g} s"
         )
     )
@@ -53,6 +54,15 @@ def show(results: dict, options, mix) -> None:
             for run in throughput[1:]
         )
         console.print(f"throughput ratio: {ratios}")
+    if runs and runs[-1]["limits"]:
+        limits = runs[-1]["limits"]
+        held = "held" if all(run["limits_held"] for run in runs) else "[red]NOT HELD[/]"
+        console.print(
+            f"per-model limits of {limits['model']} ({mix.limited} tasks a run) {held} across every host, counted at "
+            f"the fake upstream: at most {limits['peak_in_flight']} calls in flight (max_concurrency "
+            f"{limits['max_concurrency']}), at most {limits['most_in_60_s']} calls arriving within 60 s (rpm "
+            f"{limits['rpm']}), {limits['calls']} calls in all"
+        )
     lost = results.get("hosts_lost")
     if lost:
         worker = lost["events"].get("worker_host_lost", {})

@@ -7,7 +7,7 @@ import os
 import time
 from dataclasses import dataclass
 
-from clusterlib.cluster import API_HOSTS, MODEL, WORKER_HOSTS, Cluster
+from clusterlib.cluster import API_HOSTS, LIMITED_MODEL, MODEL, WORKER_HOSTS, Cluster
 from clusterlib.figures import RunFigures, TakeBackWatch, count, wait_ended, wait_webhooks
 from clusterlib.workload import Mix, Workload
 
@@ -21,7 +21,7 @@ class Kills:
 def run_workload(cluster: Cluster, run: str, mix: Mix, during=None, timeout_s: float = 900) -> RunFigures:
     key, key_id = cluster.create_key(run)
     receiver = f"http://{cluster.receiver.host}:{cluster.receiver.port}"
-    workload = Workload(cluster.balancer.url, key, MODEL, run, mix, receiver)
+    workload = Workload(cluster.balancer.url, key, (MODEL, LIMITED_MODEL), run, mix, receiver)
     figures = RunFigures(run, len(cluster.worker_names()))
     before, cpu_before = cluster.balancer.servers(), cluster.cpu_s()
     workload.start()

@@ -22,15 +22,16 @@ class Mix:
     asynchronous: int = 200  # async requests, each with a callback_url (a webhook when it ends)
     async_clients: int = 4
     batch_lines: int = 2000  # one batch, with a callback_url of its own
+    limited: int = 100  # async requests, 2 clients, for the model with per-model upstream limits
 
     @property
     def tasks(self) -> int:
-        return self.sync + self.asynchronous + self.batch_lines
+        return self.sync + self.asynchronous + self.batch_lines + self.limited
 
 
 @dataclass
 class Request:
-    kind: str  # sync | async | batch
+    kind: str  # sync | async | batch | limited
     prompt: str  # or the batch's label
     idempotency_key: str = field(default_factory=lambda: f"cluster-{uuid.uuid4()}")
     task_id: str | None = None  # or the batch id
@@ -53,8 +54,10 @@ class Request:
 
 
 class Workload:
-    def __init__(self, base_url: str, key: str, model: str, run: str, mix: Mix, receiver_url: str):
-        self.base_url, self.key, self.model, self.run, self.mix = base_url, key, model, run, mix
+    def __init__(self, base_url: str, key: str, models: tuple[str, str], run: str, mix: Mix, receiver_url: str) -> None:
+        """models: the plain model, and the one with per-model limits."""
+        self.base_url, self.key, self.run, self.mix = base_url, key, run, mix
+        self.model, self.limited_model = models
         self.callback_path = f"/hook/{run}"  # the receiver keeps each path's deliveries apart
         self.callback_url = receiver_url + self.callback_path
         self.requests: list[Request] = []
@@ -71,6 +74,8 @@ class Workload:
             self._spawn(self._asyncs, client, count)
         for client, count in enumerate(_split(self.mix.sync, self.mix.sync_clients)):
             self._spawn(self._syncs, client, count)
+        for client, count in enumerate(_split(self.mix.limited, 2)):
+            self._spawn(self._limited, client, count)
 
     def join(self, timeout_s: float) -> bool:
         deadline = time.monotonic() + timeout_s
@@ -161,6 +166,15 @@ class Workload:
                     "/v1/images/generations",
                     self._body(request.prompt, **{"async": True, "callback_url": self.callback_url}),
                 )
+                if response is not None and response.status_code == 202:
+                    request.task_id, request.outcome = response.json()["task_id"], "accepted"
+
+    def _limited(self, client: int, count: int) -> None:
+        with self._client() as http:
+            for index in range(count):
+                request = self._new("limited", f"limited {client}-{index}")
+                body = self._body(request.prompt, model=self.limited_model, **{"async": True})
+                response = self._post(http, request, "/v1/images/generations", body)
                 if response is not None and response.status_code == 202:
                     request.task_id, request.outcome = response.json()["task_id"], "accepted"
 

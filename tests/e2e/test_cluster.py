@@ -1,7 +1,8 @@
 """scripts/cluster in its reduced form: 2 API hosts behind HAProxy, 3 worker hosts and a sweeper,
 each in a network namespace of its own; a worker host and then an API host are lost in the middle of
-a mixed workload (sync, async with webhooks, a batch). Nothing accepted may be lost, and no attempt
-may call the upstream twice (counted at the fake upstream by Idempotency-Key).
+a mixed workload (sync, async with webhooks, a batch, a model with per-model limits). Nothing accepted
+may be lost, no attempt may call the upstream twice (counted at the fake upstream by Idempotency-Key),
+and the model's max_concurrency and rpm hold across the hosts.
 
 Needs root and iproute2: CI runs as root. Without them this test fails (it is not skipped)."""
 
@@ -17,7 +18,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-QUICK_TASKS = 60 + 60 + 300  # scripts/cluster --quick: sync, async, batch lines
+QUICK_TASKS = 60 + 60 + 300 + 40  # scripts/cluster --quick: sync, async, batch lines, on the limited model
 
 
 @pytest.mark.e2e
@@ -56,4 +57,9 @@ def test_losing_a_worker_host_and_an_api_host_loses_nothing_and_repeats_no_call(
     # Synchronous requests were waiting on the lost API host; each found its task again.
     assert run["sync_on_lost_host"] >= 1, output
     assert run["sync_found"] == run["sync_on_lost_host"], output
+    # The limited model's max_concurrency and rpm held across all the hosts, at the fake upstream's count.
+    limits = run["limits"]
+    assert limits["calls"] >= 40, output
+    assert 1 <= limits["peak_in_flight"] <= limits["max_concurrency"], output
+    assert limits["most_in_60_s"] <= limits["rpm"], output
     assert done.returncode == 0, output
