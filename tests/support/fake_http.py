@@ -70,13 +70,15 @@ class ScriptedServer:
 
     default_step: Callable[[], Any]
 
-    def __init__(self) -> None:
+    def __init__(self, host: str = "127.0.0.1") -> None:
+        """host: the address to listen on (scripts/cluster's hosts reach it on a bridge's address)."""
         self._scripts: dict[str, list] = {}
         self.calls: list = []
         self._lock = threading.Lock()
-        self.server = _Server(("127.0.0.1", 0), self.handler_class())
+        self.host = host
+        self.server = _Server((host, 0), self.handler_class())
         self.port = self.server.server_address[1]
-        self.base_url = f"http://127.0.0.1:{self.port}/v1"
+        self.base_url = f"http://{host}:{self.port}/v1"
         self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
     def handler_class(self) -> type[JsonHandler]:

@@ -1,5 +1,5 @@
-"""A webhook receiver on 127.0.0.1: answers each path's scripted statuses (then 200) and keeps every
-delivery (path, time, headers, body)."""
+"""A webhook receiver (on 127.0.0.1 unless told otherwise): answers each path's scripted statuses
+(then 200) and keeps every delivery (path, time, headers, body)."""
 
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ class Receiver(ScriptedServer):
         """A URL of its own, answering `statuses` in turn and then 200."""
         path = f"/hook/{uuid.uuid4().hex}"
         self.script(path, *[Reply(status) for status in statuses])
-        return f"http://127.0.0.1:{self.port}{path}"
+        return f"http://{self.host}:{self.port}{path}"
 
     def hits(self, url: str) -> list[Hit]:
         return self.calls_for(url.split(str(self.port), 1)[1])

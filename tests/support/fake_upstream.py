@@ -12,6 +12,7 @@ import io
 import json
 import time
 import uuid
+from collections import Counter
 from dataclasses import dataclass, field
 
 from werkzeug.formparser import parse_form_data
@@ -56,11 +57,19 @@ class Call:
 class FakeUpstream(ScriptedServer):
     default_step = Step
 
-    def __init__(self) -> None:
+    def __init__(self, host: str = "127.0.0.1") -> None:
         self._async_tasks: dict[str, dict] = {}
         self._in_flight: dict[str, int] = {}
         self._peak: dict[str, int] = {}
-        super().__init__()
+        super().__init__(host)
+
+    def calls_per_key(self, prompts: set[str] | None = None) -> Counter:
+        """Calls made with each Idempotency-Key (`imagegate-{task}-{attempt}-{slot}`): a count above 1
+        is one attempt calling the upstream twice. Polls are left out (an attempt polls many times)."""
+        with self._lock:
+            return Counter(
+                call.key for call in self.calls if call.kind != "poll" and (prompts is None or call.prompt in prompts)
+            )
 
     def peak_in_flight(self, model: str) -> int:
         """The most calls of this upstream model this server was answering at once."""
@@ -97,7 +106,7 @@ class FakeUpstream(ScriptedServer):
         items = []
         for _ in range(n):
             item = (
-                {"url": f"http://127.0.0.1:{self.port}/files/image.png"}
+                {"url": f"http://{self.host}:{self.port}/files/image.png"}
                 if step.as_url
                 else {"b64_json": base64.b64encode(png_bytes()).decode()}
             )
