@@ -12,10 +12,12 @@ from datetime import datetime, timedelta
 from typing import Any, NamedTuple
 
 from sqlalchemy import Connection, Engine, bindparam, delete, select, update
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from imagegate.app.edits import InputFile
 from imagegate.app.failures import ErrorCode, Failure
+from imagegate.app.grouping import Grouped
 from imagegate.app.idempotency import reserve
 from imagegate.app.image_store import DatabaseImages, ImageStore
 from imagegate.app.key_limits import Admission, Admit
@@ -41,6 +43,9 @@ _DELETABLE = select(
     TASK_TABLE.c.callback_url,
 ).where(TASK_TABLE.c.id == bindparam("id"))
 _TASK_CREATED = select(TASK_TABLE.c.id, TASK_TABLE.c.created_at).where(TASK_TABLE.c.id == bindparam("id"))
+# Concurrent submits' rows, at most this many in one INSERT … VALUES (…), (…) (one statement, so in
+# autocommit one transaction: all of a group's rows are stored or none).
+MAX_ACCEPT_GROUP = 64
 
 
 @dataclass(frozen=True)
@@ -101,6 +106,8 @@ class TaskStore:
         self._image_records = ImageRecords(self._engine, self._images)
         # A lone statement is its own transaction: without BEGIN and COMMIT, one round trip, not three.
         self._autocommit = self._engine.execution_options(isolation_level="AUTOCOMMIT")
+        # Submits with nothing else to do in their transaction are inserted in groups (app/grouping.py).
+        self._accept_grouped: Grouped[dict[str, Any], None] = Grouped(self.accept_many, max_group=MAX_ACCEPT_GROUP)
 
     # -- intake and reading ------------------------------------------------------------------
     def create(
@@ -130,9 +137,8 @@ class TaskStore:
             callback_url=callback_url,
             now=now,
         )
-        if idempotency is None and not inputs and admit is None:  # the INSERT alone
-            with self._autocommit.connect() as connection:
-                transitions.accept(connection, row)
+        if idempotency is None and not inputs and admit is None:  # the INSERT alone, grouped
+            self._accept_grouped(row)
             return NewTask(task_id, now), True
         with Admission(admit) as admission, self._engine.begin() as connection:
             earlier = reserve(connection, api_key_id, *idempotency, task_id=task_id) if idempotency else None
@@ -143,6 +149,29 @@ class TaskStore:
             transitions.accept(connection, row)
             save_inputs(connection, task_id, inputs)
         return NewTask(task_id, now), True
+
+    def accept_many(self, rows: list[dict[str, Any]]) -> list[Exception | None]:
+        """Concurrent submits' rows (transitions.new_task's) in one autocommitted multi-row INSERT;
+        one outcome per row, None when stored. When it fails for something other than the connection
+        (a row Postgres refuses), each row is tried alone, so only the request whose row is refused
+        fails; a connection error fails the whole group (its requests answer 503, and none of its
+        rows is stored: one statement is one transaction)."""
+        try:
+            with self._autocommit.connect() as connection:
+                transitions.accept_many(connection, rows)
+            return [None] * len(rows)
+        except DBAPIError as exc:
+            if len(rows) == 1 or isinstance(exc, (OperationalError, InterfaceError)) or exc.connection_invalidated:
+                raise
+        outcomes: list[Exception | None] = []
+        for row in rows:
+            try:
+                with self._autocommit.connect() as connection:
+                    transitions.accept(connection, row)
+                outcomes.append(None)
+            except DBAPIError as exc:
+                outcomes.append(exc)
+        return outcomes
 
     def get(
         self,
