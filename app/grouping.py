@@ -45,6 +45,12 @@ class Grouped(Generic[Item, Result]):
         self._waiting: list[_Slot[Item]] = []
         self._running = False
 
+    @property
+    def waiting(self) -> int:
+        """Callers whose item is not in a running group yet."""
+        with self._lock:
+            return len(self._waiting)
+
     def __call__(self, item: Item) -> Result:
         slot = _Slot(item)
         with self._lock:

@@ -36,6 +36,11 @@ class AsyncSubmits:
         self._tasks, self._runs = tasks, runs
         self._grouped: Grouped[dict[str, Any], None] = Grouped(self._store_and_publish, max_group=MAX_GROUP)
 
+    @property
+    def waiting(self) -> int:
+        """Submits waiting for the group in progress to end."""
+        return self._grouped.waiting
+
     def submit(
         self,
         *,
