@@ -182,8 +182,10 @@ class TaskStore:
         with_attempts: bool = True,
     ) -> TaskRecord | None:
         """The task (a Core row with the Task's attribute names: no ORM identity map on the read path),
-        its images, and its attempt log unless with_attempts=False (a synchronous reply needs none)."""
-        with self._engine.connect() as session:
+        its images, and its attempt log unless with_attempts=False (a synchronous reply needs none).
+        Autocommitted reads: under READ COMMITTED a transaction would give each SELECT its own
+        snapshot anyway, and it cost a BEGIN and a ROLLBACK round trip around them."""
+        with self._autocommit.connect() as session:
             query = _TASK if api_key_id is None else _TASK_OF_KEY
             task = session.execute(query, {"id": task_id, "api_key_id": api_key_id}).one_or_none()
             if task is None:
@@ -230,7 +232,7 @@ class TaskStore:
 
     def status(self, task_id: uuid.UUID) -> str | None:
         """The task's status alone: the cheap re-read of a waiting synchronous request."""
-        with self._engine.connect() as session:
+        with self._autocommit.connect() as session:
             return session.execute(_TASK_STATUS, {"id": task_id}).scalar_one_or_none()
 
     def image(self, image_id: uuid.UUID) -> tuple[str, bytes] | None:
