@@ -197,9 +197,8 @@ class TaskStore:
                 columns = [Image.id, Image.index, Image.content_type, Image.revised_prompt, Image.store_key]
                 if with_bytes:
                     columns.append(Image.data)
-                rows = list(
-                    session.execute(select(*columns).where(Image.task_id == task_id).order_by(Image.slot, Image.index))
-                )
+                query = select(*columns).where(Image.task_id == task_id).order_by(Image.slot, Image.index)
+                rows = _binary_rows(session, query) if with_bytes else list(session.execute(query))
             attempts = (
                 list(
                     session.execute(
@@ -325,6 +324,20 @@ DELETED_PROMPT = "(deleted)"
 def deleted_request(request: dict[str, Any]) -> dict[str, Any]:
     kept = {"n": request["n"]} if isinstance(request.get("n"), int) else {}
     return {"prompt": DELETED_PROMPT} | kept
+
+
+def _binary_rows(connection: Connection, query) -> list:
+    """The query's rows, image bytes included. On Postgres in binary format: in text format a bytea
+    travels hex-encoded, twice its size, and decoding it costs the API ~0.5 ms of CPU and ~1 ms per
+    150 KB image (a synchronous reply's re-read)."""
+    if connection.dialect.name != "postgresql":
+        return list(connection.execute(query))
+    from psycopg.rows import namedtuple_row
+
+    compiled = query.compile(dialect=connection.dialect)
+    driver = connection.connection.driver_connection
+    with driver.cursor(row_factory=namedtuple_row, binary=True) as cursor:
+        return cursor.execute(str(compiled), compiled.params).fetchall()
 
 
 def _requeued(rows) -> list[Requeued]:
