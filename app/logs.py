@@ -105,6 +105,10 @@ def configure_logging(settings: Settings, process: Process) -> bool:
             ],
         )
     )
+    # No line renders the thread, the process id or the caller's file and line: the standard library
+    # need not gather them for every record (its documented "Optimization" switches).
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
+    logging._srcfile = None
     root = logging.getLogger()
     root.handlers = [handler]
     root.setLevel(settings.log_level)

@@ -16,6 +16,7 @@ from typing import Any
 from celery import Celery
 
 from imagegate.app import rabbitmq
+from imagegate.app.grouping import Grouped
 from imagegate.app.settings import Settings
 
 RUN_TASK = "imagegate.run_task"
@@ -109,41 +110,78 @@ def publish_run(
     celery.send_task(RUN_TASK, args=args, countdown=countdown, queue=queue_of(batch_id))
 
 
-class RunPublisher:
-    """First attempts published by the API, one per async submit: the message `publish_run` sends,
-    cheaper. send_task routes, builds the headers through Celery's amqp layer, takes a producer (and
-    often a new channel) from a pool and makes a result object on every call: ~half of a publish's
-    CPU besides the LPUSH. Here the process keeps one producer, and Celery's own send_task builds the
-    message once per queue (into a stand-in producer); each publish copies it with the task's ids.
+# Concurrent requests' first-attempt messages published together, at most this many in one group.
+MAX_PUBLISH_GROUP = 64
 
-    Greenlets share the producer: a Redis publish is one LPUSH through the channel's client, whose
-    pool gives each caller a connection of its own. An AMQP channel is one conversation (and with
-    publisher confirms each publish waits for its confirm), so on RabbitMQ each publish takes a
-    producer from Celery's pool instead; kombu reconnects it if RabbitMQ restarted. Built lazily:
-    nothing connects at start."""
+
+class RunPublisher:
+    """First attempts published by the API, one per async or sync submit: the message `publish_run`
+    sends, cheaper. send_task routes, builds the headers through Celery's amqp layer, takes a producer
+    (and often a new channel) from a pool and makes a result object on every call: ~half of a
+    publish's CPU besides the LPUSH. Here the process keeps one producer, and Celery's own send_task
+    builds the message once per queue (into a stand-in producer); each publish copies it with the
+    task's ids.
+
+    Concurrent publishes go out in groups (app/grouping.py): on Redis a group is one pipeline of
+    LPUSHes (kombu's publish batch), one round trip whatever its size. An AMQP channel is one
+    conversation (and with publisher confirms each publish waits for its confirm), so on RabbitMQ a
+    group takes one producer from Celery's pool and publishes its messages one by one; kombu
+    reconnects it if RabbitMQ restarted. Built lazily: nothing connects at start."""
 
     def __init__(self, celery: Celery) -> None:
         self._celery = celery
         self._producer: Any = None
         self._shapes: dict[str, tuple[Any, dict[str, Any]]] = {}
         self._pooled = rabbitmq.is_amqp(celery.conf.broker_url)
+        self._grouped: Grouped[tuple[Any, dict[str, Any]], None] = Grouped(
+            self._publish_many, max_group=MAX_PUBLISH_GROUP
+        )
 
     def publish(self, task_id: uuid.UUID, *, batch_id: uuid.UUID | None = None) -> None:
-        """Attempt 1 of `task_id`: the message `publish_run(celery, task_id, 1)` sends."""
-        queue = queue_of(batch_id)
+        """Attempt 1 of `task_id`: the message `publish_run(celery, task_id, 1)` sends. Returns once
+        it is in the broker; raises when that is not certain (the caller leaves the task to the
+        sweeper)."""
+        self._grouped(self._message(task_id, queue_of(batch_id)))
+
+    def publish_many(self, task_ids: list[uuid.UUID]) -> list[Exception | None]:
+        """Attempt 1 of each task (none of a batch) at once, not waiting for other callers: one outcome
+        per task, None once its message is in the broker."""
+        if not task_ids:
+            return []
+        try:
+            return self._publish_many([self._message(task_id, QUEUE) for task_id in task_ids])
+        except Exception as exc:  # the group's pipeline failed: none of them is certain
+            return [exc] * len(task_ids)
+
+    def _message(self, task_id: uuid.UUID, queue: str) -> tuple[Any, dict[str, Any]]:
         shape = self._shapes.get(queue) or self._shape(queue)
         args = [str(task_id), 1]
         (_, kwargs, embed), options = shape
         message_id = str(uuid.uuid4())
         headers = {**options["headers"], "id": message_id, "root_id": message_id, "argsrepr": repr(args)}
-        message = (args, kwargs, embed), {**options, "headers": headers, "correlation_id": message_id}
+        return (args, kwargs, embed), {**options, "headers": headers, "correlation_id": message_id}
+
+    def _publish_many(self, messages: list[tuple[Any, dict[str, Any]]]) -> list[Exception | None]:
         if self._pooled:
+            outcomes: list[Exception | None] = []
             with self._celery.producer_pool.acquire(block=True) as producer:
-                producer.publish(message[0], **message[1])
-            return
+                for body, options in messages:
+                    try:
+                        producer.publish(body, **options)
+                        outcomes.append(None)
+                    except Exception as exc:  # that message alone; the others may still go
+                        outcomes.append(exc)
+            return outcomes
         if self._producer is None:
             self._producer = self._celery.connection_for_write().Producer()
-        self._producer.publish(message[0], **message[1])
+        if len(messages) == 1:  # alone: kombu's publish, with its retry policy
+            body, options = messages[0]
+            self._producer.publish(body, **options)
+            return [None]
+        with self._producer.batch(max_size=len(messages)):
+            for body, options in messages:
+                self._producer.publish(body, **options)
+        return [None] * len(messages)
 
     def _shape(self, queue: str) -> tuple[Any, dict[str, Any]]:
         sent = _Capture(self._celery.connection_for_write())

@@ -11,6 +11,7 @@ A running task the client cancels keeps running with `cancel_requested` set, and
 
 from __future__ import annotations
 
+import json
 import uuid
 from datetime import datetime
 from enum import StrEnum
@@ -25,6 +26,7 @@ from sqlalchemy import (
     case,
     insert,
     select,
+    text,
     update,
 )
 
@@ -58,6 +60,33 @@ ENDED = (TaskStatus.SUCCEED, TaskStatus.FAILED)
 tasks = Task.__table__
 # Built once: a prepared Core statement skips the per-call compile cache key (intake's hot path).
 _ACCEPT = insert(tasks)
+# Many rows in one statement. On Postgres, one array per column (unnest): the statement's text is
+# the same for any number of rows, so psycopg and Postgres parse and plan it once; a multi-row
+# VALUES list is a new, long text for each group size, which psycopg parses anew every time.
+# Elsewhere (SQLite), SQLAlchemy's multi-row VALUES ("insertmanyvalues", which needs RETURNING).
+_ACCEPT_MANY = insert(tasks).returning(tasks.c.id)
+_UNNESTED = {
+    "id": "uuid",
+    "api_key_id": "uuid",
+    "model": "text",
+    "route": "text",
+    "request": "jsonb",
+    "response_format": "text",
+    "callback_url": "text",
+    "batch_id": "uuid",
+    "batch_line": "integer",
+    "custom_id": "text",
+    "created_at": "timestamptz",
+    "run_after": "timestamptz",
+}
+_CONSTANT = {"status": TaskStatus.PENDING, "attempts": 0, "retries_used": 0, "polls": 0, "cancel_requested": False}
+_CONSTANT_SQL = "'pending', 0, 0, 0, false"
+_ACCEPT_UNNESTED = text(
+    f"INSERT INTO tasks ({', '.join([*_UNNESTED, *_CONSTANT])}) "
+    f"SELECT {', '.join(_UNNESTED)}, {_CONSTANT_SQL} "
+    f"FROM unnest({', '.join(f'CAST(:{name} AS {kind}[])' for name, kind in _UNNESTED.items())}) "
+    f"AS accepted({', '.join(_UNNESTED)})"
+)
 _OWNER_AND_STATUS = select(tasks.c.api_key_id, tasks.c.status).where(tasks.c.id == bindparam("id"))
 _REQUEUED = (tasks.c.id, tasks.c.attempts, tasks.c.batch_id)
 
@@ -106,6 +135,17 @@ def new_task(
 def accept(connection: Connection, rows: dict[str, Any] | list[dict[str, Any]]) -> None:
     """(none) -> pending: one INSERT for one task, one multi-row INSERT for a batch's page."""
     connection.execute(_ACCEPT, rows)
+
+
+def accept_many(connection: Connection, rows: list[dict[str, Any]]) -> None:
+    """(none) -> pending for concurrent submits' rows (new_task's), in one INSERT statement."""
+    if connection.dialect.name != "postgresql":
+        connection.execute(_ACCEPT_MANY, rows).all()
+        return
+    assert all(row[name] == value for row in rows for name, value in _CONSTANT.items()), "not new tasks"
+    columns: dict[str, Any] = {name: [row[name] for row in rows] for name in _UNNESTED}
+    columns["request"] = [json.dumps(request) for request in columns["request"]]
+    connection.execute(_ACCEPT_UNNESTED, columns)
 
 
 # -- cancel ------------------------------------------------------------------------------------

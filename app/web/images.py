@@ -18,7 +18,7 @@ from imagegate.app.logs import bind_contextvars
 from imagegate.app.schemas import GenerationRequest, ImagesResponse, TaskAccepted, TaskView
 from imagegate.app.state.refused import Refused
 from imagegate.app.state.tasks import ENDED, CancelOutcome, TaskStatus
-from imagegate.app.stores.tasks import TaskRecord
+from imagegate.app.stores.tasks import NewTask, TaskRecord
 from imagegate.app.views import image_items, task_view, timestamp
 from imagegate.app.web.auth import require_api_key
 from imagegate.app.web.errors import ApiError, error_response, from_validation_error
@@ -121,15 +121,28 @@ def submit_task(
 ):
     """Store the checked request as a task (with an edit's input files), publish it, and answer: 202
     at once when async, else the images once it ended (or 202 when the wait ran out)."""
+    replay_key = idempotency(request)
+    admit = admission(requests=1, images=request.get("n", 1), param="n")
+    if async_ and replay_key is None and admit is None and not inputs:  # stored and published in groups
+        task = svc.async_submits.submit(
+            api_key_id=g.api_key_id,
+            model=model_name,
+            request=request,
+            response_format=response_format,
+            callback_url=callback_url,
+        )
+        bind_contextvars(task_id=str(task.id), model=model_name)
+        log.info("task accepted")
+        return _json(_accepted(task), 202)
     task, new = svc.tasks.create(
         api_key_id=g.api_key_id,
         model=model_name,
         request=request,
         response_format=response_format,
         callback_url=callback_url,
-        idempotency=idempotency(request),
+        idempotency=replay_key,
         inputs=inputs,
-        admit=admission(requests=1, images=request.get("n", 1), param="n"),
+        admit=admit,
     )
     replayed = {} if new else {"Idempotent-Replayed": "true"}
     bind_contextvars(task_id=str(task.id), model=model_name)
@@ -137,10 +150,7 @@ def submit_task(
     if async_:
         if new:
             _publish(svc, task.id)
-        accepted = TaskAccepted(
-            created=int(task.created_at.timestamp()), task_id=str(task.id), task_status=TaskStatus.PENDING
-        )
-        return *_json(accepted, 202), replayed
+        return *_json(_accepted(task), 202), replayed
 
     # Subscribe before publishing, so the end of even a very fast task is not missed.
     with svc.wakeups.subscription(str(task.id)) as wakeup:
@@ -149,6 +159,10 @@ def submit_task(
         record = _wait_for_end(svc, task.id, wakeup, ended_maybe=not new)
     response = _sync_reply(svc, record)
     return (*response, replayed) if isinstance(response, tuple) else (response, replayed)
+
+
+def _accepted(task: NewTask) -> TaskAccepted:
+    return TaskAccepted(created=int(task.created_at.timestamp()), task_id=str(task.id), task_status=TaskStatus.PENDING)
 
 
 # Besides the pub/sub wake-up, a waiting request re-reads its task's status after this long, then

@@ -10,6 +10,7 @@ from imagegate.app.keys import KeyCache
 from imagegate.app.providers import ModelConfig
 from imagegate.app.queue import RunPublisher
 from imagegate.app.runtime import Runtime
+from imagegate.app.web.async_submits import AsyncSubmits
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -17,14 +18,17 @@ class Services(Runtime):
     models: dict[str, ModelConfig]
     keys: KeyCache
     runs: RunPublisher  # first attempts of async and sync submits
+    async_submits: AsyncSubmits  # plain async submits, stored and published in groups
 
     @classmethod
     def of(cls, runtime: Runtime, *, models: dict[str, ModelConfig], keys: KeyCache) -> Services:
+        runs = RunPublisher(runtime.celery)
         return cls(
             **{field.name: getattr(runtime, field.name) for field in fields(Runtime)},
             models=models,
             keys=keys,
-            runs=RunPublisher(runtime.celery),
+            runs=runs,
+            async_submits=AsyncSubmits(runtime.tasks, runs),
         )
 
     @property

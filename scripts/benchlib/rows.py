@@ -188,12 +188,15 @@ def async_submit_row(env: Environment, opts) -> dict:
             "p99 ms": run["p99_ms"],
             "non-2xx": run["non2xx"],
             "errors": run["errors"],
+            **({"load client CPU ms/req": run["client CPU ms/req"]} if "client CPU ms/req" in run else {}),
         }
 
     result = {"imagegate": measure(api, f"{env.api_url}/v1/images/generations", env.key)}
     flask, flask_url = env.start_naive_flask()
     loadgen.closed_loop(f"{flask_url}/v1/images/generations", body, connections=8, duration_s=2)
     result["Flask + gunicorn gthread(2x8)"] = measure(flask, f"{flask_url}/v1/images/generations", None)
+    naive_rps, mine = result["Flask + gunicorn gthread(2x8)"]["req/s"], result["imagegate"]
+    mine["req/s ÷ baseline's, this run"] = mine["req/s"] / naive_rps if naive_rps else None
     env.stack.stop(flask)
     result["load 1m"] = _load()
     env.drop_queues()
