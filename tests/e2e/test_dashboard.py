@@ -267,7 +267,9 @@ def test_a_revoked_keys_session_ends(dashboard_url, env, database_url):
 
 def test_readable_on_a_phone(browser, dashboard_url, api_key, api, upstream):
     refused = f"a castle in the clouds {uuid.uuid4().hex[:4]}"
-    upstream.script(refused, Step(status=400, message="The upstream refused this prompt."))
+    # A long error code and an upstream message with a long unbroken token wrap, not widen the page.
+    message = "The upstream refused this prompt: https://upstream.example/policy/" + "a" * 80
+    upstream.script(refused, Step(status=400, message=message, error_code="content_policy_violation"))
     submit_async(api, model="fake-dalle", prompt=refused)
     for prompt in ("a lighthouse at dusk", "a red fox in the snow", "a paper boat on a pond"):
         submit_async(api, model="local", prompt=prompt, size="256x256", response_format="url")
