@@ -16,7 +16,7 @@ class GroupedClaims:
 
     def __init__(self, store: AttemptStore, *, max_group: int = 100, writers: int = 2):
         self._grouped: Grouped[ClaimAsk, Claim | Waiting | Refused | Exception] = Grouped(
-            store.claim_many, name="claims", max_group=max_group, writers=writers, native=False
+            lambda asks: store.claim_many(asks), name="claims", max_group=max_group, writers=writers, native=False
         )
 
     def claim(
