@@ -1,5 +1,5 @@
 """Claims grouped across the tasks a worker starts at once: each task's claim waits for a writer
-that claims every task queued meanwhile in one transaction (AttemptStore.claim_many)."""
+that claims every task queued meanwhile in one transaction (app/stores/claim_groups.py)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import uuid
 
 from imagegate.app.state.refused import Refused
 from imagegate.app.stores.attempts import AdmitCalls, AttemptStore, Claim, ClaimAsk, PlanCalls, Waiting
+from imagegate.app.stores.claim_groups import claim_many
 from imagegate.workers.grouped import Grouped
 
 
@@ -16,7 +17,7 @@ class GroupedClaims:
 
     def __init__(self, store: AttemptStore, *, max_group: int = 100, writers: int = 2):
         self._grouped: Grouped[ClaimAsk, Claim | Waiting | Refused | Exception] = Grouped(
-            lambda asks: store.claim_many(asks), name="claims", max_group=max_group, writers=writers, native=False
+            lambda asks: claim_many(store, asks), name="claims", max_group=max_group, writers=writers, native=False
         )
 
     def claim(

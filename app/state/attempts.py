@@ -99,7 +99,7 @@ def claim(
 def claimable_each(connection: Connection, asks: Sequence[tuple[uuid.UUID, int]]) -> dict[uuid.UUID, Row]:
     """The rows of the (task, attempt) pairs whose attempt may be claimed now (pending, attempt - 1
     made), locked until the transaction ends, by task id: the first half of `claim_each`, so the
-    claims' calls can be admitted between the two (see AttemptStore.claim_many). Locked in id order,
+    claims' calls can be admitted between the two (see app/stores/claim_groups.py). Locked in id order,
     so two workers claiming overlapping groups cannot deadlock."""
     rows = connection.execute(
         select(*CLAIM_COLUMNS)

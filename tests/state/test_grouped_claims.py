@@ -1,4 +1,4 @@
-"""Claims made as a group (AttemptStore.claim_many, what a busy worker does) against real Postgres:
+"""Claims made as a group (app/stores/claim_groups.py claim_many, what a busy worker does) against real Postgres:
 each ask gets what its own `claim` would have given, in order: the claim with its calls recorded,
 why it was refused, the wait its model's limits asked for, or the error its admission raised; and
 concurrent groups claim each attempt once."""
@@ -15,6 +15,7 @@ from imagegate.app.models import Attempt, Image, Task, utcnow
 from imagegate.app.state.refused import Refused
 from imagegate.app.state.tasks import QueuedReason, TaskStatus
 from imagegate.app.stores.attempts import AttemptStore, Claim, ClaimAsk, Wait, Waiting
+from imagegate.app.stores.claim_groups import claim_many
 from tests.state.rows import make_task, task_row
 
 
@@ -49,8 +50,8 @@ def test_a_group_gives_each_ask_what_its_own_claim_would(store, key_id):
     ended = make_task(store.engine, key_id, status=TaskStatus.SUCCEED, attempts=1)
     running = make_task(store.engine, key_id, status=TaskStatus.RUNNING, attempts=1)
 
-    results = store.claim_many(
-        [ask(fresh), ask(retried, 2), ask(ended), ask(running), ask(running, 3), ask(fresh), ask(ended)]
+    results = claim_many(
+        store, [ask(fresh), ask(retried, 2), ask(ended), ask(running), ask(running, 3), ask(fresh), ask(ended)]
     )
 
     first, second = results[0], results[1]
@@ -78,12 +79,13 @@ def test_a_wait_or_an_admission_error_leaves_only_that_task_unclaimed(store, key
     def broken(claim, slots):
         raise RuntimeError("limits unavailable")
 
-    results = store.claim_many(
+    results = claim_many(
+        store,
         [
             ask(admitted, admit=lambda claim, slots: None),
             ask(waits, admit=lambda claim, slots: Wait(QueuedReason.MODEL_CONCURRENCY_LIMIT, 30.0)),
             ask(failing, admit=broken),
-        ]
+        ],
     )
 
     assert isinstance(results[0], Claim)
@@ -109,7 +111,7 @@ def test_concurrent_overlapping_groups_claim_each_attempt_once(store, key_id):
     def claim_group(worker: str):
         start.wait()
         order = task_ids if worker in ("a", "c") else list(reversed(task_ids))
-        return store.claim_many([ask(task_id, worker=worker) for task_id in order])
+        return claim_many(store, [ask(task_id, worker=worker) for task_id in order])
 
     with ThreadPoolExecutor(4) as pool:
         groups = list(pool.map(claim_group, "abcd"))
