@@ -27,6 +27,7 @@ class Wakeup(Protocol):
 
 class Wakeups(Protocol):
     def announce(self, task_id: str) -> None: ...
+    def announce_many(self, task_ids: list[str]) -> None: ...
     def subscription(self, task_id: str) -> AbstractContextManager[Wakeup]: ...
     def close(self) -> None: ...
 
@@ -46,6 +47,13 @@ class RedisWakeups:
 
     def announce(self, task_id: str) -> None:
         self._redis.publish(self.channel, task_id)
+
+    def announce_many(self, task_ids: list[str]) -> None:
+        """Several ends in one round trip (a worker's ends arrive in groups)."""
+        with self._redis.pipeline(transaction=False) as pipe:
+            for task_id in task_ids:
+                pipe.publish(self.channel, task_id)
+            pipe.execute()
 
     @contextmanager
     def subscription(self, task_id: str) -> Iterator[threading.Event]:
@@ -117,6 +125,9 @@ class PollingWakeups:
     """For brokers without pub/sub: wake waiters on a growing interval (0.1 s up to 1 s)."""
 
     def announce(self, task_id: str) -> None:
+        pass
+
+    def announce_many(self, task_ids: list[str]) -> None:
         pass
 
     @contextmanager

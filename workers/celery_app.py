@@ -8,6 +8,7 @@ import os
 from celery import Celery
 from celery.signals import task_received, worker_ready, worker_shutting_down
 
+from imagegate.app.after_end import AfterEnd
 from imagegate.app.heartbeats import Heart
 from imagegate.app.providers import load_models
 from imagegate.app.queue import DELIVER_WEBHOOK, RUN_TASK, WEBHOOK_QUEUE, WORKER_QUEUES, broker_client
@@ -15,6 +16,7 @@ from imagegate.app.runtime import build_runtime
 from imagegate.app.settings import Settings
 from imagegate.app.stores.attempts import AttemptStore
 from imagegate.workers.adapters import load_adapters
+from imagegate.workers.announcements import GroupedAnnouncements
 from imagegate.workers.consumer_watchdog import ConsumerWatchdog, spawn
 from imagegate.workers.grouped import Grouped
 from imagegate.workers.http import make_client
@@ -31,10 +33,13 @@ def make_worker_app(settings: Settings, *, concurrency: int = 1000) -> Celery:
     # A pool of 20 is enough: the hot writes are grouped (workers/grouped.py) and leases renewed in one.
     runtime = build_runtime(settings.check(), pool_size=min(20, concurrency))
     celery = runtime.celery
-    # Celery's own "received" and "succeeded in" lines, two per task, repeat what the runner logs once.
-    for name in ("celery.app.trace", "celery.worker.strategy"):
+    # Celery's own "received" and "succeeded in" lines and httpx's "HTTP Request" line, three per
+    # task, repeat what the runner logs once (an upstream's error status is in the task's end line).
+    for name in ("celery.app.trace", "celery.worker.strategy", "httpx"):
         logging.getLogger(name).setLevel(logging.WARNING)
     group_task_events(celery)
+    if settings.uses_redis:  # acknowledgements that cost Redis nothing when early (workers/early_acks.py)
+        celery.conf.broker_transport = "imagegate.workers.early_acks:EarlyAckTransport"
     adapters = load_adapters()
     attempts = AttemptStore(runtime.engine)
     models = load_models(settings.providers_file, set(adapters))
@@ -46,7 +51,8 @@ def make_worker_app(settings: Settings, *, concurrency: int = 1000) -> Celery:
         models=models,
         adapters=adapters,
         http=make_client(max_connections=max(20, concurrency * 2)),
-        after_end=runtime.after_end,
+        # Ends announced grouped (workers/announcements.py); webhooks and batches as everywhere.
+        after_end=AfterEnd(GroupedAnnouncements(runtime.wakeups), runtime.webhooks, runtime.batches, celery),
         celery=celery,
         image_store=runtime.image_store,
         limiter=make_limiter(settings),

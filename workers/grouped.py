@@ -21,10 +21,17 @@ Result = TypeVar("Result")
 class Grouped(Generic[Item, Result]):
     """Calls of `write_many(items) -> results` (one result per item, in order) made one item at a time
     from many greenlets or threads. `max_group` bounds a transaction's size (a group of successes
-    carries its images); several writers so one slow commit does not hold every call behind it."""
+    carries its images); several writers so one slow commit does not hold every call behind it.
+    `native`: under gevent, make the writes on native threads (see `_native_threads`)."""
 
     def __init__(
-        self, write_many: Callable[[list[Item]], list[Result]], *, name: str, max_group: int = 50, writers: int = 4
+        self,
+        write_many: Callable[[list[Item]], list[Result]],
+        *,
+        name: str,
+        max_group: int = 50,
+        writers: int = 4,
+        native: bool = True,
     ):
         self._write_many = write_many
         self._name = name
@@ -33,7 +40,8 @@ class Grouped(Generic[Item, Result]):
         self._queue: queue.SimpleQueue[tuple[Item, Future]] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._threads: list[threading.Thread] = []
-        self._native = None
+        # native=False: the writers stay greenlets under gevent (what they call must run on the hub).
+        self._native = None if native else False
 
     def __call__(self, item: Item) -> Result:
         """The item's result once written; a database error is raised to the caller, who may retry."""

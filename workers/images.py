@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import binascii
 import dataclasses
 import logging
@@ -39,8 +38,8 @@ def sniff_content_type(data: bytes) -> str | None:
 def _decode_b64(text: str) -> bytes:
     if text.startswith("data:"):
         text = text.partition(",")[2]
-    try:
-        return base64.b64decode(text, validate=False)
+    try:  # binascii itself: base64.b64decode first copies the str into bytes (200 KB a call)
+        return binascii.a2b_base64(text)
     except (binascii.Error, ValueError):
         raise UpstreamError(
             ErrorCode.UPSTREAM_BAD_RESPONSE, "upstream b64_json is not base64", retryable=True

@@ -18,6 +18,7 @@ from imagegate.app.state.refused import Refused
 from imagegate.app.stores.attempts import AttemptStore, Claim, PlanCalls, Wait, Waiting
 from imagegate.workers.adapters import Upstream
 from imagegate.workers.adapters.base import UpstreamError
+from imagegate.workers.grouped_claims import GroupedClaims
 from imagegate.workers.model_gate import Granted
 from imagegate.workers.model_limiter import LimitsUnavailable, ModelLimiter, over_rate
 
@@ -31,7 +32,14 @@ class ModelAdmission:
     limiter: ModelLimiter | None = None  # None: no limits are kept
 
     def claim(
-        self, store: AttemptStore, task_id: uuid.UUID, attempt: int, *, worker: str, lease_s: float, plan: PlanCalls
+        self,
+        store: AttemptStore | GroupedClaims,
+        task_id: uuid.UUID,
+        attempt: int,
+        *,
+        worker: str,
+        lease_s: float,
+        plan: PlanCalls,
     ) -> tuple[Claim | Refused | None, Granted | None]:
         """The claim and the room its calls hold (until `release`); None for an attempt now waiting
         for room (its message is published again) or not claimed because the limits are unavailable

@@ -46,6 +46,7 @@ from imagegate.workers.batch_closing import BatchClosing
 from imagegate.workers.durable_writes import DurableWrites
 from imagegate.workers.fanout import Call, merge_usage, plan_calls, slot_counts
 from imagegate.workers.grouped import Grouped
+from imagegate.workers.grouped_claims import GroupedClaims
 from imagegate.workers.http import current_call
 from imagegate.workers.images import fetch_images
 from imagegate.workers.leases import LeaseKeeper
@@ -99,12 +100,15 @@ class TaskRunner:
     batches: BatchClosing = dataclasses.field(init=False)
     admission: ModelAdmission = dataclasses.field(init=False)
     durable: DurableWrites = dataclasses.field(init=False)
+    # Claims are made grouped across the tasks starting at once (see workers.grouped_claims).
+    claims: GroupedClaims = dataclasses.field(init=False)
 
     def __post_init__(self) -> None:
         self.batches = BatchClosing(lambda batch_id: self.after_end.batch_touched(batch_id))
         self.upstreams = resolve_upstreams(self.models, self.adapters)
         self.admission = ModelAdmission(self.upstreams, self.celery, self.limiter)
         self.durable = DurableWrites(self.store, self.leases, self.image_store)
+        self.claims = GroupedClaims(self.store)
         self.redact = Redactor(upstream.api_key for upstream in self.upstreams.values())
         for name, upstream in self.upstreams.items():
             if upstream.unavailable:
@@ -126,7 +130,7 @@ class TaskRunner:
         else:  # under the model's upstream limits: room for the calls, or a wait (claim None)
             plan = functools.partial(plan_calls, self.upstreams)
             claim, granted = self.admission.claim(
-                self.store, parsed, attempt, worker=worker, lease_s=lease_s, plan=plan
+                self.claims, parsed, attempt, worker=worker, lease_s=lease_s, plan=plan
             )
         if not claim:
             if claim is not None:

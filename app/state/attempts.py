@@ -96,6 +96,63 @@ def claim(
     return row if row is not None else why_refused(connection, task_id, attempt, claiming=True)
 
 
+def claimable_each(connection: Connection, asks: Sequence[tuple[uuid.UUID, int]]) -> dict[uuid.UUID, Row]:
+    """The rows of the (task, attempt) pairs whose attempt may be claimed now (pending, attempt - 1
+    made), locked until the transaction ends, by task id: the first half of `claim_each`, so the
+    claims' calls can be admitted between the two (see app/stores/claim_groups.py). Locked in id order,
+    so two workers claiming overlapping groups cannot deadlock."""
+    rows = connection.execute(
+        select(*CLAIM_COLUMNS)
+        .where(
+            tasks.c.status == TaskStatus.PENDING,
+            tuple_(tasks.c.id, tasks.c.attempts).in_([(task_id, attempt - 1) for task_id, attempt in asks]),
+        )
+        .order_by(tasks.c.id)
+        .with_for_update()
+    )
+    return {row.id: row for row in rows}
+
+
+def claim_each(
+    connection: Connection, asks: Sequence[tuple[uuid.UUID, int]], *, worker: str, now: datetime, lease_until: datetime
+) -> int:
+    """pending -> running for each (task, attempt) of `asks`, rows `claimable_each` locked: one
+    statement for the group on Postgres (a claim's round trips per task were a quarter of the
+    worker's CPU). How many were claimed."""
+    running = {
+        "status": TaskStatus.RUNNING,
+        "worker": worker,
+        "started_at": now,
+        "lease_expires_at": lease_until,
+        "polls": 0,
+        "queued_reason": None,
+    }
+    if connection.dialect.name != "postgresql":
+        return sum(
+            connection.execute(
+                update(tasks)
+                .where(tasks.c.id == task_id, tasks.c.status == TaskStatus.PENDING, tasks.c.attempts == attempt - 1)
+                .values(attempts=attempt, **running)
+            ).rowcount
+            for task_id, attempt in asks
+        )
+    pairs = values(column("id", Uuid), column("attempt", Integer), name="asked").data(list(asks))
+    return connection.execute(
+        update(tasks)
+        .where(tasks.c.id == pairs.c.id, tasks.c.status == TaskStatus.PENDING, tasks.c.attempts == pairs.c.attempt - 1)
+        .values(attempts=pairs.c.attempt, **running)
+    ).rowcount
+
+
+def claim_refused(row: Row | None, attempt: int) -> Refused:
+    """Why a claim of attempt `attempt` was refused, given the task's state row (see `states_of`)."""
+    return _reason(row, attempt, claiming=True)
+
+
+def states_of(connection: Connection, task_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, Row]:
+    return {row.id: row for row in connection.execute(_STATE.where(tasks.c.id.in_(list(task_ids))))}
+
+
 def wait_for_model(
     connection: Connection, task_id: uuid.UUID, attempt: int, *, now: datetime, reason: str, countdown_s: float
 ) -> Outcome:

@@ -104,6 +104,18 @@ class Waiting:
 AdmitCalls = Callable[[Claim, list[int]], Wait | None]
 
 
+@dataclass(frozen=True)
+class ClaimAsk:
+    """One claim of a group (see app/stores/claim_groups.py): the arguments of `AttemptStore.claim`."""
+
+    task_id: uuid.UUID
+    attempt: int
+    worker: str
+    lease_s: float
+    plan: PlanCalls
+    admit: AdmitCalls | None = None
+
+
 class _NotAdmitted(Exception):
     def __init__(self, claim: Claim, wait: Wait) -> None:
         self.claim, self.wait = claim, wait

@@ -1,0 +1,135 @@
+"""Claims made as a group: what a busy worker does with the tasks it starts at once (see
+workers/grouped_claims.py). Each ask gets what its own `AttemptStore.claim` would have given."""
+
+from __future__ import annotations
+
+import uuid
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from datetime import timedelta
+
+from sqlalchemy import insert, select
+
+from imagegate.app.models import Attempt, Image, utcnow
+from imagegate.app.state import attempts as transitions
+from imagegate.app.state.refused import Refused
+from imagegate.app.stores.attempts import AttemptStore, Claim, ClaimAsk, Wait, Waiting
+
+attempts, images = Attempt.__table__, Image.__table__
+
+
+def claim_many(store: AttemptStore, asks: list[ClaimAsk]) -> list[Claim | Waiting | Refused | Exception]:
+    """`AttemptStore.claim` for several attempts in one transaction, one result per ask in order (an exception
+    an ask's `admit` raised is given back for that ask alone). On Postgres the group's rows are
+    locked with one SELECT, the calls admitted (concurrently: each may ask Redis), and the claims
+    written with one UPDATE and one INSERT: a claim was three round trips and a commit per task.
+    A row locked before its calls are admitted is what keeps the room taken inside the claim's
+    transaction, as in `claim`."""
+    if store.engine.dialect.name != "postgresql":
+        return [_claim_or_error(store, ask) for ask in asks]
+    results: list[Claim | Waiting | Refused | Exception | None] = [None] * len(asks)
+    first: dict[tuple[uuid.UUID, int], int] = {}
+    duplicates: list[tuple[int, int]] = []
+    for index, ask in enumerate(asks):
+        key = (ask.task_id, ask.attempt)
+        if key in first:  # another delivery of the same message, in the same group
+            duplicates.append((index, first[key]))
+        else:
+            first[key] = index
+    now = utcnow()
+    with store.engine.begin() as connection:
+        rows = transitions.claimable_each(connection, list(first))
+        retried = [task_id for (task_id, attempt), _ in first.items() if attempt > 1 and task_id in rows]
+        done: dict[uuid.UUID, set[int]] = defaultdict(set)
+        if retried:
+            for task_id, slot in connection.execute(
+                select(images.c.task_id, images.c.slot).where(images.c.task_id.in_(retried)).distinct()
+            ):
+                done[task_id].add(slot)
+        planned: list[tuple[int, Claim, list[int]]] = []
+        for (task_id, attempt), index in first.items():
+            if (row := rows.get(task_id)) is not None:
+                claim = replace(Claim(*row), attempt=attempt, started_at=now, polls=0)
+                planned.append((index, claim, asks[index].plan(claim, done[task_id])))
+        admitted = _admit_each(asks, planned)
+        claimed: dict[tuple[str, float], list[tuple[int, Claim, list[int]]]] = defaultdict(list)
+        for (index, claim, slots), answer in zip(planned, admitted, strict=True):
+            if isinstance(answer, Exception):
+                results[index] = answer
+            elif isinstance(answer, Wait):
+                written = transitions.wait_for_model(
+                    connection,
+                    claim.task_id,
+                    claim.attempt,
+                    now=now,
+                    reason=answer.reason,
+                    countdown_s=answer.countdown_s,
+                )
+                results[index] = (
+                    Waiting(claim.task_id, claim.attempt, answer.reason, answer.countdown_s, claim.batch_id)
+                    if written
+                    else written
+                )
+            else:
+                claimed[(asks[index].worker, asks[index].lease_s)].append((index, claim, slots))
+        for (worker, lease_s), group in claimed.items():
+            pairs = [(claim.task_id, claim.attempt) for _, claim, _ in group]
+            count = transitions.claim_each(
+                connection, pairs, worker=worker, now=now, lease_until=now + timedelta(seconds=lease_s)
+            )
+            if count != len(pairs):  # the rows are locked: cannot happen; nothing is written if it does
+                raise RuntimeError(f"claimed {count} of {len(pairs)} locked tasks")
+        attempt_rows = [
+            {
+                "task_id": claim.task_id,
+                "number": claim.attempt,
+                "slot": slot,
+                "model": claim.route,
+                "worker": asks[index].worker,
+                "started_at": now,
+            }
+            for group in claimed.values()
+            for index, claim, slots in group
+            for slot in slots
+        ]
+        if attempt_rows:
+            connection.execute(insert(attempts), attempt_rows)
+        missing = [key for key, index in first.items() if key[0] not in rows]
+        states = transitions.states_of(connection, [task_id for task_id, _ in missing]) if missing else {}
+    for task_id, attempt in missing:
+        results[first[(task_id, attempt)]] = transitions.claim_refused(states.get(task_id), attempt)
+    for group in claimed.values():
+        for index, claim, slots in group:
+            results[index] = replace(claim, slots=tuple(slots))
+    for index, original in duplicates:
+        answer = results[original]
+        results[index] = Refused.ALREADY_CLAIMED if isinstance(answer, (Claim, Waiting)) else answer
+    return results  # type: ignore[return-value]
+
+
+def _admit_each(asks: list[ClaimAsk], planned: list[tuple[int, Claim, list[int]]]) -> list[Wait | Exception | None]:
+    def admit(item: tuple[int, Claim, list[int]]) -> Wait | Exception | None:
+        index, claim, slots = item
+        if not slots or asks[index].admit is None:
+            return None
+        try:
+            return asks[index].admit(claim, slots)
+        except Exception as exc:
+            return exc
+
+    asking = sum(1 for index, _, slots in planned if slots and asks[index].admit is not None)
+    if asking <= 1:
+        return [admit(item) for item in planned]
+    # Under gevent these are greenlets: the group's Redis round trips overlap, as separate claims' did.
+    with ThreadPoolExecutor(max_workers=min(asking, 64)) as pool:
+        return list(pool.map(admit, planned))
+
+
+def _claim_or_error(store: AttemptStore, ask: ClaimAsk) -> Claim | Waiting | Refused | Exception:
+    try:
+        return store.claim(
+            ask.task_id, ask.attempt, worker=ask.worker, lease_s=ask.lease_s, plan=ask.plan, admit=ask.admit
+        )
+    except Exception as exc:
+        return exc

@@ -1,0 +1,127 @@
+"""Claims made as a group (app/stores/claim_groups.py claim_many, what a busy worker does) against real Postgres:
+each ask gets what its own `claim` would have given, in order: the claim with its calls recorded,
+why it was refused, the wait its model's limits asked for, or the error its admission raised; and
+concurrent groups claim each attempt once."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from sqlalchemy import func, select
+
+from imagegate.app.models import Attempt, Image, Task, utcnow
+from imagegate.app.state.refused import Refused
+from imagegate.app.state.tasks import QueuedReason, TaskStatus
+from imagegate.app.stores.attempts import AttemptStore, Claim, ClaimAsk, Wait, Waiting
+from imagegate.app.stores.claim_groups import claim_many
+from tests.state.rows import make_task, task_row
+
+
+@pytest.fixture(scope="module")
+def store(engine):
+    return AttemptStore(engine)
+
+
+def every_slot(claim, done):
+    return [slot for slot in range(claim.request["n"]) if slot not in done]
+
+
+def ask(task_id, attempt=1, *, admit=None, worker="w1"):
+    return ClaimAsk(task_id, attempt, worker, 60, every_slot, admit)
+
+
+def test_a_group_gives_each_ask_what_its_own_claim_would(store, key_id):
+    fresh = make_task(store.engine, key_id, n=2)
+    retried = make_task(store.engine, key_id, n=3, attempts=1)  # attempt 1 stored slot 1's image
+    with store.engine.begin() as connection:
+        connection.execute(
+            Image.__table__.insert(),
+            {
+                "task_id": retried,
+                "slot": 1,
+                "index": 0,
+                "content_type": "image/png",
+                "data": b"x",
+                "created_at": utcnow(),
+            },
+        )
+    ended = make_task(store.engine, key_id, status=TaskStatus.SUCCEED, attempts=1)
+    running = make_task(store.engine, key_id, status=TaskStatus.RUNNING, attempts=1)
+
+    results = claim_many(
+        store, [ask(fresh), ask(retried, 2), ask(ended), ask(running), ask(running, 3), ask(fresh), ask(ended)]
+    )
+
+    first, second = results[0], results[1]
+    assert isinstance(first, Claim) and first.slots == (0, 1) and first.attempt == 1 and first.polls == 0
+    assert isinstance(second, Claim) and second.slots == (0, 2) and second.attempt == 2
+    assert results[2:] == [
+        Refused.ALREADY_ENDED,
+        Refused.ALREADY_CLAIMED,  # attempt 1 is running: another delivery holds it
+        Refused.STALE_ATTEMPT,
+        Refused.ALREADY_CLAIMED,  # the same message twice in one group
+        Refused.ALREADY_ENDED,
+    ]
+    row = task_row(store.engine, fresh)
+    assert (row.status, row.attempts, row.worker) == (TaskStatus.RUNNING, 1, "w1")
+    assert row.lease_expires_at is not None and row.started_at == first.started_at
+    with store.engine.connect() as connection:
+        calls = connection.execute(select(Attempt.task_id, Attempt.number, Attempt.slot)).all()
+    assert {(number, slot) for task_id, number, slot in calls if task_id == fresh} == {(1, 0), (1, 1)}
+    assert {(number, slot) for task_id, number, slot in calls if task_id == retried} == {(2, 0), (2, 2)}
+
+
+def test_a_wait_or_an_admission_error_leaves_only_that_task_unclaimed(store, key_id):
+    admitted, waits, failing = (make_task(store.engine, key_id) for _ in range(3))
+
+    def broken(claim, slots):
+        raise RuntimeError("limits unavailable")
+
+    results = claim_many(
+        store,
+        [
+            ask(admitted, admit=lambda claim, slots: None),
+            ask(waits, admit=lambda claim, slots: Wait(QueuedReason.MODEL_CONCURRENCY_LIMIT, 30.0)),
+            ask(failing, admit=broken),
+        ],
+    )
+
+    assert isinstance(results[0], Claim)
+    assert isinstance(results[1], Waiting) and results[1].countdown_s == 30.0
+    assert isinstance(results[2], RuntimeError)
+    assert task_row(store.engine, admitted).status == TaskStatus.RUNNING
+    waiting = task_row(store.engine, waits)
+    assert (waiting.status, waiting.attempts, waiting.queued_reason) == (
+        TaskStatus.PENDING,
+        0,
+        QueuedReason.MODEL_CONCURRENCY_LIMIT,
+    )
+    assert (task_row(store.engine, failing).status, task_row(store.engine, failing).attempts) == (TaskStatus.PENDING, 0)
+    with store.engine.connect() as connection:
+        called = set(connection.scalars(select(Attempt.task_id).where(Attempt.task_id.in_([waits, failing]))))
+    assert called == set()
+
+
+def test_concurrent_overlapping_groups_claim_each_attempt_once(store, key_id):
+    task_ids = [make_task(store.engine, key_id) for _ in range(40)]
+    start = threading.Barrier(4)
+
+    def claim_group(worker: str):
+        start.wait()
+        order = task_ids if worker in ("a", "c") else list(reversed(task_ids))
+        return claim_many(store, [ask(task_id, worker=worker) for task_id in order])
+
+    with ThreadPoolExecutor(4) as pool:
+        groups = list(pool.map(claim_group, "abcd"))
+
+    won = [claim.task_id for results in groups for claim in results if isinstance(claim, Claim)]
+    assert sorted(won) == sorted(task_ids)
+    refused = [answer for results in groups for answer in results if not isinstance(answer, Claim)]
+    assert refused and set(refused) == {Refused.ALREADY_CLAIMED}
+    with store.engine.connect() as connection:
+        rows = connection.execute(select(Task.status, Task.attempts).where(Task.id.in_(task_ids))).all()
+        calls = connection.scalar(select(func.count()).where(Attempt.task_id.in_(task_ids)))
+    assert set(rows) == {(TaskStatus.RUNNING, 1)}
+    assert calls == 40

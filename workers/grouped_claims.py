@@ -1,0 +1,36 @@
+"""Claims grouped across the tasks a worker starts at once: each task's claim waits for a writer
+that claims every task queued meanwhile in one transaction (app/stores/claim_groups.py)."""
+
+from __future__ import annotations
+
+import uuid
+
+from imagegate.app.state.refused import Refused
+from imagegate.app.stores.attempts import AdmitCalls, AttemptStore, Claim, ClaimAsk, PlanCalls, Waiting
+from imagegate.app.stores.claim_groups import claim_many
+from imagegate.workers.grouped import Grouped
+
+
+class GroupedClaims:
+    """`AttemptStore.claim`'s signature, its claims made in groups. The writers stay greenlets under
+    gevent, not native threads: a claim's `admit` asks Redis through clients bound to the hub."""
+
+    def __init__(self, store: AttemptStore, *, max_group: int = 100, writers: int = 2):
+        self._grouped: Grouped[ClaimAsk, Claim | Waiting | Refused | Exception] = Grouped(
+            lambda asks: claim_many(store, asks), name="claims", max_group=max_group, writers=writers, native=False
+        )
+
+    def claim(
+        self,
+        task_id: uuid.UUID,
+        attempt: int,
+        *,
+        worker: str,
+        lease_s: float,
+        plan: PlanCalls,
+        admit: AdmitCalls | None = None,
+    ) -> Claim | Waiting | Refused:
+        answer = self._grouped(ClaimAsk(task_id, attempt, worker, lease_s, plan, admit))
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
