@@ -26,6 +26,10 @@ def clean_env() -> dict[str, str]:
     return {name: value for name, value in os.environ.items() if not name.startswith("IMAGEGATE_")}
 
 
+# `up` gives each of its processes 30 s to stop (app/embedded.py stop), all at once, then exits.
+UP_STOPS_WITHIN_S = 45
+
+
 def start_up(cwd, log, *args: str) -> subprocess.Popen:
     return subprocess.Popen(
         IMAGEGATE + ["up", *args],
@@ -80,7 +84,7 @@ def test_up_serves_the_local_model_with_no_servers(tmp_path):
         # Quiet: no Celery banner or gunicorn lines between the user and the key.
         assert "celery" not in log.read_text().lower() and "gunicorn" not in log.read_text().lower()
     finally:
-        stop_process(process)
+        stop_process(process, UP_STOPS_WITHIN_S)
     assert process.returncode == 0, log.read_text()
     data = work / "imagegate-data"
     assert (data / "imagegate.db").exists()
@@ -102,7 +106,7 @@ def test_up_serves_the_local_model_with_no_servers(tmp_path):
         os.kill(worker_pid, signal.SIGKILL)
         process.wait(timeout=60)
     finally:
-        stop_process(process)
+        stop_process(process, UP_STOPS_WITHIN_S)
     output = log.read_text()
     assert process.returncode != 0
     assert "imagegate worker stopped" in output and "its last lines" in output and "Traceback" not in output
