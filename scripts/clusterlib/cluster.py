@@ -19,9 +19,10 @@ from pathlib import Path
 import psycopg
 
 from clusterlib.network import Host, Network
-from clusterlib.services import Balancer, Postgres, Proc, Redis, http_ok, wait_until
+from clusterlib.services import Balancer, Postgres, Proc, Redis
 from tests.support.fake_receiver import Receiver
 from tests.support.fake_upstream import FakeUpstream, Step
+from tests.support.services import http_ok, wait_until
 
 MODEL = "cluster-image"
 # A model with per-model upstream limits, which every worker on every host keeps together (in Redis).
