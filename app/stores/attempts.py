@@ -121,6 +121,21 @@ class _NotAdmitted(Exception):
         self.claim, self.wait = claim, wait
 
 
+def attempt_rows(claim: Claim, slots: Iterable[int], worker: str, now: datetime) -> list[dict[str, Any]]:
+    """The `attempts` rows of a claim's calls, one per fan-out slot, written with the claim."""
+    return [
+        {
+            "task_id": claim.task_id,
+            "number": claim.attempt,
+            "slot": slot,
+            "model": claim.route,
+            "worker": worker,
+            "started_at": now,
+        }
+        for slot in slots
+    ]
+
+
 def _after(seconds: float) -> datetime:
     return utcnow() + timedelta(seconds=seconds)
 
@@ -183,21 +198,7 @@ class AttemptStore:
             if slots and admit is not None and (wait := admit(claim, slots)) is not None:
                 raise _NotAdmitted(claim, wait)  # rolls the claim back
             if slots:
-                now = utcnow()
-                connection.execute(
-                    insert(attempts),
-                    [
-                        {
-                            "task_id": task_id,
-                            "number": attempt,
-                            "slot": slot,
-                            "model": claim.route,
-                            "worker": worker,
-                            "started_at": now,
-                        }
-                        for slot in slots
-                    ],
-                )
+                connection.execute(insert(attempts), attempt_rows(claim, slots, worker, utcnow()))
         return Claim(**{**claim.__dict__, "slots": tuple(slots)})
 
     def inputs(self, task_id: uuid.UUID) -> tuple[list[InputFile], InputFile | None]:

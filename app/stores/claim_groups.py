@@ -14,7 +14,7 @@ from sqlalchemy import insert, select
 from imagegate.app.models import Attempt, Image, utcnow
 from imagegate.app.state import attempts as transitions
 from imagegate.app.state.refused import Refused
-from imagegate.app.stores.attempts import AttemptStore, Claim, ClaimAsk, Wait, Waiting
+from imagegate.app.stores.attempts import AttemptStore, Claim, ClaimAsk, Wait, Waiting, attempt_rows
 
 attempts, images = Attempt.__table__, Image.__table__
 
@@ -80,21 +80,14 @@ def claim_many(store: AttemptStore, asks: list[ClaimAsk]) -> list[Claim | Waitin
             )
             if count != len(pairs):  # the rows are locked: cannot happen; nothing is written if it does
                 raise RuntimeError(f"claimed {count} of {len(pairs)} locked tasks")
-        attempt_rows = [
-            {
-                "task_id": claim.task_id,
-                "number": claim.attempt,
-                "slot": slot,
-                "model": claim.route,
-                "worker": asks[index].worker,
-                "started_at": now,
-            }
+        rows_of_calls = [
+            row
             for group in claimed.values()
             for index, claim, slots in group
-            for slot in slots
+            for row in attempt_rows(claim, slots, asks[index].worker, now)
         ]
-        if attempt_rows:
-            connection.execute(insert(attempts), attempt_rows)
+        if rows_of_calls:
+            connection.execute(insert(attempts), rows_of_calls)
         missing = [key for key, index in first.items() if key[0] not in rows]
         states = transitions.states_of(connection, [task_id for task_id, _ in missing]) if missing else {}
     for task_id, attempt in missing:
