@@ -38,8 +38,8 @@ class RequestModel(BaseModel):
         return value
 
 
-class GenerationRequest(RequestModel):
-    """POST /v1/images/generations: OpenAI's Images fields plus GeekAI's extensions."""
+class ImageRequest(RequestModel):
+    """What a generation and an edit share: the model, a prompt that is not blank, no unknown field."""
 
     model_config = ConfigDict(
         extra="forbid", populate_by_name=True, frozen=True, json_schema_extra={"additionalProperties": False}
@@ -51,6 +51,23 @@ class GenerationRequest(RequestModel):
         max_length=200,
         description="Model to use; defaults to the first model of the providers file.",
     )
+
+    @field_validator("prompt", check_fields=False)  # each request declares its own prompt
+    @classmethod
+    def _prompt_not_blank(cls, prompt: str) -> str:
+        if not prompt.strip():
+            raise ValueError("prompt must not be empty")
+        return prompt
+
+    def stored(self) -> dict[str, Any]:
+        """The request as kept on the task: the fields the client sent, under the client's names (an
+        edit's files are described beside them)."""
+        return self.model_dump(mode="json", by_alias=True, exclude_unset=True)
+
+
+class GenerationRequest(ImageRequest):
+    """POST /v1/images/generations: OpenAI's Images fields plus GeekAI's extensions."""
+
     prompt: str = Field(..., min_length=1, max_length=MAX_PROMPT_CHARS, description="Text description of the image(s).")
     n: int = Field(1, ge=1, le=MAX_N, description="How many images to generate.")
     size: str | None = Field(None, pattern=SIZE_PATTERN, description="WIDTHxHEIGHT, `auto`, or 1k/2k/4k.")
@@ -92,20 +109,9 @@ class GenerationRequest(RequestModel):
             )
         return value
 
-    @field_validator("prompt")
-    @classmethod
-    def _prompt_not_blank(cls, prompt: str) -> str:
-        if not prompt.strip():
-            raise ValueError("prompt must not be empty")
-        return prompt
-
     @property
     def image_format(self) -> str:
         return "jpeg" if self.output_format == "jpg" else self.output_format
-
-    def stored(self) -> dict[str, Any]:
-        """The request as kept on the task: the fields the client sent, under the client's names."""
-        return self.model_dump(mode="json", by_alias=True, exclude_unset=True)
 
     def upstream_params(self) -> dict[str, Any]:
         """The fields the client sent that an upstream may see: all but the gateway's own controls."""
@@ -117,20 +123,10 @@ class GenerationRequest(RequestModel):
         )
 
 
-class EditRequest(RequestModel):
+class EditRequest(ImageRequest):
     """POST /v1/images/edits: the form fields beside the files (`image` or `image[]`, `mask`), as the
     OpenAI SDK's images.edit sends them (numbers and booleans as text), plus GeekAI's extensions."""
 
-    model_config = ConfigDict(
-        extra="forbid", populate_by_name=True, frozen=True, json_schema_extra={"additionalProperties": False}
-    )
-
-    model: str | None = Field(
-        None,
-        min_length=1,
-        max_length=200,
-        description="Model to use; defaults to the first model of the providers file.",
-    )
     prompt: str = Field(..., min_length=1, max_length=MAX_PROMPT_CHARS, description="What the edited image(s) show.")
     n: int = Field(1, ge=1, le=MAX_N, description="How many images to make.")
     size: str | None = Field(None, pattern=SIZE_PATTERN, description="WIDTHxHEIGHT, `auto`, or 1k/2k/4k.")
@@ -156,17 +152,6 @@ class EditRequest(RequestModel):
         # A form sends text; a Literal takes only its own value: "false" means false, "0" means 0.
         text = "false" if info.field_name == "stream" else "0"
         return (False if info.field_name == "stream" else 0) if value == text else value
-
-    @field_validator("prompt")
-    @classmethod
-    def _prompt_not_blank(cls, prompt: str) -> str:
-        if not prompt.strip():
-            raise ValueError("prompt must not be empty")
-        return prompt
-
-    def stored(self) -> dict[str, Any]:
-        """The fields the client sent, under the client's names (the files are described beside them)."""
-        return self.model_dump(mode="json", by_alias=True, exclude_unset=True)
 
     def generation(self) -> GenerationRequest:
         """The fields a generation shares, for the family checks and the adapters."""
