@@ -71,7 +71,9 @@ def test_requests_per_minute_hold_across_replicas(replicas, env):
     accepted = [reply for reply in replies if reply.status_code == 202]
     # Each accepted submit took its own place in the one shared window.
     assert sorted(int(reply.headers["x-ratelimit-remaining-requests"]) for reply in accepted) == list(range(10))
-    assert {reply.url.port for reply in accepted} == {httpx.URL(url).port for url in replicas}
+    # Both replicas answered half the submits; a count per process would have accepted up to 20.
+    # Which replica won the ten places is a race, so it is not asserted.
+    assert Counter(reply.url.port for reply in replies) == {httpx.URL(url).port: 15 for url in replicas}
     assert all(int(reply.headers["Retry-After"]) >= 1 for reply in replies if reply.status_code == 429)
 
 
