@@ -27,11 +27,12 @@ from sqlalchemy import (
     Uuid,
     bindparam,
     column,
+    func,
     select,
     tuple_,
     update,
-    values,
 )
+from sqlalchemy.dialects.postgresql import ARRAY
 
 from imagegate.app.failures import CANCELLED, Failure
 from imagegate.app.models import Task
@@ -58,6 +59,19 @@ CLAIM_COLUMNS = (
 )
 _STATE = select(tasks.c.id, tasks.c.status, tasks.c.attempts, tasks.c.polls, tasks.c.cancel_requested)
 _STATE_OF_ONE = _STATE.where(tasks.c.id == bindparam("id"))
+
+# (task id, attempt) pairs as a FROM on Postgres, one array per column: the statement is the same
+# for any number of pairs, so SQLAlchemy compiles it once and psycopg prepares it once (a VALUES
+# list cannot be cached by SQLAlchemy: it was compiled anew for every group).
+_PAIRS = func.unnest(bindparam("pair_ids", type_=ARRAY(Uuid)), bindparam("pair_attempts", type_=ARRAY(Integer)))
+
+
+def _pairs(name: str):
+    return _PAIRS.table_valued(column("id", Uuid), column("attempt", Integer)).render_derived(name)
+
+
+def _pair_arrays(pairs: Sequence[tuple[uuid.UUID, int]]) -> dict[str, list]:
+    return {"pair_ids": [task_id for task_id, _ in pairs], "pair_attempts": [attempt for _, attempt in pairs]}
 
 
 def _fence(task_id: uuid.UUID, attempt: int, *, go_on: bool = False) -> list[ColumnElement[bool]]:
@@ -136,11 +150,12 @@ def claim_each(
             ).rowcount
             for task_id, attempt in asks
         )
-    pairs = values(column("id", Uuid), column("attempt", Integer), name="asked").data(list(asks))
+    pairs = _pairs("asked")
     return connection.execute(
         update(tasks)
         .where(tasks.c.id == pairs.c.id, tasks.c.status == TaskStatus.PENDING, tasks.c.attempts == pairs.c.attempt - 1)
-        .values(attempts=pairs.c.attempt, **running)
+        .values(attempts=pairs.c.attempt, **running),
+        _pair_arrays(asks),
     ).rowcount
 
 
@@ -279,12 +294,13 @@ def succeed_each(
     guard = [tasks.c.status == TaskStatus.RUNNING, tasks.c.cancel_requested.is_(False)]
     succeed = {"status": TaskStatus.SUCCEED, "finished_at": now, **_RELEASED}
     if connection.dialect.name == "postgresql":
-        pairs = values(column("id", Uuid), column("attempt", Integer), name="held").data(list(held))
+        pairs = _pairs("held")
         rows = connection.execute(
             update(tasks)
             .where(tasks.c.id == pairs.c.id, tasks.c.attempts == pairs.c.attempt, *guard)
             .values(**succeed)
-            .returning(tasks.c.id, tasks.c.attempts)
+            .returning(tasks.c.id, tasks.c.attempts),
+            _pair_arrays(held),
         )
         written = {(row.id, row.attempts) for row in rows}
     else:
