@@ -6,23 +6,40 @@ looks at the command line first and imports the commands afterwards.
 
 from __future__ import annotations
 
+import os
 import sys
 
 DEFAULT_WORKER_POOL = "gevent"
 
 
-def _worker_pool(argv: list[str]) -> str:
+def _option(argv: list[str], *names: str) -> str | None:
     for index, arg in enumerate(argv):
-        if arg.startswith("--pool="):
-            return arg.split("=", 1)[1]
-        if arg in ("--pool", "-P") and index + 1 < len(argv):
-            return argv[index + 1]
-    return DEFAULT_WORKER_POOL
+        for name in names:
+            if arg.startswith(f"{name}="):
+                return arg.split("=", 1)[1]
+            if arg == name and index + 1 < len(argv):
+                return argv[index + 1]
+    return None
+
+
+def _runs_a_gevent_worker(argv: list[str]) -> bool:
+    """`imagegate worker` running Celery's gevent pool in this very process. Not the parent of a group
+    of worker processes: it only waits for its children, which must not block a patched event loop."""
+    if argv[:1] != ["worker"] or (_option(argv, "--pool", "-P") or DEFAULT_WORKER_POOL) != "gevent":
+        return False
+    from imagegate.app.os_limits import usable_cores
+
+    # Settings are not loaded yet (their imports come after the patching): the variable is read here.
+    try:
+        processes = int(_option(argv, "--processes") or os.environ.get("IMAGEGATE_WORKER_PROCESSES") or 0)
+    except ValueError:
+        return False  # click says what is wrong with it
+    return (processes or usable_cores()) == 1
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["worker"] and _worker_pool(argv) == "gevent":
+    if _runs_a_gevent_worker(argv):
         from gevent import monkey
 
         monkey.patch_all()

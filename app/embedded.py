@@ -122,7 +122,7 @@ def start_helpers(command: list[str], host: str, port: int, data_dir: Path, verb
     logs.mkdir(exist_ok=True)
     roles = {
         "api": ["api", "--host", host, "--port", str(port), "--workers", "1", "--connections", "1000"],
-        "worker": ["worker", "--concurrency", "8"],
+        "worker": ["worker", "--concurrency", "8", "--processes", "1"],  # one small machine: one process
         "sweeper": ["sweeper"],
     }
     helpers = []

@@ -284,8 +284,10 @@ def scraped_registry() -> CollectorRegistry:
 
 def serve_metrics(port: int, *, host: str = "0.0.0.0", collectors: Iterable[Collector] = ()) -> None:
     """Serve this process's metrics on http://host:port/metrics (a worker or the sweeper), with
-    `collectors` read at scrape time. Raises OSError when the port is taken."""
+    `collectors` read at scrape time; in multiprocess mode (a group of worker processes) the sum of
+    every process's. Raises OSError when the port is taken."""
     metrics()  # every family is listed from the first scrape
+    registry = scraped_registry()
     for collector in collectors:
-        REGISTRY.register(collector)
-    start_http_server(port, addr=host)
+        registry.register(collector)
+    start_http_server(port, addr=host, registry=registry)

@@ -1,8 +1,18 @@
-"""Process limits a server raises for itself at start."""
+"""What a server process may use of its machine: open files it raises for itself at start, the CPU
+cores it may run on. Imports nothing heavy: the console script asks before gevent patches anything."""
 
 from __future__ import annotations
 
+import os
 import resource
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity, e.g. a container's cpuset)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
 
 
 def allow_open_files(needed: int) -> None:

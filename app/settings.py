@@ -111,6 +111,8 @@ class Settings(BaseSettings):
     # A worker with free slots that has received nothing for this long while messages wait in its
     # queues has lost its broker consumer: it exits (status 3) for its supervisor to restart it.
     consumer_stall_s: float = Field(60.0, gt=0)
+    # Worker processes one `imagegate worker` runs (`--processes` overrides it); 0: one per CPU core.
+    worker_processes: int = Field(0, ge=0)
 
     # Per-model upstream limits (`max_concurrency`, `rpm` in the providers file) are kept in this
     # Redis, shared by every worker; unset: the broker's when it is Redis, else each worker process

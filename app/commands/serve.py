@@ -6,6 +6,8 @@ import logging
 import os
 import shlex
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import click
@@ -34,17 +36,23 @@ def _serve_metrics(port: int, collectors=()) -> None:
         ) from None
 
 
-def _private_metrics_dir() -> str | None:
-    """gunicorn's workers are processes: prometheus-client's multiprocess mode has each write its
-    metrics to files in PROMETHEUS_MULTIPROC_DIR, summed by /metrics. It must be set before
-    prometheus_client is first imported. When unset, a private one is made: returned for the caller
-    to remove at exit."""
+@contextmanager
+def _multiprocess_metrics() -> Iterator[None]:
+    """For a command whose work is done by processes it starts (gunicorn's workers, a group of worker
+    processes): prometheus-client's multiprocess mode has each write its metrics to files in
+    PROMETHEUS_MULTIPROC_DIR, summed when scraped. It must be set before prometheus_client is first
+    imported. When unset, a private one is made, and removed at the end."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        yield
+        return
+    import shutil
     import tempfile
 
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        return None
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = path = tempfile.mkdtemp(prefix="imagegate-metrics-")
-    return path
+    try:
+        yield
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @cli.command()
@@ -67,16 +75,10 @@ def api(host: str, port: int, workers: int, connections: int) -> None:
     settings = load_settings()
     configure_logging(settings, "api")
     load_models(settings.providers_file)  # fail here, once, with a clear message
-    made = _private_metrics_dir()
-    try:
+    with _multiprocess_metrics():
         from imagegate.app.web.server import serve  # imports prometheus_client: after the line above
 
         serve(settings, host=host, port=port, workers=workers, connections=connections)
-    finally:
-        if made:
-            import shutil
-
-            shutil.rmtree(made, ignore_errors=True)
 
 
 @cli.command()
@@ -86,20 +88,36 @@ def api(host: str, port: int, workers: int, connections: int) -> None:
 @click.option(
     "--concurrency", "-c", default=1000, show_default=True, type=int, help="Tasks in flight per worker process."
 )
+@click.option(
+    "--processes",
+    default=None,
+    type=click.IntRange(min=0),
+    help="Worker processes on this host, each with --concurrency slots "
+    "(default: IMAGEGATE_WORKER_PROCESSES; 0, its default: one per CPU core).",
+)
 @click.option("--loglevel", "-l", default=None, help="Log level (default: IMAGEGATE_LOG_LEVEL, INFO).")
 @click.option("--hostname", "-n", default=None, help="Worker name (default: imagegate-PID@HOST).")
 @_metrics_option(9101)
 @_providers_guard
-def worker(pool: str, concurrency: int, loglevel: str, hostname: str | None, metrics_port: int | None) -> None:
-    """Run a Celery worker (an I/O-bound pool keeps many upstream calls in flight)."""
+def worker(
+    pool: str, concurrency: int, processes: int | None, loglevel: str, hostname: str | None, metrics_port: int | None
+) -> None:
+    """Run Celery workers (an I/O-bound pool keeps many upstream calls in flight). With several
+    processes, process i is named NAME-i, and --metrics-port serves their metrics summed."""
+    from imagegate.app.os_limits import usable_cores
+
+    settings = load_settings()
+    json_lines = configure_logging(settings, "worker")
+    processes = (settings.worker_processes if processes is None else processes) or usable_cores()
+    if processes > 1:
+        sys.exit(_run_worker_group(processes, pool, concurrency, loglevel, hostname, metrics_port))
+
     from imagegate.app.os_limits import allow_open_files
     from imagegate.app.queue import WORKER_QUEUES
     from imagegate.workers.celery_app import make_worker_app
 
     # A socket per call in flight (and per download), plus the database and broker pools.
     allow_open_files(2 * concurrency + 256)
-    settings = load_settings()
-    json_lines = configure_logging(settings, "worker")
     celery = make_worker_app(settings, concurrency=concurrency)
     if metrics_port is not None:
         _serve_metrics(metrics_port)
@@ -116,6 +134,43 @@ def worker(pool: str, concurrency: int, loglevel: str, hostname: str | None, met
             "--without-mingle",
         ]
     )
+
+
+def _run_worker_group(
+    processes: int, pool: str, concurrency: int, loglevel: str | None, hostname: str | None, metrics_port: int | None
+) -> int:
+    """The group's parent (app/commands/worker_group.py). Its metrics are the children's summed: they
+    write them to files in PROMETHEUS_MULTIPROC_DIR and the parent alone serves --metrics-port."""
+    from imagegate.app.commands.worker_group import run_group
+    from imagegate.app.providers import load_models
+
+    load_models(load_settings().providers_file)  # a bad file fails here, once, not in every child
+    commands = [_worker_child(index, pool, concurrency, loglevel, hostname) for index in range(processes)]
+    with _multiprocess_metrics():
+        if metrics_port is None:
+            return run_group(commands)
+        from prometheus_client import multiprocess
+
+        _serve_metrics(metrics_port)
+        # A child that ended: its live gauges (calls in flight) no longer count.
+        return run_group(commands, multiprocess.mark_process_dead)
+
+
+def _worker_child(index: int, pool: str, concurrency: int, loglevel: str | None, hostname: str | None) -> list[str]:
+    """The command of worker process `index` of a group: one process, its own name."""
+    name = None
+    if hostname:
+        node, at, host = hostname.partition("@")
+        name = f"{node}-{index}{at}{host}"
+    return [
+        *imagegate_command(),
+        "worker",
+        "--processes=1",
+        f"--pool={pool}",
+        f"--concurrency={concurrency}",
+        *([f"--loglevel={loglevel}"] if loglevel else []),
+        *([f"--hostname={name}"] if name else []),
+    ]
 
 
 @cli.command()

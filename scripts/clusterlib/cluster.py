@@ -126,6 +126,8 @@ class Cluster:
             "IMAGEGATE_PUBLIC_URL": self.balancer.url,
             "IMAGEGATE_WEBHOOK_ALLOW_PRIVATE": "true",  # the receiver is on the bridge, a private address
             "IMAGEGATE_WEBHOOK_RETRY_SCHEDULE": "1,2,5,10,30",
+            # Every "host" shares this machine's cores: one worker process each, so hosts are what scale.
+            "IMAGEGATE_WORKER_PROCESSES": "1",
             "IMAGEGATE_LEASE_S": str(options.lease_s),
             "IMAGEGATE_SWEEP_INTERVAL_S": str(options.sweep_interval_s),
             "IMAGEGATE_REPUBLISH_AFTER_S": str(options.republish_after_s),

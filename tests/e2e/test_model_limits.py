@@ -98,6 +98,7 @@ max_retries = 3
         "IMAGEGATE_RETRY_MAX_S": "10",
         "IMAGEGATE_MODEL_WAIT_S": "0.3",
         "IMAGEGATE_SHUTDOWN_GRACE_S": "2",
+        "IMAGEGATE_WORKER_PROCESSES": "1",  # three workers are three processes (one is killed)
     }
     engine = create_engine(database_url)
     # Started together, and each told ready: starting one after the other took most of a minute.

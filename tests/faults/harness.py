@@ -100,6 +100,7 @@ max_pixels = 65536
                 "IMAGEGATE_SHUTDOWN_GRACE_S": "20",
                 "IMAGEGATE_SYNC_TIMEOUT_S": "30",
                 "IMAGEGATE_LOG_LEVEL": "WARNING",
+                "IMAGEGATE_WORKER_PROCESSES": "1",  # the scenarios kill and count single processes
             }
             | {f"IMAGEGATE_{name.upper()}": value for name, value in settings.items()}
         )
