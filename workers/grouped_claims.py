@@ -12,12 +12,11 @@ from imagegate.workers.grouped import Grouped
 
 
 class GroupedClaims:
-    """`AttemptStore.claim`'s signature, its claims made in groups. The writers stay greenlets under
-    gevent, not native threads: a claim's `admit` asks Redis through clients bound to the hub."""
+    """`AttemptStore.claim`'s signature, its claims made in groups."""
 
     def __init__(self, store: AttemptStore, *, max_group: int = 100, writers: int = 2):
         self._grouped: Grouped[ClaimAsk, Claim | Waiting | Refused | Exception] = Grouped(
-            lambda asks: claim_many(store, asks), name="claims", max_group=max_group, writers=writers, native=False
+            lambda asks: claim_many(store, asks), name="claims", max_group=max_group, writers=writers
         )
 
     def claim(
