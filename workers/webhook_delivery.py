@@ -186,8 +186,9 @@ class WebhookSender:
         # Short waits go by countdown; longer ones than Redis keeps a message unacknowledged would
         # be delivered twice, so the sweeper sends those when they are due. RabbitMQ holds any
         # countdown itself (native delayed delivery), however long.
-        short = self.settings.uses_amqp or delay < self.settings.visibility_timeout_s / 2
-        if outcome == EventStatus.PENDING and short:
+        if outcome == EventStatus.PENDING and (
+            self.settings.uses_amqp or delay < self.settings.visibility_timeout_s / 2
+        ):
             publish_webhook(self.celery, event.id, countdown=delay)
 
     def _payload(self, event: ClaimedEvent) -> dict:

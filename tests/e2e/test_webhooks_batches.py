@@ -91,6 +91,27 @@ def test_a_failing_receiver_gets_retries_with_one_webhook_id(hook_client, hooked
     assert all(d["latency_ms"] >= 0 and d["event_id"] == hits[0].headers["webhook-id"] for d in deliveries)
 
 
+def test_a_receiver_failing_every_attempt_ends_its_schedule_cleanly(
+    hook_client, hooked, receiver, upstream, prompt, worker, run_dir
+):
+    url = receiver.url(*[500] * 10)
+    upstream.script(prompt, Step(status=400, message="refused"))
+    task_id = submit_async(hook_client, model="fake-dalle", prompt=prompt, callback_url=url)
+    deliveries = wait_until(
+        lambda: (
+            (d := hook_client.get("/v1/webhooks/deliveries", params={"task_id": task_id}).json()["data"])
+            and len(d) == 4
+            and d
+        ),
+        30,
+        "four recorded deliveries (the first and the schedule's three retries)",
+    )
+    assert sorted((d["attempt"], d["status_code"]) for d in deliveries) == [(1, 500), (2, 500), (3, 500), (4, 500)]
+    time.sleep(1.5)  # no fifth attempt, and the last one's end was written without an error
+    assert len(receiver.hits(url)) == 4
+    assert "webhook delivery failed" not in (run_dir / "worker.log").read_text()
+
+
 def test_410_disables_the_url_and_redeliver_sends_again(hook_client, hooked, receiver):
     url = receiver.url(410)
     first = submit_async(hook_client, model="local", prompt="gone", size="16x16", callback_url=url)

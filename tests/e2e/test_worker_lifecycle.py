@@ -20,10 +20,10 @@ from tests.support.services import free_port, wait_until
 
 
 @pytest.mark.parametrize("pool", ["gevent", "threads"])
-def test_sigterm_stops_an_idle_worker_cleanly(tmp_path, env, redis_dbs, migrated, pool):
+def test_sigterm_stops_an_idle_worker_cleanly(tmp_path, env, own_redis, migrated, pool):
     log = tmp_path / "worker.log"
-    # The idle Redis db: nothing of the other tests reaches this worker.
-    process = start_worker(env | {"IMAGEGATE_BROKER_URL": redis_dbs[1]}, log, "--pool", pool)
+    # A Redis of its own: no other test's messages reach this worker.
+    process = start_worker(env | {"IMAGEGATE_BROKER_URL": f"{own_redis.url}/0"}, log, "--pool", pool)
     try:
         os.killpg(process.pid, signal.SIGTERM)
         assert process.wait(timeout=60) == 0, log.read_text()
