@@ -69,6 +69,16 @@ def test_a_task_end_is_posted_signed_with_image_urls(hook_client, hooked, receiv
     assert hit.headers["webhook-id"].startswith("msg_")
 
 
+def recorded_deliveries(client, task_id: str, count: int, *, timeout_s: float) -> list[dict]:
+    """The task's webhook deliveries, once `count` are recorded."""
+
+    def recorded():
+        deliveries = client.get("/v1/webhooks/deliveries", params={"task_id": task_id}).json()["data"]
+        return len(deliveries) == count and deliveries
+
+    return wait_until(recorded, timeout_s, f"{count} recorded deliveries")
+
+
 def test_a_failing_receiver_gets_retries_with_one_webhook_id(hook_client, hooked, receiver, upstream, prompt):
     url = receiver.url(500, 500)
     upstream.script(prompt, Step(status=400, message="refused"))
@@ -78,15 +88,7 @@ def test_a_failing_receiver_gets_retries_with_one_webhook_id(hook_client, hooked
     hits = receiver.hits(url)
     assert len(hits) == 3 and len({hit.headers["webhook-id"] for hit in hits}) == 1
     assert verified(hits[-1], hooked.secret)["type"] == "image.task.failed"
-    deliveries = wait_until(
-        lambda: (
-            (d := hook_client.get("/v1/webhooks/deliveries", params={"task_id": task_id}).json()["data"])
-            and len(d) == 3
-            and d
-        ),
-        10,
-        "three recorded deliveries",
-    )
+    deliveries = recorded_deliveries(hook_client, task_id, 3, timeout_s=10)
     assert sorted((d["attempt"], d["status_code"]) for d in deliveries) == [(1, 500), (2, 500), (3, 200)]
     assert all(d["latency_ms"] >= 0 and d["event_id"] == hits[0].headers["webhook-id"] for d in deliveries)
 
@@ -97,15 +99,7 @@ def test_a_receiver_failing_every_attempt_ends_its_schedule_cleanly(
     url = receiver.url(*[500] * 10)
     upstream.script(prompt, Step(status=400, message="refused"))
     task_id = submit_async(hook_client, model="fake-dalle", prompt=prompt, callback_url=url)
-    deliveries = wait_until(
-        lambda: (
-            (d := hook_client.get("/v1/webhooks/deliveries", params={"task_id": task_id}).json()["data"])
-            and len(d) == 4
-            and d
-        ),
-        30,
-        "four recorded deliveries (the first and the schedule's three retries)",
-    )
+    deliveries = recorded_deliveries(hook_client, task_id, 4, timeout_s=30)  # the first, then 3 retries
     assert sorted((d["attempt"], d["status_code"]) for d in deliveries) == [(1, 500), (2, 500), (3, 500), (4, 500)]
     time.sleep(1.5)  # no fifth attempt, and the last one's end was written without an error
     assert len(receiver.hits(url)) == 4
