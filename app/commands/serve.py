@@ -110,6 +110,9 @@ def worker(
     json_lines = configure_logging(settings, "worker")
     processes = (settings.worker_processes if processes is None else processes) or usable_cores()
     if processes > 1:
+        from imagegate.app.providers import load_models
+
+        load_models(settings.providers_file)  # a bad file fails here, once, not in every child
         sys.exit(_run_worker_group(processes, pool, concurrency, loglevel, hostname, metrics_port))
 
     from imagegate.app.os_limits import allow_open_files
@@ -142,9 +145,7 @@ def _run_worker_group(
     """The group's parent (app/commands/worker_group.py). Its metrics are the children's summed: they
     write them to files in PROMETHEUS_MULTIPROC_DIR and the parent alone serves --metrics-port."""
     from imagegate.app.commands.worker_group import run_group
-    from imagegate.app.providers import load_models
 
-    load_models(load_settings().providers_file)  # a bad file fails here, once, not in every child
     commands = [_worker_child(index, pool, concurrency, loglevel, hostname) for index in range(processes)]
     with _multiprocess_metrics():
         if metrics_port is None:
