@@ -13,6 +13,7 @@ import psycopg
 import pytest
 import redis
 
+from imagegate.app.queue import QUEUE
 from imagegate.app.settings import Settings
 from tests.support.databases import drop_database, fresh_database
 from tests.support.fake_chat import FakeChat
@@ -92,6 +93,15 @@ def redis_dbs(redis_server_url):
     yield f"{redis_server_url}/{busy}", f"{redis_server_url}/{idle}"
     for url in (f"{redis_server_url}/{busy}", f"{redis_server_url}/{idle}"):
         redis.Redis.from_url(url).flushdb()
+
+
+@pytest.fixture
+def idle_queue(redis_dbs):
+    """The run queue of the Redis db nobody consumes, emptied before and after the test."""
+    queue = redis.Redis.from_url(redis_dbs[1])
+    queue.delete(QUEUE)
+    yield queue
+    queue.delete(QUEUE)
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,6 @@ import uuid
 from datetime import timedelta
 
 import pytest
-import redis
 from sqlalchemy import create_engine, text
 
 from imagegate.app.models import utcnow
@@ -72,14 +71,6 @@ def test_a_cancelled_running_task_stores_nothing(client, upstream, prompt, datab
 
 
 # -- the sweeper --------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def idle_queue(redis_dbs):
-    queue = redis.Redis.from_url(redis_dbs[1])
-    queue.delete(QUEUE)
-    yield queue
-    queue.delete(QUEUE)
 
 
 @pytest.fixture

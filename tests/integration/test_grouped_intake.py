@@ -55,14 +55,6 @@ def runtime(settings, redis_dbs, migrated):
     runtime.engine.dispose()
 
 
-@pytest.fixture
-def idle_queue(redis_dbs):
-    queue = redis.Redis.from_url(redis_dbs[1])
-    queue.delete(QUEUE)
-    yield queue
-    queue.delete(QUEUE)
-
-
 class Recording:
     """The real TaskStore and RunPublisher, noting each group's size; the first INSERT holds until
     `hold` submits wait behind it, so that they form one group."""
