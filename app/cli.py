@@ -27,14 +27,17 @@ def _runs_a_gevent_worker(argv: list[str]) -> bool:
     of worker processes: it only waits for its children, which must not block a patched event loop."""
     if argv[:1] != ["worker"] or (_option(argv, "--pool", "-P") or DEFAULT_WORKER_POOL) != "gevent":
         return False
-    from imagegate.app.os_limits import usable_cores
+    from imagegate.app.os_limits import worker_processes
 
     # Settings are not loaded yet (their imports come after the patching): the variable is read here.
+    option = _option(argv, "--processes")
     try:
-        processes = int(_option(argv, "--processes") or os.environ.get("IMAGEGATE_WORKER_PROCESSES") or 0)
+        processes = worker_processes(
+            None if option is None else int(option), int(os.environ.get("IMAGEGATE_WORKER_PROCESSES") or 0)
+        )
     except ValueError:
-        return False  # click says what is wrong with it
-    return (processes or usable_cores()) == 1
+        return False  # click or the settings say what is wrong with it
+    return processes == 1
 
 
 def main(argv: list[str] | None = None) -> None:

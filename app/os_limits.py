@@ -7,6 +7,12 @@ import os
 import resource
 
 
+def worker_processes(option: int | None, setting: int) -> int:
+    """The processes one `imagegate worker` runs: `--processes` if given, else
+    IMAGEGATE_WORKER_PROCESSES; 0 means one per usable core."""
+    return (setting if option is None else option) or usable_cores()
+
+
 def usable_cores() -> int:
     """The cores this process may run on (its CPU affinity, e.g. a container's cpuset)."""
     try:

@@ -104,11 +104,11 @@ def worker(
 ) -> None:
     """Run Celery workers (an I/O-bound pool keeps many upstream calls in flight). With several
     processes, process i is named NAME-i, and --metrics-port serves their metrics summed."""
-    from imagegate.app.os_limits import usable_cores
+    from imagegate.app.os_limits import worker_processes
 
     settings = load_settings()
     json_lines = configure_logging(settings, "worker")
-    processes = (settings.worker_processes if processes is None else processes) or usable_cores()
+    processes = worker_processes(processes, settings.worker_processes)
     if processes > 1:
         from imagegate.app.providers import load_models
 
