@@ -33,6 +33,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy.sql.dml import Update
 
 from imagegate.app.failures import CANCELLED, Failure
 from imagegate.app.models import Task
@@ -286,30 +287,38 @@ def retry_later(
     )
 
 
+FINISHED_AT = bindparam("finished_at", type_=tasks.c.finished_at.type)
+
+
+def succeed_from(pairs) -> Update:
+    """running -> succeed for the (task, attempt) pairs of `pairs` (a FROM with columns id and attempt)
+    still owned and not cancelled, at the bound `finished_at`, returning the written ones' id and
+    attempts."""
+    return (
+        update(tasks)
+        .where(
+            tasks.c.id == pairs.c.id,
+            tasks.c.attempts == pairs.c.attempt,
+            tasks.c.status == TaskStatus.RUNNING,
+            tasks.c.cancel_requested.is_(False),
+        )
+        .values(status=TaskStatus.SUCCEED, finished_at=FINISHED_AT, **_RELEASED)
+        .returning(tasks.c.id, tasks.c.attempts)
+    )
+
+
 def succeed_each(
     connection: Connection, held: Sequence[tuple[uuid.UUID, int]], now: datetime
 ) -> dict[tuple[uuid.UUID, int], Outcome]:
     """running -> succeed for each (task, attempt) still owned and not cancelled, and why not for the
-    others. On Postgres one statement for all (a round trip per task made one writer the bottleneck)."""
-    guard = [tasks.c.status == TaskStatus.RUNNING, tasks.c.cancel_requested.is_(False)]
+    others: a statement each, the portable form (on Postgres a group is one statement built on
+    `succeed_from`: app/stores/successes.py)."""
     succeed = {"status": TaskStatus.SUCCEED, "finished_at": now, **_RELEASED}
-    if connection.dialect.name == "postgresql":
-        pairs = _pairs("held")
-        rows = connection.execute(
-            update(tasks)
-            .where(tasks.c.id == pairs.c.id, tasks.c.attempts == pairs.c.attempt, *guard)
-            .values(**succeed)
-            .returning(tasks.c.id, tasks.c.attempts),
-            _pair_arrays(held),
-        )
-        written = {(row.id, row.attempts) for row in rows}
-    else:
-        written = {
-            (task_id, attempt)
-            for task_id, attempt in held
-            if connection.execute(update(tasks).where(*_fence(task_id, attempt, go_on=True)).values(**succeed)).rowcount
-            > 0
-        }
+    written = {
+        (task_id, attempt)
+        for task_id, attempt in held
+        if connection.execute(update(tasks).where(*_fence(task_id, attempt, go_on=True)).values(**succeed)).rowcount > 0
+    }
     refused = [pair for pair in held if pair not in written]
     return {pair: True for pair in written} | (why_refused_each(connection, refused) if refused else {})
 

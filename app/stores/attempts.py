@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, bindparam, insert, select, update
+from sqlalchemy import Connection, Engine, bindparam, insert, select, update
 
 from imagegate.app.edits import InputFile
 from imagegate.app.failures import Failure
@@ -19,6 +19,7 @@ from imagegate.app.models import Attempt, Image, Task, utcnow
 from imagegate.app.state import attempts as transitions
 from imagegate.app.state.refused import Outcome, Refused
 from imagegate.app.stores.inputs import load_inputs
+from imagegate.app.stores.successes import succeed_with_calls
 from imagegate.app.stores.webhooks import enqueue_task_events
 
 tasks, attempts, images = Task.__table__, Attempt.__table__, Image.__table__
@@ -232,47 +233,23 @@ class AttemptStore:
         """Several attempts' successes in one transaction: under load a worker's ends arrive faster
         than one commit each would keep up with. Each keeps its own fence; True where it was written."""
         now = utcnow()
+        held = [(end.claim.task_id, end.claim.attempt) for end in ends]
         with self.engine.begin() as connection:
-            held = [(end.claim.task_id, end.claim.attempt) for end in ends]
-            by_attempt = transitions.succeed_each(connection, held, now)
-            written = [by_attempt[pair] for pair in held]
-            mine = [end for end, ok in zip(ends, written, strict=True) if ok]
-            usages = [{"tid": end.claim.task_id, "usage_": end.usage} for end in mine if end.usage is not None]
-            if usages:
-                connection.execute(
-                    update(tasks)
-                    .where(tasks.c.id == bindparam("tid"))
-                    .values(usage=bindparam("usage_", type_=tasks.c.usage.type)),
-                    usages,
-                )
-            outcomes = [
-                {
-                    "tid": end.claim.task_id,
-                    "attempt_": end.claim.attempt,
-                    "slot_": outcome.slot,
-                    "upstream_status": outcome.upstream_status,
-                }
-                for end in mine
-                for outcome in end.outcomes
-            ]
-            if outcomes:
-                connection.execute(
-                    update(attempts)
-                    .where(
-                        attempts.c.task_id == bindparam("tid"),
-                        attempts.c.number == bindparam("attempt_"),
-                        attempts.c.slot == bindparam("slot_"),
-                    )
-                    .values(ended_at=now, error_code=None, error_message=None),
-                    outcomes,
-                )
+            postgres = connection.dialect.name == "postgresql"
+            if postgres:
+                by_attempt = succeed_with_calls(connection, ends, now)
+            else:
+                by_attempt = transitions.succeed_each(connection, held, now)
+            mine = [end for end, pair in zip(ends, held, strict=True) if by_attempt[pair] is True]
+            if not postgres:  # there the statement above stored the usage and ended the calls
+                _end_calls_and_usage(connection, mine, now)
             rows = [row for end in mine for row in _image_rows(end.claim, end.images, now)]
             if rows:
                 connection.execute(insert(images), rows)
             announced = [end.claim.task_id for end in mine if end.claim.callback_url]
             if announced:  # the webhook events commit with the ends they announce
                 enqueue_task_events(connection, announced)
-        return written
+        return [by_attempt[pair] for pair in held]
 
     def images_written(self, image_ids: list[uuid.UUID]) -> set[uuid.UUID]:
         """Which of these images have their row: after a refused write, the bytes of the others can go."""
@@ -348,6 +325,40 @@ class AttemptStore:
             if ended and claim.callback_url:  # the webhook event commits with the end it announces
                 enqueue_task_events(connection, [claim.task_id])
         return True
+
+
+def _end_calls_and_usage(connection: Connection, mine: list[Success], now: datetime) -> None:
+    """The usage and the calls' ends of written successes, a statement each (the portable form of
+    `succeed_with_calls`)."""
+    usages = [{"tid": end.claim.task_id, "usage_": end.usage} for end in mine if end.usage is not None]
+    if usages:
+        connection.execute(
+            update(tasks)
+            .where(tasks.c.id == bindparam("tid"))
+            .values(usage=bindparam("usage_", type_=tasks.c.usage.type)),
+            usages,
+        )
+    outcomes = [
+        {
+            "tid": end.claim.task_id,
+            "attempt_": end.claim.attempt,
+            "slot_": outcome.slot,
+            "upstream_status": outcome.upstream_status,
+        }
+        for end in mine
+        for outcome in end.outcomes
+    ]
+    if outcomes:
+        connection.execute(
+            update(attempts)
+            .where(
+                attempts.c.task_id == bindparam("tid"),
+                attempts.c.number == bindparam("attempt_"),
+                attempts.c.slot == bindparam("slot_"),
+            )
+            .values(ended_at=now, error_code=None, error_message=None),
+            outcomes,
+        )
 
 
 def _image_rows(claim: Claim, new_images: list[NewImage] | tuple, now: datetime) -> list[dict[str, Any]]:

@@ -7,7 +7,7 @@ import time
 import uuid
 from collections.abc import Sequence
 
-from flask import Blueprint, g, request
+from flask import Blueprint, current_app, g, request
 from pydantic import ValidationError
 from werkzeug.routing import BaseConverter
 
@@ -51,7 +51,9 @@ bp.record_once(lambda state: state.app.url_map.converters.setdefault("task_id", 
 
 
 def _json(model, status: int = 200):
-    return model.model_dump(mode="json", exclude_none=True), status
+    # pydantic writes the JSON itself: through a dict and the json module, a reply's 200 KB
+    # base64 string cost a tenth of a synchronous request's API CPU.
+    return current_app.response_class(model.model_dump_json(exclude_none=True), mimetype="application/json"), status
 
 
 def _parse_generation(svc: Services) -> GenerationRequest:

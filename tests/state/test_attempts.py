@@ -15,7 +15,7 @@ from imagegate.app.failures import ErrorCode, Failure
 from imagegate.app.models import Attempt, Image, Task
 from imagegate.app.state.refused import Refused
 from imagegate.app.state.tasks import TaskStatus
-from imagegate.app.stores.attempts import AttemptStore, NewImage, Success
+from imagegate.app.stores.attempts import AttemptStore, CallOutcome, NewImage, Success
 from tests.state.rows import make_task, task_row
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"x" * 64
@@ -133,6 +133,37 @@ def test_a_group_of_successes_writes_each_one_still_owned_and_says_why_not_for_t
     assert rows[mine.task_id].status == "succeed" and rows[mine.task_id].usage == {"total_tokens": 7}
     assert rows[cancelled.task_id].status == "running" and rows[taken_back.task_id].status == "pending"
     assert mine.task_id in stored and cancelled.task_id not in stored and taken_back.task_id not in stored
+
+
+def test_a_group_of_successes_ends_the_calls_and_stores_the_images_of_the_written_ones_only(store, key_id):
+    mine, taken_back = claimed(store, key_id, n=2), claimed(store, key_id, n=2)
+    set_task(store, mine.task_id, usage={"total_tokens": 3})
+    set_task(store, taken_back.task_id, status=TaskStatus.PENDING)
+    images = [NewImage(PNG, "image/png", "a fox", slot=0), NewImage(PNG, "image/png", slot=1)]
+    images += [NewImage(b"in the store", "image/webp", slot=1, key="kept/elsewhere")]
+    calls = [CallOutcome(0, 200), CallOutcome(1, 201)]
+    written = store.succeed_many([Success(claim, images, None, calls) for claim in (mine, taken_back)])
+    assert written == [True, Refused.STALE_ATTEMPT]
+    with store.engine.connect() as connection:
+        ends = connection.execute(
+            select(Attempt.task_id, Attempt.slot, Attempt.ended_at, Attempt.upstream_status).order_by(Attempt.slot)
+        ).all()
+        stored = connection.execute(
+            select(Image.task_id, Image.slot, Image.index, Image.data, Image.store_key, Image.revised_prompt).order_by(
+                Image.slot, Image.index
+            )
+        ).all()
+        usage = connection.execute(select(Task.usage).where(Task.id == mine.task_id)).scalar_one()
+    assert [(end.slot, end.upstream_status) for end in ends if end.task_id == mine.task_id] == [(0, 200), (1, 201)]
+    assert all(end.ended_at is not None for end in ends if end.task_id == mine.task_id)
+    assert [end.ended_at for end in ends if end.task_id == taken_back.task_id] == [None, None]
+    assert [tuple(row[1:]) for row in stored if row.task_id == mine.task_id] == [
+        (0, 0, PNG, None, "a fox"),
+        (1, 0, PNG, None, None),
+        (1, 1, None, "kept/elsewhere", None),
+    ]
+    assert not [row for row in stored if row.task_id == taken_back.task_id]
+    assert usage == {"total_tokens": 3}  # a success without usage keeps what earlier attempts recorded
 
 
 def test_leases_are_renewed_only_for_attempts_still_held(store, key_id):
