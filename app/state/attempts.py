@@ -61,18 +61,18 @@ CLAIM_COLUMNS = (
 _STATE = select(tasks.c.id, tasks.c.status, tasks.c.attempts, tasks.c.polls, tasks.c.cancel_requested)
 _STATE_OF_ONE = _STATE.where(tasks.c.id == bindparam("id"))
 
-# (task id, attempt) pairs as a FROM on Postgres, one array per column: the statement is the same
-# for any number of pairs, so SQLAlchemy compiles it once and psycopg prepares it once (a VALUES
-# list cannot be cached by SQLAlchemy: it was compiled anew for every group).
-_PAIRS = func.unnest(bindparam("pair_ids", type_=ARRAY(Uuid)), bindparam("pair_attempts", type_=ARRAY(Integer)))
 
-
-def _pairs(name: str):
-    return _PAIRS.table_valued(column("id", Uuid), column("attempt", Integer)).render_derived(name)
-
-
-def _pair_arrays(pairs: Sequence[tuple[uuid.UUID, int]]) -> dict[str, list]:
-    return {"pair_ids": [task_id for task_id, _ in pairs], "pair_attempts": [attempt for _, attempt in pairs]}
+def arrays_as_rows(name: str, **columns: Any):
+    """A FROM named `name` on Postgres: unnest() of one bound array per column, the arrays bound as
+    `<name>_<column>`. The statement is the same for any number of rows, so SQLAlchemy compiles it
+    once and psycopg prepares it once (a VALUES list cannot be cached by SQLAlchemy: it was compiled
+    anew for every group). Not for image bytes: see app/stores/successes.py."""
+    arrays = [bindparam(f"{name}_{column_name}", type_=ARRAY(type_)) for column_name, type_ in columns.items()]
+    return (
+        func.unnest(*arrays)
+        .table_valued(*(column(column_name, type_) for column_name, type_ in columns.items()))
+        .render_derived(name)
+    )
 
 
 def _fence(task_id: uuid.UUID, attempt: int, *, go_on: bool = False) -> list[ColumnElement[bool]]:
@@ -113,51 +113,54 @@ def claim(
 
 def claimable_each(connection: Connection, asks: Sequence[tuple[uuid.UUID, int]]) -> dict[uuid.UUID, Row]:
     """The rows of the (task, attempt) pairs whose attempt may be claimed now (pending, attempt - 1
-    made), locked until the transaction ends, by task id: the first half of `claim_each`, so the
-    claims' calls can be admitted between the two (see app/stores/claim_groups.py). Locked in id order,
-    so two workers claiming overlapping groups cannot deadlock."""
-    rows = connection.execute(
-        select(*CLAIM_COLUMNS)
-        .where(
-            tasks.c.status == TaskStatus.PENDING,
-            tuple_(tasks.c.id, tasks.c.attempts).in_([(task_id, attempt - 1) for task_id, attempt in asks]),
+    made), locked until the transaction ends, by task id: the first half of a group's claim
+    (`claim_from`), so the claims' calls can be admitted between the two (see
+    app/stores/claim_groups.py). Locked in id order, so two workers claiming overlapping groups
+    cannot deadlock."""
+    if connection.dialect.name == "postgresql":
+        rows = connection.execute(
+            _CLAIMABLE,
+            {"asked_id": [task_id for task_id, _ in asks], "asked_attempt": [attempt for _, attempt in asks]},
         )
-        .order_by(tasks.c.id)
-        .with_for_update()
-    )
+    else:
+        rows = connection.execute(
+            select(*CLAIM_COLUMNS)
+            .where(
+                tasks.c.status == TaskStatus.PENDING,
+                tuple_(tasks.c.id, tasks.c.attempts).in_([(task_id, attempt - 1) for task_id, attempt in asks]),
+            )
+            .order_by(tasks.c.id)
+            .with_for_update()
+        )
     return {row.id: row for row in rows}
 
 
-def claim_each(
-    connection: Connection, asks: Sequence[tuple[uuid.UUID, int]], *, worker: str, now: datetime, lease_until: datetime
-) -> int:
-    """pending -> running for each (task, attempt) of `asks`, rows `claimable_each` locked: one
-    statement for the group on Postgres (a claim's round trips per task were a quarter of the
-    worker's CPU). How many were claimed."""
-    running = {
-        "status": TaskStatus.RUNNING,
-        "worker": worker,
-        "started_at": now,
-        "lease_expires_at": lease_until,
-        "polls": 0,
-        "queued_reason": None,
-    }
-    if connection.dialect.name != "postgresql":
-        return sum(
-            connection.execute(
-                update(tasks)
-                .where(tasks.c.id == task_id, tasks.c.status == TaskStatus.PENDING, tasks.c.attempts == attempt - 1)
-                .values(attempts=attempt, **running)
-            ).rowcount
-            for task_id, attempt in asks
-        )
-    pairs = _pairs("asked")
-    return connection.execute(
+_ASKED = arrays_as_rows("asked", id=Uuid, attempt=Integer)
+_CLAIMABLE = (
+    select(*CLAIM_COLUMNS)
+    .where(tasks.c.id == _ASKED.c.id, tasks.c.attempts == _ASKED.c.attempt - 1, tasks.c.status == TaskStatus.PENDING)
+    .order_by(tasks.c.id)
+    .with_for_update(of=tasks)
+)
+_RUNNING = {"status": TaskStatus.RUNNING, "polls": 0, "queued_reason": None}
+
+
+def claim_from(pairs) -> Update:
+    """pending -> running for the (task, attempt) pairs of `pairs` (a FROM with columns id and
+    attempt) whose attempt comes next, by the bound `worker` until the bound `lease_until`, started
+    at the bound `started_at`; returning the claimed ids and attempts."""
+    return (
         update(tasks)
         .where(tasks.c.id == pairs.c.id, tasks.c.status == TaskStatus.PENDING, tasks.c.attempts == pairs.c.attempt - 1)
-        .values(attempts=pairs.c.attempt, **running),
-        _pair_arrays(asks),
-    ).rowcount
+        .values(
+            attempts=pairs.c.attempt,
+            worker=bindparam("worker", type_=tasks.c.worker.type),
+            started_at=bindparam("started_at", type_=tasks.c.started_at.type),
+            lease_expires_at=bindparam("lease_until", type_=tasks.c.lease_expires_at.type),
+            **_RUNNING,
+        )
+        .returning(tasks.c.id, tasks.c.attempts)
+    )
 
 
 def claim_refused(row: Row | None, attempt: int) -> Refused:

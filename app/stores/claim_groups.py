@@ -9,14 +9,41 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from datetime import timedelta
 
-from sqlalchemy import insert, select
+from sqlalchemy import Integer, Text, Uuid, bindparam, func, insert, select
 
-from imagegate.app.models import Attempt, Image, utcnow
+from imagegate.app.models import Attempt, Image, Task, utcnow
 from imagegate.app.state import attempts as transitions
 from imagegate.app.state.refused import Refused
 from imagegate.app.stores.attempts import AttemptStore, Claim, ClaimAsk, Wait, Waiting, attempt_rows
 
-attempts, images = Attempt.__table__, Image.__table__
+tasks, attempts, images = Task.__table__, Attempt.__table__, Image.__table__
+
+
+def _claim_with_calls():
+    """The group's claims (`claim_from`) and the `attempts` rows of their calls in one statement,
+    the calls written only for a claimed task; how many were claimed."""
+    asked = transitions.arrays_as_rows("asked", id=Uuid, attempt=Integer)
+    claimed = transitions.claim_from(asked).cte("claimed")
+    calls = transitions.arrays_as_rows("calls", task_id=Uuid, slot=Integer, model=Text)
+    recorded = (
+        insert(attempts)
+        .from_select(
+            ["task_id", "number", "slot", "model", "worker", "started_at"],
+            select(
+                calls.c.task_id,
+                claimed.c.attempts,
+                calls.c.slot,
+                calls.c.model,
+                bindparam("worker", type_=attempts.c.worker.type),
+                bindparam("started_at", type_=attempts.c.started_at.type),
+            ).where(calls.c.task_id == claimed.c.id),
+        )
+        .cte("recorded")
+    )
+    return select(func.count()).select_from(claimed).add_cte(recorded)
+
+
+_CLAIM_WITH_CALLS = _claim_with_calls()
 
 
 def claim_many(store: AttemptStore, asks: list[ClaimAsk]) -> list[Claim | Waiting | Refused | Exception]:
@@ -74,20 +101,20 @@ def claim_many(store: AttemptStore, asks: list[ClaimAsk]) -> list[Claim | Waitin
             else:
                 claimed[(asks[index].worker, asks[index].lease_s)].append((index, claim, slots))
         for (worker, lease_s), group in claimed.items():
-            pairs = [(claim.task_id, claim.attempt) for _, claim, _ in group]
-            count = transitions.claim_each(
-                connection, pairs, worker=worker, now=now, lease_until=now + timedelta(seconds=lease_s)
-            )
-            if count != len(pairs):  # the rows are locked: cannot happen; nothing is written if it does
-                raise RuntimeError(f"claimed {count} of {len(pairs)} locked tasks")
-        rows_of_calls = [
-            row
-            for group in claimed.values()
-            for index, claim, slots in group
-            for row in attempt_rows(claim, slots, asks[index].worker, now)
-        ]
-        if rows_of_calls:
-            connection.execute(insert(attempts), rows_of_calls)
+            calls = [row for index, claim, slots in group for row in attempt_rows(claim, slots, worker, now)]
+            parameters = {
+                "asked_id": [claim.task_id for _, claim, _ in group],
+                "asked_attempt": [claim.attempt for _, claim, _ in group],
+                "calls_task_id": [row["task_id"] for row in calls],
+                "calls_slot": [row["slot"] for row in calls],
+                "calls_model": [row["model"] for row in calls],
+                "worker": worker,
+                "started_at": now,
+                "lease_until": now + timedelta(seconds=lease_s),
+            }
+            count = connection.execute(_CLAIM_WITH_CALLS, parameters).scalar_one()
+            if count != len(group):  # the rows are locked: cannot happen; nothing is written if it does
+                raise RuntimeError(f"claimed {count} of {len(group)} locked tasks")
         missing = [key for key, index in first.items() if key[0] not in rows]
         states = transitions.states_of(connection, [task_id for task_id, _ in missing]) if missing else {}
     for task_id, attempt in missing:
