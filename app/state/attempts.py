@@ -62,15 +62,18 @@ _STATE = select(tasks.c.id, tasks.c.status, tasks.c.attempts, tasks.c.polls, tas
 _STATE_OF_ONE = _STATE.where(tasks.c.id == bindparam("id"))
 
 
-def arrays_as_rows(name: str, **columns: Any):
+def arrays_as_rows(name: str, *, ordinality: str | None = None, **columns: Any):
     """A FROM named `name` on Postgres: unnest() of one bound array per column, the arrays bound as
-    `<name>_<column>`. The statement is the same for any number of rows, so SQLAlchemy compiles it
-    once and psycopg prepares it once (a VALUES list cannot be cached by SQLAlchemy: it was compiled
-    anew for every group). Not for image bytes: see app/stores/successes.py."""
+    `<name>_<column>` (with `ordinality`, a column of that name numbers the rows from 1). The
+    statement is the same for any number of rows, so SQLAlchemy compiles it once and psycopg
+    prepares it once (a VALUES list cannot be cached by SQLAlchemy: it was compiled anew for every
+    group). Not for image bytes: see app/stores/successes.py."""
     arrays = [bindparam(f"{name}_{column_name}", type_=ARRAY(type_)) for column_name, type_ in columns.items()]
     return (
         func.unnest(*arrays)
-        .table_valued(*(column(column_name, type_) for column_name, type_ in columns.items()))
+        .table_valued(
+            *(column(column_name, type_) for column_name, type_ in columns.items()), with_ordinality=ordinality
+        )
         .render_derived(name)
     )
 

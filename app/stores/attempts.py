@@ -19,7 +19,7 @@ from imagegate.app.models import Attempt, Image, Task, utcnow
 from imagegate.app.state import attempts as transitions
 from imagegate.app.state.refused import Outcome, Refused
 from imagegate.app.stores.inputs import load_inputs
-from imagegate.app.stores.successes import succeed_with_calls
+from imagegate.app.stores.successes import succeed_with_records
 from imagegate.app.stores.webhooks import enqueue_task_events
 
 tasks, attempts, images = Task.__table__, Attempt.__table__, Image.__table__
@@ -146,6 +146,10 @@ class AttemptStore:
     engine: Engine
     # Rows per statement when renewing many leases at once.
     lease_chunk: int = field(default=500)
+    _autocommit: Engine = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._autocommit = self.engine.execution_options(isolation_level="AUTOCOMMIT")
 
     def claim(
         self,
@@ -231,21 +235,21 @@ class AttemptStore:
 
     def succeed_many(self, ends: list[Success]) -> list[Outcome]:
         """Several attempts' successes in one transaction: under load a worker's ends arrive faster
-        than one commit each would keep up with. Each keeps its own fence; True where it was written."""
+        than one commit each would keep up with. Each keeps its own fence; True where it was written.
+        On Postgres the group is one statement (app/stores/successes.py), so autocommitted unless
+        webhook events must commit with it."""
         now = utcnow()
         held = [(end.claim.task_id, end.claim.attempt) for end in ends]
-        with self.engine.begin() as connection:
-            postgres = connection.dialect.name == "postgresql"
+        postgres = self.engine.dialect.name == "postgresql"
+        alone = postgres and not any(end.claim.callback_url for end in ends)
+        with self._autocommit.connect() if alone else self.engine.begin() as connection:
             if postgres:
-                by_attempt = succeed_with_calls(connection, ends, now)
+                by_attempt = succeed_with_records(connection, ends, now, _image_rows)
             else:
                 by_attempt = transitions.succeed_each(connection, held, now)
             mine = [end for end, pair in zip(ends, held, strict=True) if by_attempt[pair] is True]
-            if not postgres:  # there the statement above stored the usage and ended the calls
-                _end_calls_and_usage(connection, mine, now)
-            rows = [row for end in mine for row in _image_rows(end.claim, end.images, now)]
-            if rows:
-                connection.execute(insert(images), rows)
+            if not postgres:  # there the statement above wrote them
+                _write_records(connection, mine, now)
             announced = [end.claim.task_id for end in mine if end.claim.callback_url]
             if announced:  # the webhook events commit with the ends they announce
                 enqueue_task_events(connection, announced)
@@ -327,9 +331,9 @@ class AttemptStore:
         return True
 
 
-def _end_calls_and_usage(connection: Connection, mine: list[Success], now: datetime) -> None:
-    """The usage and the calls' ends of written successes, a statement each (the portable form of
-    `succeed_with_calls`)."""
+def _write_records(connection: Connection, mine: list[Success], now: datetime) -> None:
+    """The usage, the calls' ends and the images of written successes, a statement each (the
+    portable form of `succeed_with_records`)."""
     usages = [{"tid": end.claim.task_id, "usage_": end.usage} for end in mine if end.usage is not None]
     if usages:
         connection.execute(
@@ -359,6 +363,9 @@ def _end_calls_and_usage(connection: Connection, mine: list[Success], now: datet
             .values(ended_at=now, error_code=None, error_message=None),
             outcomes,
         )
+    rows = [row for end in mine for row in _image_rows(end.claim, end.images, now)]
+    if rows:
+        connection.execute(insert(images), rows)
 
 
 def _image_rows(claim: Claim, new_images: list[NewImage] | tuple, now: datetime) -> list[dict[str, Any]]:

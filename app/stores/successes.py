@@ -1,29 +1,46 @@
-"""A group of successes' transitions on Postgres as one statement: the tasks' guarded running ->
-succeed, their usage and the end of their calls, the calls ended only for an attempt whose
-transition was written (a data-modifying CTE joined on the transition's RETURNING). Three
-statements were a third of a lone success's CPU in the worker.
+"""A group of successes on Postgres as one statement: the tasks' guarded running -> succeed
+(`succeed_from`), their usage, the end of their calls and their image rows, the records written
+only for an attempt whose transition was (data-modifying CTEs joined on the transition's
+RETURNING). A lone success was six round trips (BEGIN, the transition, the usage, the calls, the
+images, COMMIT): a third of its CPU in the worker, and most of its time.
 
-The image rows are not in it: passed as a bytea[] array, a 150 KB image made the write three
-times dearer for the worker and for Postgres (measured), more than the statements it saved."""
+The image bytes are bound one parameter per image (the statement is built once per image count):
+bound as one bytea[] array, a 150 KB image made the write three times dearer for the worker and
+for Postgres (measured)."""
 
 from __future__ import annotations
 
+import functools
 import json
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, Integer, Text, Uuid, cast, func, select, update
+from sqlalchemy import Connection, Integer, LargeBinary, Text, Uuid, bindparam, cast, func, insert, select, update
+from sqlalchemy.dialects.postgresql import array
 
-from imagegate.app.models import Attempt, Task
+from imagegate.app.models import Attempt, Image, Task
 from imagegate.app.state import attempts as transitions
 from imagegate.app.state.refused import Outcome
 
-tasks, attempts = Task.__table__, Attempt.__table__
+tasks, attempts, images = Task.__table__, Attempt.__table__, Image.__table__
+
+# The `images` columns a new image row sets from its own arrays (its bytes come apart; created_at
+# is the success's time).
+_IMAGE_COLUMNS = {
+    "id": Uuid,
+    "task_id": Uuid,
+    "slot": Integer,
+    "index": Integer,
+    "content_type": Text,
+    "store_key": Text,
+    "revised_prompt": Text,
+}
 
 
-def _statement():
+@functools.cache
+def _statement(image_count: int):
     held = transitions.arrays_as_rows("held", id=Uuid, attempt=Integer, usage=Text)
     done = (
         transitions.succeed_from(held)
@@ -48,23 +65,38 @@ def _statement():
         )
         .cte("ended")
     )
-    return select(done.c.id, done.c.attempts).add_cte(ended)
+    statement = select(done.c.id, done.c.attempts).add_cte(ended)
+    if not image_count:
+        return statement
+    new = transitions.arrays_as_rows("new", attempt=Integer, **_IMAGE_COLUMNS, ordinality="position")
+    data = array([cast(bindparam(f"data_{index}"), LargeBinary) for index in range(image_count)])
+    stored = (
+        insert(images)
+        .from_select(
+            [*_IMAGE_COLUMNS, "data", "created_at"],
+            select(*(new.c[name] for name in _IMAGE_COLUMNS), data[new.c.position], transitions.FINISHED_AT).where(
+                new.c.task_id == done.c.id, new.c.attempt == done.c.attempts
+            ),
+        )
+        .cte("stored")
+    )
+    return statement.add_cte(stored)
 
 
-_SUCCEED_WITH_CALLS = _statement()
-
-
-def succeed_with_calls(connection: Connection, ends: Sequence, now: datetime) -> dict[tuple[uuid.UUID, int], Outcome]:
+def succeed_with_records(
+    connection: Connection, ends: Sequence, now: datetime, image_rows: Callable[..., list[dict[str, Any]]]
+) -> dict[tuple[uuid.UUID, int], Outcome]:
     """For each of these successes (`Success` of app/stores/attempts.py), True where written, else
-    why not."""
-    rows = connection.execute(_SUCCEED_WITH_CALLS, _parameters(ends, now))
+    why not. image_rows: an end's `images` rows."""
+    stored = [(end.claim.attempt, row) for end in ends for row in image_rows(end.claim, end.images, now)]
+    rows = connection.execute(_statement(len(stored)), _parameters(ends, now, stored))
     done = {(row.id, row.attempts) for row in rows}
     refused = [(end.claim.task_id, end.claim.attempt) for end in ends]
     refused = [pair for pair in refused if pair not in done]
     return dict.fromkeys(done, True) | (transitions.why_refused_each(connection, refused) if refused else {})
 
 
-def _parameters(ends: Sequence, now: datetime) -> dict[str, Any]:
+def _parameters(ends: Sequence, now: datetime, stored: list[tuple[int, dict[str, Any]]]) -> dict[str, Any]:
     calls = [(end.claim, outcome) for end in ends for outcome in end.outcomes]
     return {
         "finished_at": now,
@@ -75,4 +107,7 @@ def _parameters(ends: Sequence, now: datetime) -> dict[str, Any]:
         "calls_attempt": [claim.attempt for claim, _ in calls],
         "calls_slot": [outcome.slot for _, outcome in calls],
         "calls_upstream_status": [outcome.upstream_status for _, outcome in calls],
+        "new_attempt": [attempt for attempt, _ in stored],
+        **{f"new_{name}": [row[name] for _, row in stored] for name in _IMAGE_COLUMNS},
+        **{f"data_{index}": row["data"] for index, (_, row) in enumerate(stored)},
     }

@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import select, update
 
 from imagegate.app.failures import ErrorCode, Failure
-from imagegate.app.models import Attempt, Image, Task
+from imagegate.app.models import Attempt, Image, Task, WebhookEvent
 from imagegate.app.state.refused import Refused
 from imagegate.app.state.tasks import TaskStatus
 from imagegate.app.stores.attempts import AttemptStore, CallOutcome, NewImage, Success
@@ -164,6 +164,29 @@ def test_a_group_of_successes_ends_the_calls_and_stores_the_images_of_the_writte
     ]
     assert not [row for row in stored if row.task_id == taken_back.task_id]
     assert usage == {"total_tokens": 3}  # a success without usage keeps what earlier attempts recorded
+
+
+def test_a_success_with_a_callback_commits_its_event_with_it_and_a_refused_one_none(store, key_id):
+    def with_callback():
+        task_id = make_task(store.engine, key_id, callback_url="https://hooks.example/done")
+        return store.claim(task_id, 1, worker="w1", lease_s=60, plan=every_slot)
+
+    announced, refused, quiet = with_callback(), with_callback(), claimed(store, key_id)
+    set_task(store, refused.task_id, status=TaskStatus.PENDING)
+    ends = [
+        Success(claim, [NewImage(PNG, "image/png")], None, [CallOutcome(0, 200)])
+        for claim in (announced, refused, quiet)
+    ]
+    assert store.succeed_many(ends) == [True, Refused.STALE_ATTEMPT, True]
+    with store.engine.connect() as connection:
+        events = connection.execute(
+            select(WebhookEvent.task_id, WebhookEvent.type).where(
+                WebhookEvent.task_id.in_([announced.task_id, refused.task_id, quiet.task_id])
+            )
+        ).all()
+        stored = set(connection.scalars(select(Image.task_id)))
+    assert events == [(announced.task_id, "image.task.succeed")]
+    assert {announced.task_id, quiet.task_id} <= stored and refused.task_id not in stored
 
 
 def test_leases_are_renewed_only_for_attempts_still_held(store, key_id):
