@@ -11,12 +11,12 @@ from datetime import timedelta
 
 from sqlalchemy import Integer, Text, Uuid, bindparam, func, insert, select
 
-from imagegate.app.models import Attempt, Image, Task, utcnow
+from imagegate.app.models import Attempt, Image, utcnow
 from imagegate.app.state import attempts as transitions
 from imagegate.app.state.refused import Refused
 from imagegate.app.stores.attempts import AttemptStore, Claim, ClaimAsk, Wait, Waiting, attempt_rows
 
-tasks, attempts, images = Task.__table__, Attempt.__table__, Image.__table__
+attempts, images = Attempt.__table__, Image.__table__
 
 
 def _claim_with_calls():
