@@ -214,7 +214,7 @@ def env(database_url, redis_dbs, providers_file, api_port) -> dict[str, str]:
         "IMAGEGATE_WEBHOOK_ALLOW_PRIVATE": "1",
         "IMAGEGATE_WEBHOOK_RETRY_SCHEDULE": "1,1,1",
         # One process per `imagegate worker` (not one per core): the tests count and signal processes,
-        # and share the machine's 100 Postgres connections. tests/e2e/test_worker_processes.py runs groups.
+        # and share the machine's 100 Postgres connections. tests/e2e/test_worker_lifecycle.py runs groups.
         "IMAGEGATE_WORKER_PROCESSES": "1",
         "FAKE_UPSTREAM_KEY": "sk-upstream-secret-" + secrets.token_hex(8),
     }

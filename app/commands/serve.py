@@ -142,14 +142,15 @@ def worker(
 def _run_worker_group(
     processes: int, pool: str, concurrency: int, loglevel: str | None, hostname: str | None, metrics_port: int | None
 ) -> int:
-    """The group's parent (app/commands/worker_group.py). Its metrics are the children's summed: they
-    write them to files in PROMETHEUS_MULTIPROC_DIR and the parent alone serves --metrics-port."""
+    """The group's parent (app/commands/worker_group.py). With --metrics-port its metrics are the
+    children's summed: they write them to files in PROMETHEUS_MULTIPROC_DIR and the parent alone
+    serves the port. Without it nobody reads them, so the children keep them in memory as usual."""
     from imagegate.app.commands.worker_group import run_group
 
     commands = [_worker_child(index, pool, concurrency, loglevel, hostname) for index in range(processes)]
+    if metrics_port is None:
+        return run_group(commands)
     with _multiprocess_metrics():
-        if metrics_port is None:
-            return run_group(commands)
         from prometheus_client import multiprocess
 
         _serve_metrics(metrics_port)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, Engine, bindparam, insert, select, update
+from sqlalchemy import Engine, insert, select, update
 
 from imagegate.app.edits import InputFile
 from imagegate.app.failures import Failure
@@ -19,7 +19,7 @@ from imagegate.app.models import Attempt, Image, Task, utcnow
 from imagegate.app.state import attempts as transitions
 from imagegate.app.state.refused import Outcome, Refused
 from imagegate.app.stores.inputs import load_inputs
-from imagegate.app.stores.successes import succeed_with_records
+from imagegate.app.stores.successes import image_rows, write_successes
 from imagegate.app.stores.webhooks import enqueue_task_events
 
 tasks, attempts, images = Task.__table__, Attempt.__table__, Image.__table__
@@ -236,21 +236,19 @@ class AttemptStore:
     def succeed_many(self, ends: list[Success]) -> list[Outcome]:
         """Several attempts' successes in one transaction: under load a worker's ends arrive faster
         than one commit each would keep up with. Each keeps its own fence; True where it was written.
-        On Postgres the group is one statement (app/stores/successes.py), so autocommitted unless
-        webhook events must commit with it."""
+        On Postgres the group is one statement (app/stores/successes.py), so it is autocommitted
+        unless webhook events must commit with it."""
         now = utcnow()
         held = [(end.claim.task_id, end.claim.attempt) for end in ends]
-        postgres = self.engine.dialect.name == "postgresql"
-        alone = postgres and not any(end.claim.callback_url for end in ends)
-        with self._autocommit.connect() if alone else self.engine.begin() as connection:
-            if postgres:
-                by_attempt = succeed_with_records(connection, ends, now, _image_rows)
-            else:
-                by_attempt = transitions.succeed_each(connection, held, now)
-            mine = [end for end, pair in zip(ends, held, strict=True) if by_attempt[pair] is True]
-            if not postgres:  # there the statement above wrote them
-                _write_records(connection, mine, now)
-            announced = [end.claim.task_id for end in mine if end.claim.callback_url]
+        announcing = any(end.claim.callback_url for end in ends)
+        one_statement = self.engine.dialect.name == "postgresql"
+        with self._autocommit.connect() if one_statement and not announcing else self.engine.begin() as connection:
+            by_attempt = write_successes(connection, ends, now)
+            announced = [
+                end.claim.task_id
+                for end, pair in zip(ends, held, strict=True)
+                if by_attempt[pair] is True and end.claim.callback_url
+            ]
             if announced:  # the webhook events commit with the ends they announce
                 enqueue_task_events(connection, announced)
         return [by_attempt[pair] for pair in held]
@@ -325,65 +323,7 @@ class AttemptStore:
                     )
                 )
             if new_images:
-                connection.execute(insert(images), _image_rows(claim, new_images, now))
+                connection.execute(insert(images), image_rows(claim, new_images, now))
             if ended and claim.callback_url:  # the webhook event commits with the end it announces
                 enqueue_task_events(connection, [claim.task_id])
         return True
-
-
-def _write_records(connection: Connection, mine: list[Success], now: datetime) -> None:
-    """The usage, the calls' ends and the images of written successes, a statement each (the
-    portable form of `succeed_with_records`)."""
-    usages = [{"tid": end.claim.task_id, "usage_": end.usage} for end in mine if end.usage is not None]
-    if usages:
-        connection.execute(
-            update(tasks)
-            .where(tasks.c.id == bindparam("tid"))
-            .values(usage=bindparam("usage_", type_=tasks.c.usage.type)),
-            usages,
-        )
-    outcomes = [
-        {
-            "tid": end.claim.task_id,
-            "attempt_": end.claim.attempt,
-            "slot_": outcome.slot,
-            "upstream_status": outcome.upstream_status,
-        }
-        for end in mine
-        for outcome in end.outcomes
-    ]
-    if outcomes:
-        connection.execute(
-            update(attempts)
-            .where(
-                attempts.c.task_id == bindparam("tid"),
-                attempts.c.number == bindparam("attempt_"),
-                attempts.c.slot == bindparam("slot_"),
-            )
-            .values(ended_at=now, error_code=None, error_message=None),
-            outcomes,
-        )
-    rows = [row for end in mine for row in _image_rows(end.claim, end.images, now)]
-    if rows:
-        connection.execute(insert(images), rows)
-
-
-def _image_rows(claim: Claim, new_images: list[NewImage] | tuple, now: datetime) -> list[dict[str, Any]]:
-    indexes: dict[int, int] = {}
-    rows = []
-    for image in new_images:
-        index = indexes[image.slot] = indexes.get(image.slot, -1) + 1
-        rows.append(
-            {
-                "id": image.id,
-                "task_id": claim.task_id,
-                "slot": image.slot,
-                "index": index,
-                "content_type": image.content_type,
-                "data": None if image.key else image.data,
-                "store_key": image.key,
-                "revised_prompt": image.revised_prompt,
-                "created_at": now,
-            }
-        )
-    return rows

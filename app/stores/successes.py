@@ -1,8 +1,10 @@
-"""A group of successes on Postgres as one statement: the tasks' guarded running -> succeed
-(`succeed_from`), their usage, the end of their calls and their image rows, the records written
-only for an attempt whose transition was (data-modifying CTEs joined on the transition's
-RETURNING). A lone success was six round trips (BEGIN, the transition, the usage, the calls, the
-images, COMMIT): a third of its CPU in the worker, and most of its time.
+"""Writing a group of successes: the tasks' guarded running -> succeed, their usage, the end of
+their calls and their image rows, the records written only for an attempt whose transition was.
+
+On Postgres it is one statement (data-modifying CTEs on `succeed_from`, joined on its RETURNING):
+a lone success was six round trips (BEGIN, the transition, the usage, the calls, the images,
+COMMIT), a third of its CPU in the worker. Elsewhere (the embedded mode's SQLite) it is a
+statement each.
 
 The image bytes are bound one parameter per image (the statement is built once per image count):
 bound as one bytea[] array, a 150 KB image made the write three times dearer for the worker and
@@ -13,9 +15,9 @@ from __future__ import annotations
 import functools
 import json
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Connection, Integer, LargeBinary, Text, Uuid, bindparam, cast, func, insert, select, update
 from sqlalchemy.dialects.postgresql import array
@@ -23,6 +25,9 @@ from sqlalchemy.dialects.postgresql import array
 from imagegate.app.models import Attempt, Image, Task
 from imagegate.app.state import attempts as transitions
 from imagegate.app.state.refused import Outcome
+
+if TYPE_CHECKING:
+    from imagegate.app.stores.attempts import Claim, NewImage, Success
 
 tasks, attempts, images = Task.__table__, Attempt.__table__, Image.__table__
 
@@ -83,20 +88,21 @@ def _statement(image_count: int):
     return statement.add_cte(stored)
 
 
-def succeed_with_records(
-    connection: Connection, ends: Sequence, now: datetime, image_rows: Callable[..., list[dict[str, Any]]]
+def write_successes(
+    connection: Connection, ends: Sequence[Success], now: datetime
 ) -> dict[tuple[uuid.UUID, int], Outcome]:
-    """For each of these successes (`Success` of app/stores/attempts.py), True where written, else
-    why not. image_rows: an end's `images` rows."""
+    """For each (task, attempt) of these successes, True where written, else why not."""
+    if connection.dialect.name != "postgresql":
+        return _succeed_each(connection, ends, now)
     stored = [(end.claim.attempt, row) for end in ends for row in image_rows(end.claim, end.images, now)]
     rows = connection.execute(_statement(len(stored)), _parameters(ends, now, stored))
-    done = {(row.id, row.attempts) for row in rows}
-    refused = [(end.claim.task_id, end.claim.attempt) for end in ends]
-    refused = [pair for pair in refused if pair not in done]
-    return dict.fromkeys(done, True) | (transitions.why_refused_each(connection, refused) if refused else {})
+    written = {(row.id, row.attempts) for row in rows}
+    held = [(end.claim.task_id, end.claim.attempt) for end in ends]
+    refused = [pair for pair in held if pair not in written]
+    return dict.fromkeys(written, True) | (transitions.why_refused_each(connection, refused) if refused else {})
 
 
-def _parameters(ends: Sequence, now: datetime, stored: list[tuple[int, dict[str, Any]]]) -> dict[str, Any]:
+def _parameters(ends: Sequence[Success], now: datetime, stored: list[tuple[int, dict[str, Any]]]) -> dict[str, Any]:
     calls = [(end.claim, outcome) for end in ends for outcome in end.outcomes]
     return {
         "finished_at": now,
@@ -111,3 +117,67 @@ def _parameters(ends: Sequence, now: datetime, stored: list[tuple[int, dict[str,
         **{f"new_{name}": [row[name] for _, row in stored] for name in _IMAGE_COLUMNS},
         **{f"data_{index}": row["data"] for index, (_, row) in enumerate(stored)},
     }
+
+
+def _succeed_each(
+    connection: Connection, ends: Sequence[Success], now: datetime
+) -> dict[tuple[uuid.UUID, int], Outcome]:
+    """The portable form (the embedded mode's SQLite): each transition, then the written ones' usage,
+    calls and images, a statement each."""
+    by_attempt = transitions.succeed_each(connection, [(end.claim.task_id, end.claim.attempt) for end in ends], now)
+    mine = [end for end in ends if by_attempt[end.claim.task_id, end.claim.attempt] is True]
+    usages = [{"tid": end.claim.task_id, "usage_": end.usage} for end in mine if end.usage is not None]
+    if usages:
+        connection.execute(
+            update(tasks)
+            .where(tasks.c.id == bindparam("tid"))
+            .values(usage=bindparam("usage_", type_=tasks.c.usage.type)),
+            usages,
+        )
+    outcomes = [
+        {
+            "tid": end.claim.task_id,
+            "attempt_": end.claim.attempt,
+            "slot_": outcome.slot,
+            "upstream_status": outcome.upstream_status,
+        }
+        for end in mine
+        for outcome in end.outcomes
+    ]
+    if outcomes:
+        connection.execute(
+            update(attempts)
+            .where(
+                attempts.c.task_id == bindparam("tid"),
+                attempts.c.number == bindparam("attempt_"),
+                attempts.c.slot == bindparam("slot_"),
+            )
+            .values(ended_at=now, error_code=None, error_message=None),
+            outcomes,
+        )
+    rows = [row for end in mine for row in image_rows(end.claim, end.images, now)]
+    if rows:
+        connection.execute(insert(images), rows)
+    return by_attempt
+
+
+def image_rows(claim: Claim, new_images: Sequence[NewImage], now: datetime) -> list[dict[str, Any]]:
+    """The `images` rows of an attempt's new images, numbered within each fan-out slot."""
+    indexes: dict[int, int] = {}
+    rows = []
+    for image in new_images:
+        index = indexes[image.slot] = indexes.get(image.slot, -1) + 1
+        rows.append(
+            {
+                "id": image.id,
+                "task_id": claim.task_id,
+                "slot": image.slot,
+                "index": index,
+                "content_type": image.content_type,
+                "data": None if image.key else image.data,
+                "store_key": image.key,
+                "revised_prompt": image.revised_prompt,
+                "created_at": now,
+            }
+        )
+    return rows

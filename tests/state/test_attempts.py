@@ -16,7 +16,7 @@ from imagegate.app.models import Attempt, Image, Task, WebhookEvent
 from imagegate.app.state.refused import Refused
 from imagegate.app.state.tasks import TaskStatus
 from imagegate.app.stores.attempts import AttemptStore, CallOutcome, NewImage, Success
-from tests.state.rows import make_task, task_row
+from tests.state.rows import make_task, new_key, task_row
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"x" * 64
 BROKEN = Failure(ErrorCode.UPSTREAM_ERROR, "upstream 503", upstream_status=503)
@@ -25,6 +25,21 @@ BROKEN = Failure(ErrorCode.UPSTREAM_ERROR, "upstream 503", upstream_status=503)
 @pytest.fixture(scope="module")
 def store(engine):
     return AttemptStore(engine)
+
+
+@pytest.fixture(params=["postgres", "sqlite"])
+def either(request, store, key_id, tmp_path_factory):
+    """(store, key) on this run's Postgres, where a group of successes is one statement, and on the
+    embedded mode's SQLite, where it is a statement each: the same outcome on both."""
+    if request.param == "postgres":
+        return store, key_id
+    from imagegate.app.db import make_engine
+    from imagegate.app.migrate import upgrade
+
+    url = f"sqlite:///{tmp_path_factory.mktemp('embedded') / 'imagegate.db'}"
+    upgrade(url)
+    engine = make_engine(url, pool_size=1)
+    return AttemptStore(engine), new_key(engine)
 
 
 def every_slot(claim, done):
@@ -116,7 +131,8 @@ def test_a_poll_step_is_taken_once(store, key_id):
     assert store.claim_poll(claim.task_id, 0, 2, lease_s=60) is Refused.STALE_ATTEMPT
 
 
-def test_a_group_of_successes_writes_each_one_still_owned_and_says_why_not_for_the_rest(store, key_id):
+def test_a_group_of_successes_writes_each_one_still_owned_and_says_why_not_for_the_rest(either):
+    store, key_id = either
     mine, cancelled, taken_back = (claimed(store, key_id) for _ in range(3))
     set_task(store, cancelled.task_id, cancel_requested=True)
     set_task(store, taken_back.task_id, status=TaskStatus.PENDING)  # the sweeper gave this attempt away
@@ -135,7 +151,8 @@ def test_a_group_of_successes_writes_each_one_still_owned_and_says_why_not_for_t
     assert mine.task_id in stored and cancelled.task_id not in stored and taken_back.task_id not in stored
 
 
-def test_a_group_of_successes_ends_the_calls_and_stores_the_images_of_the_written_ones_only(store, key_id):
+def test_a_group_of_successes_ends_the_calls_and_stores_the_images_of_the_written_ones_only(either):
+    store, key_id = either
     mine, taken_back = claimed(store, key_id, n=2), claimed(store, key_id, n=2)
     set_task(store, mine.task_id, usage={"total_tokens": 3})
     set_task(store, taken_back.task_id, status=TaskStatus.PENDING)
@@ -166,7 +183,30 @@ def test_a_group_of_successes_ends_the_calls_and_stores_the_images_of_the_writte
     assert usage == {"total_tokens": 3}  # a success without usage keeps what earlier attempts recorded
 
 
-def test_a_success_with_a_callback_commits_its_event_with_it_and_a_refused_one_none(store, key_id):
+def test_in_a_group_holding_two_attempts_of_one_task_only_the_current_one_is_written(either):
+    store, key_id = either
+    stale = claimed(store, key_id)
+    set_task(store, stale.task_id, status=TaskStatus.PENDING)  # taken back by the sweeper
+    current = store.claim(stale.task_id, 2, worker="w2", lease_s=60, plan=every_slot)
+    assert current
+
+    def end(claim):
+        return Success(claim, [NewImage(PNG + b"%d" % claim.attempt, "image/png")], None, [CallOutcome(0, 200)])
+
+    written = store.succeed_many([end(stale), end(current)])
+    assert written == [Refused.ALREADY_ENDED, True]  # why: read after the group, when attempt 2 has ended it
+    with store.engine.connect() as connection:
+        data = connection.scalars(select(Image.data).where(Image.task_id == stale.task_id)).all()
+        calls = dict(
+            connection.execute(select(Attempt.number, Attempt.ended_at).where(Attempt.task_id == stale.task_id)).all()
+        )
+    assert data == [PNG + b"2"]
+    assert calls[1] is None and calls[2] is not None
+
+
+def test_a_success_with_a_callback_commits_its_event_with_it_and_a_refused_one_none(either):
+    store, key_id = either
+
     def with_callback():
         task_id = make_task(store.engine, key_id, callback_url="https://hooks.example/done")
         return store.claim(task_id, 1, worker="w1", lease_s=60, plan=every_slot)
