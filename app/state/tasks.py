@@ -139,6 +139,9 @@ def accept(connection: Connection, rows: dict[str, Any] | list[dict[str, Any]]) 
 
 def accept_many(connection: Connection, rows: list[dict[str, Any]]) -> None:
     """(none) -> pending for concurrent submits' rows (new_task's), in one INSERT statement."""
+    if len(rows) == 1:  # alone: binding a row as one-element arrays cost the API ~0.3 ms more
+        connection.execute(_ACCEPT, rows[0])
+        return
     if connection.dialect.name != "postgresql":
         connection.execute(_ACCEPT_MANY, rows).all()
         return
