@@ -9,7 +9,15 @@ import uuid
 
 import redis
 
-from imagegate.app.queue import BATCH_QUEUE, QUEUE, RunPublisher, make_celery, publish_run, reuse_publish_client
+from imagegate.app.queue import (
+    BATCH_QUEUE,
+    QUEUE,
+    RunPublisher,
+    make_celery,
+    publish_run,
+    publish_runs,
+    reuse_publish_client,
+)
 
 
 def _comparable(raw: bytes) -> tuple[dict, str]:
@@ -36,7 +44,8 @@ def test_run_publisher_sends_what_send_task_sends(settings, own_redis):
         publish_run(celery, task_id, 1, batch_id=batch)
         publisher.publish(task_id, batch_id=batch)
         publisher.publish(task_id, batch_id=batch)
+        publish_runs(celery, [task_id], batch_id=batch)  # a batch's messages, copied from the same template
         (expected, _), *mine = [_comparable(raw) for raw in reversed(broker.lrange(queue, 0, -1))]
-        assert [message for message, _ in mine] == [expected, expected]
+        assert [message for message, _ in mine] == [expected, expected, expected]
         assert expected["body"][0] == [str(task_id), 1]
-        assert mine[0][1] != mine[1][1]  # a message id of its own each time
+        assert len({message_id for _, message_id in mine}) == 3  # a message id of its own each time
