@@ -13,6 +13,7 @@ from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
+from typing import Any
 
 import httpx
 
@@ -61,7 +62,7 @@ def make_client(max_connections: int = 200) -> httpx.Client:
     )
 
 
-def socket_readable(sock: socket.socket | None, poll: Callable[[], select.poll] = select.poll) -> bool:
+def socket_readable(sock: socket.socket | None, poll: Callable[[], Any] = select.poll) -> bool:
     """httpcore's test of an idle keep-alive connection before it is reused: readable means the
     server closed it (or sent something unasked), so it is not reused. A socket gone is readable."""
     fileno = -1 if sock is None else sock.fileno()
