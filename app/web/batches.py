@@ -17,7 +17,6 @@ from pydantic_core import from_json
 from imagegate.app.ids import parse_id
 from imagegate.app.image_urls import signed_image_url
 from imagegate.app.logs import bind_contextvars
-from imagegate.app.queue import publish_runs
 from imagegate.app.schemas import BatchCreate, BatchLine, BatchView
 from imagegate.app.state.tasks import TaskStatus
 from imagegate.app.stores.batches import NewLine
@@ -173,7 +172,7 @@ def _publish_in_background(svc: Services, task_ids: list[uuid.UUID], batch_id: u
 
     def publish() -> None:
         try:
-            publish_runs(svc.celery, task_ids, batch_id=batch_id, between_chunks=lambda: time.sleep(0))
+            svc.runs.publish_all(task_ids, batch_id=batch_id, between_chunks=lambda: time.sleep(0))
         except Exception:
             log.exception("could not publish batch %s; the sweeper will", batch_id)
 

@@ -11,7 +11,7 @@ import pytest
 from amqp.exceptions import MessageNacked
 from kombu import Connection
 
-from imagegate.app.queue import BATCH_QUEUE, QUEUE, RunPublisher, make_celery, publish_run, publish_runs
+from imagegate.app.queue import BATCH_QUEUE, QUEUE, RunPublisher, make_celery, publish_run
 from imagegate.app.sweeper import make_sweeper
 from imagegate.app.web import create_app
 from tests.integration.test_sweeper_deficit import pending_tasks
@@ -84,7 +84,7 @@ def test_the_sweeper_counts_rabbitmq_queues_and_republishes_only_what_was_lost(
 ):
     settings = amqp_settings(settings, own_vhost, redis_dbs[1], database_url=own_database, republish_after_s=30.0)
     ids = pending_tasks(own_database, 300, overdue_s=120)
-    publish_runs(make_celery(settings), ids)  # no worker runs: the messages wait in the queue
+    RunPublisher(make_celery(settings)).publish_all(ids)  # no worker runs: the messages wait in the queue
     sweeper = make_sweeper(settings)
 
     assert sweeper.sweep_once().republished == 0

@@ -15,7 +15,6 @@ from imagegate.app.queue import (
     RunPublisher,
     make_celery,
     publish_run,
-    publish_runs,
     reuse_publish_client,
 )
 
@@ -44,7 +43,7 @@ def test_run_publisher_sends_what_send_task_sends(settings, own_redis):
         publish_run(celery, task_id, 1, batch_id=batch)
         publisher.publish(task_id, batch_id=batch)
         publisher.publish(task_id, batch_id=batch)
-        publish_runs(celery, [task_id], batch_id=batch)  # a batch's messages, copied from the same template
+        publisher.publish_all([task_id], batch_id=batch)  # a batch's way
         (expected, _), *mine = [_comparable(raw) for raw in reversed(broker.lrange(queue, 0, -1))]
         assert [message for message, _ in mine] == [expected, expected, expected]
         assert expected["body"][0] == [str(task_id), 1]

@@ -14,7 +14,7 @@ from sqlalchemy import create_engine, text
 from imagegate.app.db import make_engine, make_sessionmaker
 from imagegate.app.keys import create_key
 from imagegate.app.models import utcnow
-from imagegate.app.queue import QUEUE, make_celery, publish_runs
+from imagegate.app.queue import QUEUE, RunPublisher, make_celery
 from imagegate.app.sweeper import make_sweeper
 
 
@@ -47,7 +47,7 @@ def test_overdue_tasks_whose_messages_are_queued_are_not_republished(settings, o
     )
     broker = redis.Redis.from_url(settings.broker_url)
     ids = pending_tasks(own_database, 300, overdue_s=120)
-    publish_runs(make_celery(settings), ids)  # no worker runs: the messages wait in the queue
+    RunPublisher(make_celery(settings)).publish_all(ids)  # no worker runs: the messages wait in the queue
     assert broker.llen(QUEUE) == 300
     sweeper = make_sweeper(settings)
 
@@ -70,7 +70,7 @@ def test_unacknowledged_messages_count_only_while_their_task_waits(settings, own
     broker = redis.Redis.from_url(settings.broker_url)
     celery = make_celery(settings)
     ids = pending_tasks(own_database, 20, overdue_s=120)
-    publish_runs(celery, ids)
+    RunPublisher(celery).publish_all(ids)
 
     # What kombu does when a worker takes a message: out of the list, into the `unacked` hash, and
     # its delivery time into the `unacked_index` sorted set.
@@ -83,7 +83,7 @@ def test_unacknowledged_messages_count_only_while_their_task_waits(settings, own
     assert sweeper.sweep_once().republished == 0
 
     # Entries an ack never removed, of tasks long ended (seen after a Redis restart), hide nothing.
-    publish_runs(celery, [uuid.uuid4() for _ in range(3)])
+    RunPublisher(celery).publish_all([uuid.uuid4() for _ in range(3)])
     for index in range(3):
         take(f"stale-{index}", broker.lpop(QUEUE), time.time())
     broker.rpop(QUEUE, 3)  # and three messages of waiting tasks are lost
@@ -104,7 +104,7 @@ def test_messages_a_killed_worker_had_reserved_count_no_longer_than_republish_af
         update={"database_url": own_database, "broker_url": f"{own_redis.url}/0", "republish_after_s": 30.0}
     )
     broker = redis.Redis.from_url(settings.broker_url)
-    publish_runs(make_celery(settings), pending_tasks(own_database, 10, overdue_s=120))
+    RunPublisher(make_celery(settings)).publish_all(pending_tasks(own_database, 10, overdue_s=120))
     for index in range(10):
         take_message(broker, f"reserved-{index}", broker.rpop(QUEUE), time.time() - 60)
     assert broker.llen(QUEUE) == 0
