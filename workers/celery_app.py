@@ -19,7 +19,7 @@ from imagegate.workers.adapters import load_adapters
 from imagegate.workers.announcements import GroupedAnnouncements
 from imagegate.workers.consumer_watchdog import ConsumerWatchdog, spawn
 from imagegate.workers.grouped import Grouped
-from imagegate.workers.http import make_client
+from imagegate.workers.http import check_idle_connections_without_the_hub, make_client
 from imagegate.workers.leases import LeaseKeeper
 from imagegate.workers.model_limiter import make_limiter
 from imagegate.workers.runner import TaskRunner
@@ -40,6 +40,7 @@ def make_worker_app(settings: Settings, *, concurrency: int = 1000) -> Celery:
     group_task_events(celery)
     if settings.uses_redis:  # acknowledgements that cost Redis nothing when early (workers/early_acks.py)
         celery.conf.broker_transport = "imagegate.workers.early_acks:EarlyAckTransport"
+    check_idle_connections_without_the_hub()  # the gevent pool patched select before this runs
     adapters = load_adapters()
     attempts = AttemptStore(runtime.engine)
     models = load_models(settings.providers_file, set(adapters))

@@ -56,7 +56,6 @@ class ShardedTransport(httpx.BaseTransport):
 
 
 def make_client(max_connections: int = 200) -> httpx.Client:
-    _check_readability_without_the_hub()
     return httpx.Client(
         transport=ShardedTransport(max_connections), follow_redirects=False, headers={"User-Agent": "imagegate"}
     )
@@ -73,11 +72,12 @@ def socket_readable(sock: socket.socket | None, poll: Callable[[], Any] = select
     return bool(poller.poll(0))
 
 
-def _check_readability_without_the_hub() -> None:
-    """httpcore asks select.poll, with no wait, whether each idle connection is readable before it
-    reuses one. Under gevent that poll is gevent's, which starts and stops watchers through the
-    hub: 2.6% of a sync request's worker CPU. A poll that does not wait never blocks, so the
-    original poll gives the same answer without the hub."""
+def check_idle_connections_without_the_hub() -> None:
+    """For every httpx client of this process: httpcore asks select.poll, with no wait, whether
+    each idle connection is readable before it reuses one. Under gevent that poll is gevent's,
+    which starts and stops watchers through the hub: 2.6% of a sync request's worker CPU. A poll
+    that does not wait never blocks, so the original poll gives the same answer without the hub.
+    Does nothing unless gevent has patched select."""
     monkey = sys.modules.get("gevent.monkey")
     if monkey is None or not monkey.is_module_patched("select"):
         return

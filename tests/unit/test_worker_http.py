@@ -34,7 +34,7 @@ _GEVENT_WORKER = textwrap.dedent(
     from gevent import monkey
     monkey.patch_all()
     import socket, threading, time
-    from imagegate.workers.http import make_client
+    from imagegate.workers.http import check_idle_connections_without_the_hub, make_client
 
     ANSWER = b"HTTP/1.1 200 OK\\r\\nContent-Length: 2\\r\\n\\r\\nok"
 
@@ -60,6 +60,7 @@ _GEVENT_WORKER = textwrap.dedent(
         threading.Thread(target=accept_forever, daemon=True).start()
         return "http://127.0.0.1:%d/" % server.getsockname()[1], accepted
 
+    check_idle_connections_without_the_hub()  # as the worker does at start
     client = make_client(max_connections=32)  # one pool: reuse is visible
     for keep_alive in (True, False):
         url, accepted = upstream(keep_alive)
