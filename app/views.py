@@ -3,7 +3,7 @@ where both processes can: the API answers with it, the workers send it."""
 
 from __future__ import annotations
 
-import base64
+import pybase64
 
 from imagegate.app.image_urls import signed_image_url
 from imagegate.app.models import Batch
@@ -28,7 +28,7 @@ def image_items(record: TaskRecord, settings: Settings, *, as_urls: bool = False
     """The images in the task's response_format, or as URLs when asked (webhooks never carry base64)."""
     if record.task.response_format == "b64_json" and not as_urls:
         return [
-            ImageData(b64_json=base64.b64encode(image.data or b"").decode(), revised_prompt=image.revised_prompt)
+            ImageData(b64_json=pybase64.b64encode(image.data or b"").decode(), revised_prompt=image.revised_prompt)
             for image in record.images
         ]
     return [

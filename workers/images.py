@@ -10,6 +10,7 @@ import uuid
 from collections.abc import Callable
 
 import httpx
+import pybase64
 
 from imagegate.app.failures import ErrorCode
 from imagegate.app.image_store import ImageStore, image_key
@@ -38,8 +39,12 @@ def sniff_content_type(data: bytes) -> str | None:
 def _decode_b64(text: str) -> bytes:
     if text.startswith("data:"):
         text = text.partition(",")[2]
-    try:  # binascii itself: base64.b64decode first copies the str into bytes (200 KB a call)
-        return binascii.a2b_base64(text)
+    try:  # strict first, SIMD-fast; the lenient form (it skips newlines and the like) is ~25x slower
+        return pybase64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        pass
+    try:
+        return pybase64.b64decode(text)
     except (binascii.Error, ValueError):
         raise UpstreamError(
             ErrorCode.UPSTREAM_BAD_RESPONSE, "upstream b64_json is not base64", retryable=True

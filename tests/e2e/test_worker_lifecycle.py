@@ -61,7 +61,7 @@ def test_a_worker_whose_consumer_stops_while_messages_wait_exits_for_a_restart(
         # worker listens is dropped: ask until it answers (cancelling twice is harmless).
         for queue in WORKER_QUEUES:
             wait_until(
-                lambda: control.cancel_consumer(queue, destination=["stalled@test"], reply=True, timeout=2),
+                lambda queue=queue: control.cancel_consumer(queue, destination=["stalled@test"], reply=True, timeout=2),
                 60,
                 f"the worker to answer cancel_consumer({queue})",
             )

@@ -8,11 +8,11 @@ model's `api_key_env` (see workers.adapters.resolve_upstreams).
 
 from __future__ import annotations
 
-import base64
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
 import httpx
+import pybase64
 
 from imagegate.app.edits import EditInputs, InputFile
 from imagegate.app.failures import ErrorCode
@@ -128,7 +128,7 @@ EDIT_METHODS = {False: "edit", True: "submit_edit"}
 
 
 def data_uri(file: InputFile) -> str:
-    return f"data:{file.content_type};base64,{base64.b64encode(file.data).decode()}"
+    return f"data:{file.content_type};base64,{pybase64.b64encode(file.data).decode()}"
 
 
 def with_input_fields(request: GenerationRequest, inputs: EditInputs) -> GenerationRequest:
