@@ -5,6 +5,7 @@ of that protocol."""
 
 from __future__ import annotations
 
+import functools
 from typing import Any, ClassVar
 
 import httpx
@@ -83,13 +84,19 @@ def edit_files(inputs: EditInputs) -> list[tuple[str, tuple[str, bytes, str]]]:
     return parts
 
 
+@functools.lru_cache(maxsize=256)
+def _endpoint(base_url: str, path: str) -> httpx.URL:
+    """A model's endpoint, parsed once (the models are few, their paths fewer)."""
+    return httpx.URL(f"{base_url.rstrip('/')}{path}")
+
+
 def call(
     client: httpx.Client, config: ModelConfig, api_key: str | None, method: str, path: str, **kwargs
 ) -> tuple[http.Reply, dict[str, Any]]:
     """One call to the upstream; an error reply raises UpstreamError, a good one gives its JSON."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     reply = http.request(
-        client, method, f"{config.base_url.rstrip('/')}{path}", headers=headers, deadline_s=config.timeout_s, **kwargs
+        client, method, _endpoint(config.base_url, path), headers=headers, deadline_s=config.timeout_s, **kwargs
     )
     document = _json_object(reply.body)
     if reply.status >= 400:
