@@ -17,7 +17,7 @@ from celery import Celery
 
 from imagegate.app import rabbitmq
 from imagegate.app.grouping import Grouped
-from imagegate.app.settings import Settings
+from imagegate.app.settings import Settings, is_redis_url
 
 RUN_TASK = "imagegate.run_task"
 DELIVER_WEBHOOK = "imagegate.deliver_webhook"
@@ -212,7 +212,7 @@ class RunPublisher:
         body, options = sent.message
         # Any other id-bearing field would be copied from the template to every message: refuse.
         assert options["headers"]["id"] == options["headers"]["root_id"] == options["correlation_id"], options
-        if str(self._celery.conf.broker_url).startswith(("redis://", "rediss://")):
+        if is_redis_url(self._celery.conf.broker_url):
             # Sent to the default exchange, a message is pushed onto the list its routing key names,
             # declared or not; kombu's check of the declaration copied the queue for every message
             # (16% of a batch's publishing). RabbitMQ keeps it: there an undeclared queue drops it.
@@ -288,7 +288,7 @@ def broker_client(settings: Settings, timeout_s: float = 3.0) -> Any:
 
 def reuse_publish_client(celery: Celery) -> None:
     """Make `celery` publish through PublishingRedisTransport (the API process: a publish per request)."""
-    if str(celery.conf.broker_url).startswith(("redis://", "rediss://")):
+    if is_redis_url(celery.conf.broker_url):
         celery.conf.broker_transport = f"{__name__}:PublishingRedisTransport"
 
 

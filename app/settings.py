@@ -17,6 +17,10 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 DEFAULT_SECRET_KEY = "change-me"
 
 
+def is_redis_url(url: object) -> bool:
+    return str(url).startswith(("redis://", "rediss://"))
+
+
 class SettingsError(ValueError):
     """A setting that makes the process refuse to start."""
 
@@ -222,7 +226,7 @@ class Settings(BaseSettings):
 
     @property
     def uses_redis(self) -> bool:
-        return self.broker_url.startswith(("redis://", "rediss://"))
+        return is_redis_url(self.broker_url)
 
     @property
     def uses_amqp(self) -> bool:

@@ -18,6 +18,8 @@ from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from typing import Protocol
 
+from imagegate.app.settings import is_redis_url
+
 log = logging.getLogger(__name__)
 
 
@@ -157,6 +159,6 @@ def announce_quietly(events: Wakeups, task_id: object) -> None:
 
 
 def make_wakeups(broker_url: str) -> RedisWakeups | PollingWakeups:
-    if broker_url.startswith(("redis://", "rediss://")):
+    if is_redis_url(broker_url):
         return RedisWakeups(broker_url)
     return PollingWakeups()
