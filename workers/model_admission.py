@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from celery import Celery
@@ -23,6 +24,24 @@ from imagegate.workers.model_gate import Granted
 from imagegate.workers.model_limiter import LimitsUnavailable, ModelLimiter, over_rate
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Room:
+    """One claim's ask for room (an `AdmitsTogether`), and the room it was given."""
+
+    admission: ModelAdmission
+    granted: Granted | None = None
+
+    def __call__(self, claim: Claim, slots: list[int]) -> Wait | None:
+        (answer,) = self.together([(self, claim, slots)])
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    @property
+    def together(self) -> Callable[[list[tuple[_Room, Claim, list[int]]]], list[Wait | Exception | None]]:
+        return self.admission.admit_together
 
 
 @dataclass
@@ -46,32 +65,49 @@ class ModelAdmission:
         (still pending: the sweeper publishes it again)."""
         if self.limiter is None:
             return store.claim(task_id, attempt, worker=worker, lease_s=lease_s, plan=plan), None
-        granted: list[Granted] = []
-
-        def admit(claim: Claim, slots: list[int]) -> Wait | None:
-            answer = self._admit(claim, slots)
-            if isinstance(answer, Granted):
-                granted.append(answer)
-                return None
-            return answer
-
+        room = _Room(self)
         try:
-            claim = store.claim(task_id, attempt, worker=worker, lease_s=lease_s, plan=plan, admit=admit)
+            claim = store.claim(task_id, attempt, worker=worker, lease_s=lease_s, plan=plan, admit=room)
         except LimitsUnavailable as exc:
             log.warning("task %s attempt %s: model limits unavailable (%s); not claimed", task_id, attempt, exc)
             return None, None
         except BaseException:
-            self.release(granted[0] if granted else None)
+            self.release(room.granted)
             raise
         if isinstance(claim, Waiting):
             log.info("task %s attempt %s: waiting %.1f s (%s)", task_id, attempt, claim.countdown_s, claim.reason)
             publish_run(self.celery, task_id, attempt, countdown=claim.countdown_s, batch_id=claim.batch_id)
             return None, None
         if not claim:
-            self.release(granted[0] if granted else None)
-        return claim, granted[0] if granted else None
+            self.release(room.granted)
+        return claim, room.granted
 
-    def _admit(self, claim: Claim, slots: list[int]) -> Granted | Wait | None:
+    def admit_together(self, asked: list[tuple[_Room, Claim, list[int]]]) -> list[Wait | Exception | None]:
+        """Room for each claim's calls, the gate asked once for all that need it; each room given is
+        kept on its `_Room` (None in the answers), each wait answered."""
+        answers: list[Wait | Exception | None] = [None] * len(asked)
+        gated = [
+            (position, config)
+            for position, (_, claim, slots) in enumerate(asked)
+            if (config := self._gated(claim, slots))
+        ]
+        if not gated or self.limiter is None:
+            return answers
+        try:
+            given = self.limiter.admit_many(
+                [(config, asked[position][1], len(asked[position][2])) for position, config in gated]
+            )
+        except LimitsUnavailable as exc:
+            given = [LimitsUnavailable(str(exc)) for _ in gated]  # one each: each is raised in its own claim
+        for (position, _), answer in zip(gated, given, strict=True):
+            if isinstance(answer, Granted):
+                asked[position][0].granted = answer
+            else:
+                answers[position] = answer
+        return answers
+
+    def _gated(self, claim: Claim, slots: list[int]) -> ModelConfig | None:
+        """The model whose gate the claim's calls must pass, if they must."""
         upstream = self.upstreams.get(claim.route)
         if self.limiter is None or upstream is None or upstream.unavailable:
             return None  # no call will be made: the attempt fails
@@ -79,7 +115,7 @@ class ModelAdmission:
             return None  # only polling what the upstream was already given: not a new call
         if over_rate(upstream.config, len(slots)):
             return None  # it can never start: `refusal` fails it
-        return self.limiter.admit(upstream.config, claim, len(slots))
+        return upstream.config
 
     def refusal(self, config: ModelConfig, calls: int) -> UpstreamError | None:
         """Why an attempt of `calls` calls fails at once: more than the model's rpm."""

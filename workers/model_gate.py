@@ -25,6 +25,8 @@ import uuid
 from dataclasses import dataclass
 
 import redis
+from redis.commands.core import Script
+from redis.exceptions import NoScriptError
 
 from imagegate.app.state.tasks import QueuedReason
 
@@ -202,6 +204,13 @@ class NoRoom:
     position: int  # tasks ahead in the model's line
 
 
+def _answer(ask: Ask, prefix: str, reply: list) -> Granted | NoRoom:
+    if int(reply[0]) == 1:
+        return Granted(ask.model, tuple(f"{prefix}h{index}" for index in range(1, int(reply[1]) + 1)))
+    reason = reply[1].decode() if isinstance(reply[1], bytes) else reply[1]
+    return NoRoom(QueuedReason(reason), int(reply[2]) / 1000, int(reply[3]))
+
+
 def _ms(seconds: float) -> int:
     return max(1, round(seconds * 1000))
 
@@ -219,27 +228,57 @@ class RedisModelGate:
         return f"{self._prefix}{{{model}}}:{name}"
 
     def acquire(self, ask: Ask) -> Granted | NoRoom:
-        keys = [
-            self._key(ask.model, name)
-            for name in ("holders", "calls", "line", "line_expiry", "line_need", "slow", "pause")
-        ]
-        prefix = f"{ask.task}:{uuid.uuid4().hex[:12]}:"
-        args = [
-            ask.task,
-            prefix,
-            ask.calls,
-            ask.max_concurrency or 0,
-            ask.rpm or 0,
-            _ms(ask.lease_s),
-            ask.accepted_ms,
-            _ms(ask.wait_s),
-            self._window_ms,
-        ]
-        reply = self._acquire(keys=keys, args=args)
-        if int(reply[0]) == 1:
-            return Granted(ask.model, tuple(f"{prefix}h{index}" for index in range(1, int(reply[1]) + 1)))
-        reason = reply[1].decode() if isinstance(reply[1], bytes) else reply[1]
-        return NoRoom(QueuedReason(reason), int(reply[2]) / 1000, int(reply[3]))
+        return self.acquire_many([ask])[0]
+
+    def acquire_many(self, asks: list[Ask]) -> list[Granted | NoRoom]:
+        """Each ask's answer, in order, from one round trip: a claim group's asks are pipelined
+        (each script runs alone and atomically; the pipeline only saves the round trips)."""
+        calls = []
+        for ask in asks:
+            keys = [
+                self._key(ask.model, name)
+                for name in ("holders", "calls", "line", "line_expiry", "line_need", "slow", "pause")
+            ]
+            prefix = f"{ask.task}:{uuid.uuid4().hex[:12]}:"
+            args = [
+                ask.task,
+                prefix,
+                ask.calls,
+                ask.max_concurrency or 0,
+                ask.rpm or 0,
+                _ms(ask.lease_s),
+                ask.accepted_ms,
+                _ms(ask.wait_s),
+                self._window_ms,
+            ]
+            calls.append((prefix, [len(keys), *keys, *args]))
+        replies = self._evalsha_all(self._acquire, [call for _, call in calls])
+        return [_answer(ask, prefix, reply) for ask, (prefix, _), reply in zip(asks, calls, replies, strict=True)]
+
+    def _evalsha_all(self, script: Script, calls: list[list]) -> list:
+        """EVALSHA of each call in one pipeline; a server that lost the script (a restart, SCRIPT
+        FLUSH) has it loaded and the refused calls sent again, as redis-py's Script does alone.
+        Not redis-py's pipelined Script: it asks SCRIPT EXISTS first, a second round trip."""
+        replies: list = [None] * len(calls)
+        todo = list(range(len(calls)))
+        for _ in range(2):
+            pipe = self._client.pipeline(transaction=False)
+            for index in todo:
+                pipe.evalsha(script.sha, *calls[index])
+            answered = pipe.execute(raise_on_error=False)
+            lost = []
+            for index, reply in zip(todo, answered, strict=True):
+                if isinstance(reply, NoScriptError):
+                    lost.append(index)
+                elif isinstance(reply, Exception):
+                    raise reply
+                else:
+                    replies[index] = reply
+            if not lost:
+                return replies
+            self._client.script_load(script.script)
+            todo = lost
+        raise NoScriptError("the model gate's script could not be loaded")
 
     def release(self, granted: Granted) -> None:
         if granted.holders:

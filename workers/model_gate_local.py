@@ -39,6 +39,9 @@ class LocalModelGate:
         if state.slow_until <= now:
             state.slow_rpm = 0
 
+    def acquire_many(self, asks: list[Ask]) -> list[Granted | NoRoom]:
+        return [self.acquire(ask) for ask in asks]
+
     def acquire(self, ask: Ask) -> Granted | NoRoom:
         with self._lock:
             now = time.monotonic()

@@ -32,6 +32,7 @@ MAX_JITTER_S = 0.5
 
 class ModelGate(Protocol):
     def acquire(self, ask: Ask) -> Granted | NoRoom: ...
+    def acquire_many(self, asks: list[Ask]) -> list[Granted | NoRoom]: ...
     def release(self, granted: Granted) -> None: ...
     def renew(self, model: str, holders: list[str], lease_s: float) -> None: ...
     def throttled(self, model: str, rpm: int | None, cooldown_s: float, retry_after_s: float | None) -> int: ...
@@ -61,20 +62,30 @@ class ModelLimiter:
 
     def admit(self, config: ModelConfig, claim: Claim, calls: int) -> Granted | Wait:
         """Room for `calls` calls of the claim's model now (held until `release`), or how long to wait."""
-        ask = Ask(
-            model=config.name,
-            task=str(claim.task_id),
-            calls=calls,
-            max_concurrency=config.max_concurrency,
-            rpm=config.rpm,
-            accepted_ms=round((claim.created_at or claim.started_at).timestamp() * 1000),
-            lease_s=self._lease_s,
-            wait_s=self._wait_s,
-        )
+        return self.admit_many([(config, claim, calls)])[0]
+
+    def admit_many(self, asked: list[tuple[ModelConfig, Claim, int]]) -> list[Granted | Wait]:
+        """`admit` for several claims, asking the gate once."""
+        asks = [
+            Ask(
+                model=config.name,
+                task=str(claim.task_id),
+                calls=calls,
+                max_concurrency=config.max_concurrency,
+                rpm=config.rpm,
+                accepted_ms=round((claim.created_at or claim.started_at).timestamp() * 1000),
+                lease_s=self._lease_s,
+                wait_s=self._wait_s,
+            )
+            for config, claim, calls in asked
+        ]
         try:
-            answer = self.gate.acquire(ask)
+            answers = self.gate.acquire_many(asks)
         except redis.RedisError as exc:
             raise LimitsUnavailable(str(exc)) from exc
+        return [self._kept(answer) for answer in answers]
+
+    def _kept(self, answer: Granted | NoRoom) -> Granted | Wait:
         if isinstance(answer, NoRoom):
             # A little jitter, so the tasks told to wait alike do not all ask again at one instant;
             # little enough that a task told when room comes is not late for it.

@@ -9,7 +9,7 @@ import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy import Engine, insert, select, update
 
@@ -101,8 +101,19 @@ class Waiting:
 
 
 # Given the claim and its planned slots, None to make the calls now, or how long to wait. Asked
-# inside the claim's transaction, so a wait leaves no trace of the claim.
+# inside the claim's transaction, so a wait leaves no trace of the claim. An admit may also answer
+# for a claim group at once (see `AdmitsTogether`).
 AdmitCalls = Callable[[Claim, list[int]], Wait | None]
+
+
+class AdmitsTogether(Protocol):
+    """An `AdmitCalls` whose `together` answers for several claims in one go, in order (a wait,
+    None, or the exception that ask alone raised): a claim group asks Redis once, not per claim.
+    The asks of one group are answered together when their admits share one `together`."""
+
+    def __call__(self, claim: Claim, slots: list[int]) -> Wait | None: ...
+
+    def together(self, asked: list[tuple[Any, Claim, list[int]]]) -> list[Wait | Exception | None]: ...
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import uuid
 from collections import defaultdict
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from dataclasses import replace
 from datetime import timedelta
 
@@ -14,7 +14,7 @@ from sqlalchemy import Integer, Text, Uuid, bindparam, func, insert, select
 from imagegate.app.models import Attempt, Image, utcnow
 from imagegate.app.state import attempts as transitions
 from imagegate.app.state.refused import Refused
-from imagegate.app.stores.attempts import AttemptStore, Claim, ClaimAsk, Wait, Waiting, attempt_rows
+from imagegate.app.stores.attempts import AdmitCalls, AttemptStore, Claim, ClaimAsk, Wait, Waiting, attempt_rows
 
 attempts, images = Attempt.__table__, Image.__table__
 
@@ -49,7 +49,7 @@ _CLAIM_WITH_CALLS = _claim_with_calls()
 def claim_many(store: AttemptStore, asks: list[ClaimAsk]) -> list[Claim | Waiting | Refused | Exception]:
     """`AttemptStore.claim` for several attempts in one transaction, one result per ask in order (an exception
     an ask's `admit` raised is given back for that ask alone). On Postgres the group's rows are
-    locked with one SELECT, the calls admitted (concurrently: each may ask Redis), and the claims
+    locked with one SELECT, the calls admitted (together: see `_admit_each`), and the claims
     written with one UPDATE and one INSERT: a claim was three round trips and a commit per task.
     A row locked before its calls are admitted is what keeps the room taken inside the claim's
     transaction, as in `claim`."""
@@ -129,21 +129,32 @@ def claim_many(store: AttemptStore, asks: list[ClaimAsk]) -> list[Claim | Waitin
 
 
 def _admit_each(asks: list[ClaimAsk], planned: list[tuple[int, Claim, list[int]]]) -> list[Wait | Exception | None]:
-    def admit(item: tuple[int, Claim, list[int]]) -> Wait | Exception | None:
-        index, claim, slots = item
-        if not slots or asks[index].admit is None:
-            return None
-        try:
-            return asks[index].admit(claim, slots)
-        except Exception as exc:
-            return exc
+    """Each planned claim's admission, in order. The asks whose admits share a `together`
+    (`AdmitsTogether`) are answered by one call of it: the worker's model gate asks Redis once
+    for the group, where a round trip per claim was 7% of a busy worker's CPU."""
+    answers: list[Wait | Exception | None] = [None] * len(planned)
+    groups: dict[Callable, list[int]] = defaultdict(list)
+    for position, (index, _, slots) in enumerate(planned):
+        admit = asks[index].admit
+        if slots and admit is not None:
+            groups[getattr(admit, "together", _one_by_one)].append(position)
+    for together, positions in groups.items():
+        asked = [
+            (asks[planned[position][0]].admit, planned[position][1], planned[position][2]) for position in positions
+        ]
+        for position, answer in zip(positions, together(asked), strict=True):
+            answers[position] = answer
+    return answers
 
-    asking = sum(1 for index, _, slots in planned if slots and asks[index].admit is not None)
-    if asking <= 1:
-        return [admit(item) for item in planned]
-    # Under gevent these are greenlets: the group's Redis round trips overlap, as separate claims' did.
-    with ThreadPoolExecutor(max_workers=min(asking, 64)) as pool:
-        return list(pool.map(admit, planned))
+
+def _one_by_one(asked: list[tuple[AdmitCalls, Claim, list[int]]]) -> list[Wait | Exception | None]:
+    answers: list[Wait | Exception | None] = []
+    for admit, claim, slots in asked:
+        try:
+            answers.append(admit(claim, slots))
+        except Exception as exc:
+            answers.append(exc)
+    return answers
 
 
 def _claim_or_error(store: AttemptStore, ask: ClaimAsk) -> Claim | Waiting | Refused | Exception:

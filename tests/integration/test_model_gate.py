@@ -60,6 +60,25 @@ def test_no_more_calls_in_flight_than_max_concurrency_and_a_released_slot_is_tak
     assert isinstance(gate.acquire(ask("d", max_concurrency=2, order=3)), NoRoom)
 
 
+def test_asks_answered_together_are_answered_in_order_as_one_by_one(gate):
+    answers = gate.acquire_many([ask(f"t{index}", max_concurrency=2, order=index) for index in range(3)])
+    assert [type(answer) for answer in answers] == [Granted, Granted, NoRoom]
+    assert answers[2].reason == QueuedReason.MODEL_CONCURRENCY_LIMIT
+    gate.release(answers[0])
+    assert isinstance(gate.acquire_many([ask("t2", max_concurrency=2, order=2)])[0], Granted)
+
+
+def test_the_shared_gate_loads_its_script_again_after_redis_lost_it(redis_dbs):
+    client = redis.Redis.from_url(redis_dbs[1])
+    gate = RedisModelGate(client, prefix=f"test-gate:{uuid.uuid4().hex}:")
+    assert isinstance(gate.acquire(ask("before", max_concurrency=1)), Granted)
+    client.script_flush()  # what a restarted Redis has forgotten
+    assert [type(answer) for answer in gate.acquire_many([ask("a"), ask("b", max_concurrency=1, order=1)])] == [
+        Granted,
+        NoRoom,
+    ]
+
+
 def test_a_fan_out_holds_a_slot_per_call_up_to_max_concurrency(gate):
     granted = gate.acquire(ask("a", calls=3, max_concurrency=2))
     assert isinstance(granted, Granted) and granted.slots == 2

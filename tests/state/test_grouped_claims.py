@@ -104,6 +104,44 @@ def test_a_wait_or_an_admission_error_leaves_only_that_task_unclaimed(store, key
     assert called == set()
 
 
+class Together:
+    """Admits sharing one `together`, as the worker's model admission makes them: records each call."""
+
+    def __init__(self, answer_for):
+        self.answer_for, self.calls = answer_for, []
+
+    def admit(self):
+        outer = self
+
+        class Admit:
+            def __call__(self, claim, slots):
+                return outer.together([(self, claim, slots)])[0]
+
+            together = outer.together
+
+        return Admit()
+
+    def together(self, asked):
+        self.calls.append([(claim.task_id, slots) for _, claim, slots in asked])
+        return [self.answer_for(claim.task_id) for _, claim, _ in asked]
+
+
+def test_admits_sharing_a_together_are_asked_once_for_the_group_and_each_gets_its_answer(store, key_id):
+    admitted, waits, failing = (make_task(store.engine, key_id, n=2) for _ in range(3))
+    answers = {waits: Wait(QueuedReason.MODEL_RATE_LIMIT, 12.0), failing: RuntimeError("limits unavailable")}
+    shared = Together(lambda task_id: answers.get(task_id))
+
+    results = claim_many(store, [ask(task_id, admit=shared.admit()) for task_id in (admitted, waits, failing)])
+
+    assert shared.calls == [[(admitted, [0, 1]), (waits, [0, 1]), (failing, [0, 1])]]
+    assert isinstance(results[0], Claim) and results[0].slots == (0, 1)
+    assert isinstance(results[1], Waiting) and results[1].countdown_s == 12.0
+    assert isinstance(results[2], RuntimeError)
+    assert task_row(store.engine, admitted).status == TaskStatus.RUNNING
+    assert task_row(store.engine, waits).queued_reason == QueuedReason.MODEL_RATE_LIMIT
+    assert (task_row(store.engine, failing).status, task_row(store.engine, failing).attempts) == (TaskStatus.PENDING, 0)
+
+
 def test_concurrent_overlapping_groups_claim_each_attempt_once(store, key_id):
     task_ids = [make_task(store.engine, key_id) for _ in range(40)]
     start = threading.Barrier(4)
