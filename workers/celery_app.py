@@ -23,6 +23,7 @@ from imagegate.workers.http import check_idle_connections_without_the_hub, make_
 from imagegate.workers.leases import LeaseKeeper
 from imagegate.workers.model_limiter import make_limiter
 from imagegate.workers.runner import TaskRunner
+from imagegate.workers.stop_signals import handle_one_stop_signal_at_a_time
 from imagegate.workers.task_events import group_task_events
 from imagegate.workers.webhook_delivery import WebhookSender
 
@@ -85,6 +86,10 @@ def make_worker_app(settings: Settings, *, concurrency: int = 1000) -> Celery:
     @worker_ready.connect(weak=False)
     def _start_the_heartbeat(**_) -> None:
         heart.start()
+
+    @worker_ready.connect(weak=False)
+    def _stop_signals_one_at_a_time(**_) -> None:
+        handle_one_stop_signal_at_a_time()  # Celery's stop handlers are installed by now
 
     watchdog: ConsumerWatchdog | None = None
     if settings.uses_redis or settings.uses_amqp:

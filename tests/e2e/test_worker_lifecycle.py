@@ -35,6 +35,25 @@ def test_sigterm_stops_an_idle_worker_cleanly(tmp_path, env, own_redis, migrated
     assert "Traceback" not in output and "BlockingSwitchOutError" not in output, output
 
 
+def test_a_worker_told_to_stop_by_several_signals_at_once_stops_cleanly(tmp_path, env, own_redis, migrated):
+    """systemd signals every process of the unit, and Ctrl-C the terminal's whole process group,
+    while a group's parent forwards the stop to its children too: a worker process gets the next
+    signal while it is still handling the first."""
+    log = tmp_path / "worker.log"
+    process = start_worker(env | {"IMAGEGATE_BROKER_URL": f"{own_redis.url}/0"}, log, "--processes", "1")
+    try:
+        until = time.monotonic() + 0.5
+        while time.monotonic() < until and process.poll() is None:
+            os.kill(process.pid, signal.SIGTERM)
+        assert process.wait(timeout=60) == 0, log.read_text()
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    output = log.read_text()
+    assert "Traceback" not in output and "BlockingSwitchOutError" not in output, output
+
+
 def _publish_probe(settings) -> str:
     """A run message for a task that does not exist: a worker takes it, claims nothing, acknowledges."""
     from imagegate.app.queue import make_celery, publish_run
