@@ -19,13 +19,10 @@ from tests.support.processes import create_key, start_api, start_worker, stop_pr
 from tests.support.services import free_port, wait_until
 
 
-@pytest.mark.parametrize("pool", ["gevent", "threads"])
-def test_sigterm_stops_an_idle_worker_cleanly(tmp_path, env, own_redis, migrated, pool):
-    log = tmp_path / "worker.log"
-    # A Redis of its own: no other test's messages reach this worker.
-    process = start_worker(env | {"IMAGEGATE_BROKER_URL": f"{own_redis.url}/0"}, log, "--pool", pool)
+def _stops_cleanly(process, log, stop) -> None:
+    """`stop(process)`; the worker exits 0 and logs no traceback."""
     try:
-        os.killpg(process.pid, signal.SIGTERM)
+        stop(process)
         assert process.wait(timeout=60) == 0, log.read_text()
     finally:
         if process.poll() is None:
@@ -33,6 +30,14 @@ def test_sigterm_stops_an_idle_worker_cleanly(tmp_path, env, own_redis, migrated
             process.wait()
     output = log.read_text()
     assert "Traceback" not in output and "BlockingSwitchOutError" not in output, output
+
+
+@pytest.mark.parametrize("pool", ["gevent", "threads"])
+def test_sigterm_stops_an_idle_worker_cleanly(tmp_path, env, own_redis, migrated, pool):
+    log = tmp_path / "worker.log"
+    # A Redis of its own: no other test's messages reach this worker.
+    process = start_worker(env | {"IMAGEGATE_BROKER_URL": f"{own_redis.url}/0"}, log, "--pool", pool)
+    _stops_cleanly(process, log, lambda process: os.killpg(process.pid, signal.SIGTERM))
 
 
 def test_a_worker_told_to_stop_by_several_signals_at_once_stops_cleanly(tmp_path, env, own_redis, migrated):
@@ -41,17 +46,13 @@ def test_a_worker_told_to_stop_by_several_signals_at_once_stops_cleanly(tmp_path
     signal while it is still handling the first."""
     log = tmp_path / "worker.log"
     process = start_worker(env | {"IMAGEGATE_BROKER_URL": f"{own_redis.url}/0"}, log, "--processes", "1")
-    try:
+
+    def signals_for_half_a_second(process) -> None:
         until = time.monotonic() + 0.5
         while time.monotonic() < until and process.poll() is None:
             os.kill(process.pid, signal.SIGTERM)
-        assert process.wait(timeout=60) == 0, log.read_text()
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-    output = log.read_text()
-    assert "Traceback" not in output and "BlockingSwitchOutError" not in output, output
+
+    _stops_cleanly(process, log, signals_for_half_a_second)
 
 
 def _publish_probe(settings) -> str:
