@@ -270,8 +270,8 @@ class RedisModelGate:
             for index, reply in zip(todo, answered, strict=True):
                 if isinstance(reply, NoScriptError):
                     lost.append(index)
-                elif isinstance(reply, Exception):
-                    raise reply
+                elif isinstance(reply, Exception):  # a bug in the script: the whole group is refused, and
+                    raise reply  # the room the others took comes back when its leases end
                 else:
                     replies[index] = reply
             if not lost:
