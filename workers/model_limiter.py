@@ -60,12 +60,9 @@ class ModelLimiter:
         self._lock = threading.Lock()
         self._renewer: threading.Thread | None = None
 
-    def admit(self, config: ModelConfig, claim: Claim, calls: int) -> Granted | Wait:
-        """Room for `calls` calls of the claim's model now (held until `release`), or how long to wait."""
-        return self.admit_many([(config, claim, calls)])[0]
-
     def admit_many(self, asked: list[tuple[ModelConfig, Claim, int]]) -> list[Granted | Wait]:
-        """`admit` for several claims, asking the gate once."""
+        """For each (model, claim, calls): room for the calls now (held until `release`), or how long
+        to wait; the gate is asked once for all of them."""
         asks = [
             Ask(
                 model=config.name,

@@ -346,12 +346,11 @@ def sync_1000_row(env: Environment, opts) -> dict:
         # Each target first answers a small burst, as the other rows warm up: a server just started
         # (the API is restarted with one process for this row) opens its connections meanwhile.
         loadgen.burst(url, body, count=WARM_UP_BURST, key=key, timeout_s=opts.burst_timeout_s)
-        return figures(loadgen.burst(url, body, count=count, key=key, timeout_s=opts.burst_timeout_s))
+        env.upstream_control("_reset")  # the peak in flight is the burst's own
+        run = figures(loadgen.burst(url, body, count=count, key=key, timeout_s=opts.burst_timeout_s))
+        return run | {"peak in flight": env.upstream_control("_stats")["peak_in_flight"]}
 
-    result: dict = {"imagegate": {}}
-    env.upstream_control("_reset")
-    result["imagegate"] = measured(f"{env.api_url}/v1/images/generations", env.key)
-    result["imagegate"]["peak in flight"] = env.upstream_control("_stats")["peak_in_flight"]
+    result: dict = {"imagegate": measured(f"{env.api_url}/v1/images/generations", env.key)}
     url = _litellm(env, result)
     if url:
         result["LiteLLM proxy"] = measured(f"{url}/v1/images/generations", LITELLM_KEY)

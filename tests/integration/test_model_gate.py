@@ -178,13 +178,13 @@ def claim_of(task_id) -> Claim:
 def test_the_limiter_renews_the_slots_it_holds_and_gives_them_back(gate):
     limiter = ModelLimiter(gate, lease_s=0.6, wait_s=0.2, cooldown_s=30)
     config = ModelConfig(name="m", adapter="openai", base_url="http://x", max_concurrency=1)
-    held = limiter.admit(config, claim_of(uuid.uuid4()), 1)
+    (held,) = limiter.admit_many([(config, claim_of(uuid.uuid4()), 1)])
     assert isinstance(held, Granted)
     time.sleep(1.0)  # past its lease: still held, as the limiter renews it
     second = claim_of(uuid.uuid4())
-    waiting = limiter.admit(config, second, 1)
+    (waiting,) = limiter.admit_many([(config, second, 1)])
     assert isinstance(waiting, Wait) and waiting.reason == QueuedReason.MODEL_CONCURRENCY_LIMIT
     assert 0.2 <= waiting.countdown_s <= 0.2 * 1.2 + 1e-6
     limiter.release(held)
     limiter.release(held)  # a second release does nothing
-    assert isinstance(limiter.admit(config, second, 1), Granted)
+    assert isinstance(limiter.admit_many([(config, second, 1)])[0], Granted)

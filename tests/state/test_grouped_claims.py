@@ -111,15 +111,11 @@ class Together:
         self.answer_for, self.calls = answer_for, []
 
     def admit(self):
-        outer = self
+        def admit(claim, slots):
+            return self.together([(admit, claim, slots)])[0]
 
-        class Admit:
-            def __call__(self, claim, slots):
-                return outer.together([(self, claim, slots)])[0]
-
-            together = outer.together
-
-        return Admit()
+        admit.together = self.together
+        return admit
 
     def together(self, asked):
         self.calls.append([(claim.task_id, slots) for _, claim, slots in asked])
