@@ -20,8 +20,16 @@ class AfterEnd:
     def __init__(self, events: Wakeups, webhooks: WebhookStore, batches: BatchStore, celery: Celery):
         self._events, self._webhooks, self._batches, self._celery = events, webhooks, batches, celery
 
-    def task_ended(self, task_id: uuid.UUID, batch_id: uuid.UUID | None = None, *, has_callback: bool = True) -> None:
-        announce_quietly(self._events, task_id)
+    def task_ended(
+        self,
+        task_id: uuid.UUID,
+        batch_id: uuid.UUID | None = None,
+        *,
+        has_callback: bool = True,
+        reply: bytes | None = None,
+    ) -> None:
+        """`reply`: the body of a synchronous request's answer, handed over to it (see app/wakeups.py)."""
+        announce_quietly(self._events, task_id, reply)
         if has_callback:  # a task without a callback URL has no event to look for
             self.send(self._webhooks.new_for(task_id=task_id))
         if batch_id is not None:

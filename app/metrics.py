@@ -100,6 +100,13 @@ SPECS: dict[str, Spec] = {
         ("route", "method"),
         REQUEST_BUCKETS,
     ),
+    "sync_replies": Spec(
+        Counter,
+        "imagegate_sync_replies_total",
+        "Synchronous requests answered with their task's images, by where the reply came from: "
+        "handed_over (by the worker, with the images in hand) or database (read back from the stored task).",
+        ("source",),
+    ),
     # The worker: tasks.
     "task_time_to_start": Spec(
         Histogram,
@@ -207,6 +214,7 @@ class Metrics:
 
     http_requests: Counter
     http_request_duration: Histogram
+    sync_replies: Counter
     task_time_to_start: Histogram
     task_time_to_end: Histogram
     tasks_ended: Counter

@@ -91,6 +91,10 @@ def make_celery(settings: Settings) -> Celery:
     return app
 
 
+# The keyword of a run message whose reply a synchronous request waits for (app/wakeups.py).
+AWAITED = "awaited"
+
+
 def queue_of(batch_id: uuid.UUID | None) -> str:
     return BATCH_QUEUE if batch_id else QUEUE
 
@@ -137,11 +141,12 @@ class RunPublisher:
             self._publish_many, max_group=MAX_PUBLISH_GROUP
         )
 
-    def publish(self, task_id: uuid.UUID, *, batch_id: uuid.UUID | None = None) -> None:
+    def publish(self, task_id: uuid.UUID, *, batch_id: uuid.UUID | None = None, awaited: bool = False) -> None:
         """Attempt 1 of `task_id`: the message `publish_run(celery, task_id, 1)` sends. Returns once
         it is in the broker; raises when that is not certain (the caller leaves the task to the
-        sweeper)."""
-        self._grouped(self._message(task_id, queue_of(batch_id)))
+        sweeper). `awaited`: a synchronous request waits for it and would take its reply handed
+        over (app/wakeups.py)."""
+        self._grouped(self._message(task_id, queue_of(batch_id), awaited=awaited))
 
     def publish_many(self, task_ids: list[uuid.UUID]) -> list[Exception | None]:
         """Attempt 1 of each task (none of a batch) at once, not waiting for other callers: one outcome
@@ -176,12 +181,19 @@ class RunPublisher:
                 if between_chunks is not None:
                     between_chunks()
 
-    def _message(self, task_id: uuid.UUID, queue: str) -> tuple[Any, dict[str, Any]]:
+    def _message(self, task_id: uuid.UUID, queue: str, *, awaited: bool = False) -> tuple[Any, dict[str, Any]]:
         shape = self._shapes.get(queue) or self._shape(queue)
         args = [str(task_id), 1]
         (_, kwargs, embed), options = shape
+        kwargs = {**kwargs, AWAITED: True} if awaited else kwargs
         message_id = str(uuid.uuid4())
-        headers = {**options["headers"], "id": message_id, "root_id": message_id, "argsrepr": repr(args)}
+        headers = {
+            **options["headers"],
+            "id": message_id,
+            "root_id": message_id,
+            "argsrepr": repr(args),
+            "kwargsrepr": repr(kwargs),
+        }
         return (args, kwargs, embed), {**options, "headers": headers, "correlation_id": message_id}
 
     def _publish_many(self, messages: list[tuple[Any, dict[str, Any]]]) -> list[Exception | None]:

@@ -3,7 +3,13 @@ where both processes can: the API answers with it, the workers send it."""
 
 from __future__ import annotations
 
+import uuid
+from collections.abc import Iterable
+from datetime import datetime
+from typing import Any
+
 import pybase64
+from pydantic import BaseModel
 
 from imagegate.app.image_urls import signed_image_url
 from imagegate.app.models import Batch
@@ -12,6 +18,7 @@ from imagegate.app.schemas import (
     BatchCounts,
     BatchView,
     ImageData,
+    ImagesResponse,
     TaskError,
     TaskView,
 )
@@ -24,13 +31,35 @@ def timestamp(record: TaskRecord) -> int:
     return int(record.task.created_at.timestamp())
 
 
+def json_body(model: BaseModel) -> str:
+    """A reply's JSON, written by pydantic itself: through a dict and the json module, a reply's
+    200 KB base64 string cost a tenth of a synchronous request's API CPU."""
+    return model.model_dump_json(exclude_none=True)
+
+
+def images_reply(
+    task_id: uuid.UUID, created_at: datetime, usage: dict[str, Any] | None, data: list[ImageData]
+) -> ImagesResponse:
+    """A succeeded task's synchronous reply: the API's from the stored task, and the one a worker
+    hands over with the images still in hand (app/wakeups.py)."""
+    return ImagesResponse(
+        created=int(created_at.timestamp()),
+        data=data,
+        usage=usage,
+        task_id=str(task_id),
+        task_status=TaskStatus.SUCCEED,
+    )
+
+
+def b64_items(images: Iterable[tuple[bytes, str | None]]) -> list[ImageData]:
+    """Images (bytes, revised prompt) as b64_json items, in order."""
+    return [ImageData(b64_json=pybase64.b64encode(data).decode(), revised_prompt=prompt) for data, prompt in images]
+
+
 def image_items(record: TaskRecord, settings: Settings, *, as_urls: bool = False) -> list[ImageData]:
     """The images in the task's response_format, or as URLs when asked (webhooks never carry base64)."""
     if record.task.response_format == "b64_json" and not as_urls:
-        return [
-            ImageData(b64_json=pybase64.b64encode(image.data or b"").decode(), revised_prompt=image.revised_prompt)
-            for image in record.images
-        ]
+        return b64_items((image.data or b"", image.revised_prompt) for image in record.images)
     return [
         ImageData(
             url=image.store_url  # the bucket's presigned URL, with IMAGEGATE_IMAGE_URLS=store

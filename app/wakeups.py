@@ -4,6 +4,11 @@ With Redis, one listener per web process holds one pub/sub connection and wakes 
 waiting on the ended task, so hundreds of waiting requests cost one connection and no polling.
 Under gevent (the API server) the listener and the waits are greenlets.
 
+An end may come with its synchronous reply, handed over: the worker that has the images in hand
+puts the reply's body in Redis beside the announcement, and the woken request takes it instead of
+reading the images back from Postgres (after they were stored there). A hand-over that is missing
+(expired, Redis restarted, never made) costs only that read.
+
 Without Redis (the embedded mode's filesystem broker) there is nothing to subscribe to, so a
 waiter is woken on a growing interval instead and re-reads the task.
 """
@@ -14,7 +19,7 @@ import logging
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from typing import Protocol
 
@@ -22,14 +27,19 @@ from imagegate.app.settings import is_redis_url
 
 log = logging.getLogger(__name__)
 
+# A handed-over reply is taken at once by the request waiting for it; one left behind (its request
+# gave up at IMAGEGATE_SYNC_TIMEOUT_S, its API process died) is dropped after this long.
+REPLY_TTL_MS = 30_000
+
 
 class Wakeup(Protocol):
     def wait(self, timeout: float) -> bool: ...
 
 
 class Wakeups(Protocol):
-    def announce(self, task_id: str) -> None: ...
-    def announce_many(self, task_ids: list[str]) -> None: ...
+    def announce(self, task_id: str, reply: bytes | None = None) -> None: ...
+    def announce_many(self, task_ids: list[str], replies: Mapping[str, bytes] | None = None) -> None: ...
+    def take_reply(self, task_id: str) -> bytes | None: ...
     def subscription(self, task_id: str) -> AbstractContextManager[Wakeup]: ...
     def close(self) -> None: ...
 
@@ -47,15 +57,29 @@ class RedisWakeups:
         self._listener: threading.Thread | None = None
         self._closed = False
 
-    def announce(self, task_id: str) -> None:
-        self._redis.publish(self.channel, task_id)
+    def announce(self, task_id: str, reply: bytes | None = None) -> None:
+        self.announce_many([task_id], {task_id: reply} if reply is not None else None)
 
-    def announce_many(self, task_ids: list[str]) -> None:
-        """Several ends in one round trip (a worker's ends arrive in groups)."""
+    def announce_many(self, task_ids: list[str], replies: Mapping[str, bytes] | None = None) -> None:
+        """Several ends in one round trip (a worker's ends arrive in groups), each reply put before
+        its end is announced, so a woken request finds it."""
+        replies = replies or {}
         with self._redis.pipeline(transaction=False) as pipe:
             for task_id in task_ids:
+                if (reply := replies.get(task_id)) is not None:
+                    pipe.set(_reply_key(task_id), reply, px=REPLY_TTL_MS)
                 pipe.publish(self.channel, task_id)
             pipe.execute()
+
+    def take_reply(self, task_id: str) -> bytes | None:
+        """The reply handed over for `task_id`, once (None: none is there, or Redis failed)."""
+        import redis
+
+        try:
+            return self._redis.getdel(_reply_key(task_id))
+        except redis.RedisError as exc:
+            log.warning("could not take the handed-over reply of task %s: %s", task_id, exc)
+            return None
 
     @contextmanager
     def subscription(self, task_id: str) -> Iterator[threading.Event]:
@@ -111,6 +135,10 @@ class RedisWakeups:
             event.set()
 
 
+def _reply_key(task_id: str) -> str:
+    return f"imagegate:reply:{task_id}"
+
+
 class _ClearingEvent:
     """An event that re-arms after each wake-up, so one waiter can wait several times."""
 
@@ -126,11 +154,14 @@ class _ClearingEvent:
 class PollingWakeups:
     """For brokers without pub/sub: wake waiters on a growing interval (0.1 s up to 1 s)."""
 
-    def announce(self, task_id: str) -> None:
+    def announce(self, task_id: str, reply: bytes | None = None) -> None:
         pass
 
-    def announce_many(self, task_ids: list[str]) -> None:
+    def announce_many(self, task_ids: list[str], replies: Mapping[str, bytes] | None = None) -> None:
         pass
+
+    def take_reply(self, task_id: str) -> bytes | None:
+        return None
 
     @contextmanager
     def subscription(self, task_id: str) -> Iterator[_Interval]:
@@ -150,10 +181,10 @@ class _Interval:
         return True
 
 
-def announce_quietly(events: Wakeups, task_id: object) -> None:
+def announce_quietly(events: Wakeups, task_id: object, reply: bytes | None = None) -> None:
     """Announce a task's end; a broker outage only delays waiters, who re-read the task on reconnect."""
     try:
-        events.announce(str(task_id))
+        events.announce(str(task_id), reply)
     except Exception as exc:
         log.warning("could not announce the end of task %s: %s", task_id, exc)
 

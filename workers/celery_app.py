@@ -67,8 +67,8 @@ def make_worker_app(settings: Settings, *, concurrency: int = 1000) -> Celery:
     # republishes. So the broker holds no message for the length of an upstream call, and a thousand
     # calls in flight are not a thousand unacknowledged messages for Redis to track and restore.
     @celery.task(name=RUN_TASK, bind=True, acks_late=False)
-    def run_task(self, task_id: str, attempt: int, poll: int = 0) -> None:
-        runner.run(task_id, attempt, poll, worker=self.request.hostname or "worker")
+    def run_task(self, task_id: str, attempt: int, poll: int = 0, awaited: bool = False) -> None:
+        runner.run(task_id, attempt, poll, worker=self.request.hostname or "worker", awaited=awaited)
 
     # Only a hand-over to the delivery lane: it returns at once (see workers/webhook_delivery.py).
     @celery.task(name=DELIVER_WEBHOOK, acks_late=True, reject_on_worker_lost=True, queue=WEBHOOK_QUEUE)

@@ -42,6 +42,7 @@ from imagegate.workers.adapters.base import (
     PollingAdapter,
     UpstreamError,
 )
+from imagegate.workers.announcements import handed_over_reply
 from imagegate.workers.batch_closing import BatchClosing
 from imagegate.workers.durable_writes import DurableWrites
 from imagegate.workers.fanout import Call, merge_usage, plan_calls, slot_counts
@@ -114,13 +115,14 @@ class TaskRunner:
             if upstream.unavailable:
                 log.warning("model %r cannot be served: %s", name, upstream.unavailable)
 
-    def run(self, task_id: str, attempt: int, poll: int = 0, *, worker: str) -> None:
+    def run(self, task_id: str, attempt: int, poll: int = 0, *, worker: str, awaited: bool = False) -> None:
+        """`awaited`: a synchronous request waits for this attempt, and takes its reply handed over."""
         # Every log line of the run carries the task's context, which ends with it (a pool's
         # thread goes on to other tasks; under gevent each task has a greenlet and its own context).
         with bound_contextvars(task_id=task_id, attempt=attempt):
-            self._run(task_id, attempt, poll, worker=worker)
+            self._run(task_id, attempt, poll, worker=worker, awaited=awaited)
 
-    def _run(self, task_id: str, attempt: int, poll: int, *, worker: str) -> None:
+    def _run(self, task_id: str, attempt: int, poll: int, *, worker: str, awaited: bool) -> None:
         parsed = parse_id(task_id)
         if parsed is None:
             return
@@ -136,6 +138,8 @@ class TaskRunner:
             if claim is not None:
                 log.info("task %s attempt %s poll %s: not claimed (%s)", task_id, attempt, poll, claim)
             return
+        if awaited:
+            claim = dataclasses.replace(claim, awaited=True)
         count_started(claim)
         try:
             with bound_contextvars(**_log_context(claim)), self.leases.held(claim), attempt_running():
@@ -246,7 +250,7 @@ class TaskRunner:
                 log.info("task %s attempt %s: succeed via %s", claim.task_id, claim.attempt, claim.route)
                 count_stored(claim, images)
                 count_ended(claim, "succeed")
-                self._announce(claim)
+                self._announce(claim, handed_over_reply(claim, images, usage))
             else:
                 self._stop_if_cancelled(claim, written)
             return
@@ -389,9 +393,9 @@ class TaskRunner:
             count_ended(claim, "failed", failure.code)
             self._announce(claim)
 
-    def _announce(self, claim: Claim) -> None:
+    def _announce(self, claim: Claim, reply: bytes | None = None) -> None:
         # The batch is closed through self.batches: one check at a time per batch, not one per task.
-        self.after_end.task_ended(claim.task_id, None, has_callback=claim.callback_url is not None)
+        self.after_end.task_ended(claim.task_id, None, has_callback=claim.callback_url is not None, reply=reply)
         if claim.batch_id is not None:
             self.batches.touched(claim.batch_id)
 

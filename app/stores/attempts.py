@@ -45,6 +45,8 @@ class Claim:
     api_key_id: uuid.UUID | None = None  # for the run's log lines
     # The fan-out slots whose calls this attempt makes (recorded in `attempts` with the claim).
     slots: tuple[int, ...] = ()
+    # A synchronous request waits for this attempt: its reply is handed over (app/wakeups.py).
+    awaited: bool = False
 
 
 @dataclass(frozen=True)

@@ -15,11 +15,12 @@ from imagegate.app.edits import InputFile
 from imagegate.app.failures import http_status_of_failure
 from imagegate.app.ids import parse_id
 from imagegate.app.logs import bind_contextvars
+from imagegate.app.metrics import metrics
 from imagegate.app.schemas import GenerationRequest, ImagesResponse, TaskAccepted, TaskView
 from imagegate.app.state.refused import Refused
 from imagegate.app.state.tasks import ENDED, CancelOutcome, TaskStatus
 from imagegate.app.stores.tasks import NewTask, TaskRecord
-from imagegate.app.views import image_items, task_view, timestamp
+from imagegate.app.views import image_items, images_reply, json_body, task_view, timestamp
 from imagegate.app.web.auth import require_api_key
 from imagegate.app.web.errors import ApiError, error_response, from_validation_error
 from imagegate.app.web.intake import (
@@ -51,9 +52,11 @@ bp.record_once(lambda state: state.app.url_map.converters.setdefault("task_id", 
 
 
 def _json(model, status: int = 200):
-    # pydantic writes the JSON itself: through a dict and the json module, a reply's 200 KB
-    # base64 string cost a tenth of a synchronous request's API CPU.
-    return current_app.response_class(model.model_dump_json(exclude_none=True), mimetype="application/json"), status
+    return _body(json_body(model), status)
+
+
+def _body(body: str | bytes, status: int = 200):
+    return current_app.response_class(body, mimetype="application/json"), status
 
 
 def _parse_generation(svc: Services) -> GenerationRequest:
@@ -76,9 +79,9 @@ def _parse_generation(svc: Services) -> GenerationRequest:
         raise from_validation_error(exc) from None
 
 
-def _publish(svc: Services, task_id: uuid.UUID) -> None:
+def _publish(svc: Services, task_id: uuid.UUID, *, awaited: bool = False) -> None:
     try:
-        svc.runs.publish(task_id)
+        svc.runs.publish(task_id, awaited=awaited)
     except Exception:  # the task is committed pending; a broker outage must not lose the reply
         log.exception("could not publish task %s; it stays pending", task_id)
 
@@ -154,12 +157,18 @@ def submit_task(
             _publish(svc, task.id)
         return *_json(_accepted(task), 202), replayed
 
-    # Subscribe before publishing, so the end of even a very fast task is not missed.
+    # Subscribe before publishing, so the end of even a very fast task is not missed. A new b64_json
+    # task asks its worker to hand its reply over (app/wakeups.py): its images are not read back.
+    awaited = new and response_format == "b64_json"
     with svc.wakeups.subscription(str(task.id)) as wakeup:
         if new:
-            _publish(svc, task.id)
-        record = _wait_for_end(svc, task.id, wakeup, ended_maybe=not new)
-    response = _sync_reply(svc, record)
+            _publish(svc, task.id, awaited=awaited)
+        ended = _wait_for_end(svc, task.id, wakeup, ended_maybe=not new, awaited=awaited)
+    if isinstance(ended, bytes):
+        metrics().sync_replies.labels("handed_over").inc()
+        return *_body(ended), replayed
+    metrics().sync_replies.labels("database").inc()
+    response = _sync_reply(svc, ended)
     return (*response, replayed) if isinstance(response, tuple) else (response, replayed)
 
 
@@ -173,10 +182,13 @@ def _accepted(task: NewTask) -> TaskAccepted:
 FALLBACK_FIRST_S, FALLBACK_MAX_S = 2.0, 10.0
 
 
-def _wait_for_end(svc: Services, task_id: uuid.UUID, wakeup, *, ended_maybe: bool) -> TaskRecord:
-    """The task once ended (or as it is at IMAGEGATE_SYNC_TIMEOUT_S). A replayed task may have
-    ended long ago: read it first. After a wake-up read it whole at once (one session, no attempt
-    log); a fallback re-read reads the status alone."""
+def _wait_for_end(
+    svc: Services, task_id: uuid.UUID, wakeup, *, ended_maybe: bool, awaited: bool = False
+) -> TaskRecord | bytes:
+    """The task once ended (or as it is at IMAGEGATE_SYNC_TIMEOUT_S), or the reply its worker
+    handed over when `awaited`. A replayed task may have ended long ago: read it first. After a
+    wake-up read it whole at once (one session, no attempt log); a fallback re-read reads the
+    status alone."""
     deadline = time.monotonic() + svc.settings.sync_timeout_s
     if ended_maybe and svc.tasks.status(task_id) in ENDED:
         return _ended_record(svc, task_id)
@@ -186,6 +198,8 @@ def _wait_for_end(svc: Services, task_id: uuid.UUID, wakeup, *, ended_maybe: boo
         if remaining <= 0:
             return _ended_record(svc, task_id)
         if wakeup.wait(min(remaining, fallback)):
+            if awaited and (reply := svc.wakeups.take_reply(str(task_id))) is not None:
+                return reply
             record = _ended_record(svc, task_id)
             if record.task.status in ENDED:
                 return record
@@ -204,15 +218,7 @@ def _ended_record(svc: Services, task_id: uuid.UUID) -> TaskRecord:
 def _sync_reply(svc: Services, record: TaskRecord):
     task = record.task
     if task.status == TaskStatus.SUCCEED:
-        return _json(
-            ImagesResponse(
-                created=timestamp(record),
-                data=image_items(record, svc.settings),
-                usage=task.usage,
-                task_id=str(task.id),
-                task_status=TaskStatus.SUCCEED,
-            )
-        )
+        return _json(images_reply(task.id, task.created_at, task.usage, image_items(record, svc.settings)))
     if task.status == TaskStatus.FAILED:
         status = http_status_of_failure(task.error_code)
         return error_response(

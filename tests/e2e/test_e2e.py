@@ -11,6 +11,7 @@ import httpx
 import openai
 import pytest
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 
 from imagegate.app.queue import make_celery, publish_run
 from tests.support.fake_upstream import Step
@@ -59,6 +60,45 @@ def test_openai_sdk_against_an_openai_upstream_with_usage_and_revised_prompt(sdk
     (call,) = upstream.calls_for(prompt)
     assert call.body["model"] == "dall-e-3"  # upstream_model
     assert call.authorization.startswith("Bearer sk-upstream-secret-")
+
+
+def _sync_replies(api_url: str) -> dict[str, float]:
+    """imagegate_sync_replies_total by source, summed over the API's processes."""
+    text = httpx.get(f"{api_url}/metrics", timeout=10).text
+    return {
+        sample.labels["source"]: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "imagegate_sync_replies_total"
+    }
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [{"model": "fake-dalle"}, {"model": "local", "n": 3, "size": "32x32"}],
+    ids=["usage and revised prompt", "three images in order"],
+)
+def test_a_sync_reply_handed_over_by_the_worker_is_the_stored_task_s_reply(client, api_url, upstream, prompt, fields):
+    """The worker hands a waiting b64_json request its reply; the same request replayed (its
+    Idempotency-Key) is answered from the stored task: both must be the same reply."""
+    upstream.script(prompt, Step(revised_prompt="revised, once", as_url=False))
+    body = {"prompt": prompt, "response_format": "b64_json", **fields}
+    headers = {"Idempotency-Key": f"handover-{prompt}"}
+    before = _sync_replies(api_url)
+    first = client.post("/v1/images/generations", json=body, headers=headers)
+    assert first.status_code == 200, first.text
+    between = _sync_replies(api_url)
+    replayed = client.post("/v1/images/generations", json=body, headers=headers)
+    assert replayed.status_code == 200 and replayed.headers["Idempotent-Replayed"] == "true"
+    after = _sync_replies(api_url)
+
+    assert between.get("handed_over", 0) - before.get("handed_over", 0) == 1
+    assert after.get("database", 0) - between.get("database", 0) == 1
+    assert first.json() == replayed.json()
+    assert len(first.json()["data"]) == fields.get("n", 1)
+    if fields["model"] == "fake-dalle":
+        assert first.json()["usage"]["total_tokens"] == 100
+        assert first.json()["data"][0]["revised_prompt"] == "revised, once"
 
 
 def test_async_submit_then_poll_until_succeed(client, upstream, prompt):
