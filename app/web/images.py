@@ -167,7 +167,8 @@ def submit_task(
     if isinstance(ended, bytes):
         metrics().sync_replies.labels("handed_over").inc()
         return *_body(ended), replayed
-    metrics().sync_replies.labels("database").inc()
+    if ended.task.status == TaskStatus.SUCCEED:
+        metrics().sync_replies.labels("database").inc()
     response = _sync_reply(svc, ended)
     return (*response, replayed) if isinstance(response, tuple) else (response, replayed)
 
