@@ -116,34 +116,19 @@ def claim(
 
 def claimable_each(connection: Connection, asks: Sequence[tuple[uuid.UUID, int]]) -> dict[uuid.UUID, Row]:
     """The rows of the (task, attempt) pairs whose attempt may be claimed now (pending, attempt - 1
-    made), locked until the transaction ends, by task id: the first half of a group's claim
-    (`claim_from`), so the claims' calls can be admitted between the two (see
-    app/stores/claim_groups.py). Locked in id order, so two workers claiming overlapping groups
-    cannot deadlock."""
-    if connection.dialect.name == "postgresql":
-        rows = connection.execute(
-            _CLAIMABLE,
-            {"asked_id": [task_id for task_id, _ in asks], "asked_attempt": [attempt for _, attempt in asks]},
-        )
-    else:
-        rows = connection.execute(
-            select(*CLAIM_COLUMNS)
-            .where(
-                tasks.c.status == TaskStatus.PENDING,
-                tuple_(tasks.c.id, tasks.c.attempts).in_([(task_id, attempt - 1) for task_id, attempt in asks]),
-            )
-            .order_by(tasks.c.id)
-            .with_for_update()
-        )
+    made), by task id, on Postgres: the first half of a group's claim (`claim_from`), so the
+    claims' calls can be admitted between the two (see app/stores/claim_groups.py). Not locked:
+    the claim is guarded, and refused for a row that changed meanwhile."""
+    rows = connection.execute(
+        _CLAIMABLE,
+        {"asked_id": [task_id for task_id, _ in asks], "asked_attempt": [attempt for _, attempt in asks]},
+    )
     return {row.id: row for row in rows}
 
 
 _ASKED = arrays_as_rows("asked", id=Uuid, attempt=Integer)
-_CLAIMABLE = (
-    select(*CLAIM_COLUMNS)
-    .where(tasks.c.id == _ASKED.c.id, tasks.c.attempts == _ASKED.c.attempt - 1, tasks.c.status == TaskStatus.PENDING)
-    .order_by(tasks.c.id)
-    .with_for_update(of=tasks)
+_CLAIMABLE = select(*CLAIM_COLUMNS).where(
+    tasks.c.id == _ASKED.c.id, tasks.c.attempts == _ASKED.c.attempt - 1, tasks.c.status == TaskStatus.PENDING
 )
 _RUNNING = {"status": TaskStatus.RUNNING, "polls": 0, "queued_reason": None}
 

@@ -159,10 +159,11 @@ class AttemptStore:
     engine: Engine
     # Rows per statement when renewing many leases at once.
     lease_chunk: int = field(default=500)
-    _autocommit: Engine = field(init=False, repr=False)
+    # Each statement committed on its own (one round trip, no BEGIN and COMMIT).
+    autocommit: Engine = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self._autocommit = self.engine.execution_options(isolation_level="AUTOCOMMIT")
+        self.autocommit = self.engine.execution_options(isolation_level="AUTOCOMMIT")
 
     def claim(
         self,
@@ -255,7 +256,7 @@ class AttemptStore:
         held = [(end.claim.task_id, end.claim.attempt) for end in ends]
         announcing = any(end.claim.callback_url for end in ends)
         one_statement = self.engine.dialect.name == "postgresql"
-        with self._autocommit.connect() if one_statement and not announcing else self.engine.begin() as connection:
+        with self.autocommit.connect() if one_statement and not announcing else self.engine.begin() as connection:
             by_attempt = write_successes(connection, ends, now)
             announced = [
                 end.claim.task_id

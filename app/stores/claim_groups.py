@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from datetime import timedelta
 
-from sqlalchemy import Integer, Text, Uuid, bindparam, func, insert, select
+from sqlalchemy import Integer, Text, Uuid, bindparam, insert, select
 
 from imagegate.app.models import Attempt, Image, utcnow
 from imagegate.app.state import attempts as transitions
@@ -21,7 +21,7 @@ attempts, images = Attempt.__table__, Image.__table__
 
 def _claim_with_calls():
     """The group's claims (`claim_from`) and the `attempts` rows of their calls in one statement,
-    the calls written only for a claimed task; how many were claimed."""
+    the calls written only for a claimed task; the ids of the tasks claimed."""
     asked = transitions.arrays_as_rows("asked", id=Uuid, attempt=Integer)
     claimed = transitions.claim_from(asked).cte("claimed")
     calls = transitions.arrays_as_rows("calls", task_id=Uuid, slot=Integer, model=Text)
@@ -40,19 +40,22 @@ def _claim_with_calls():
         )
         .cte("recorded")
     )
-    return select(func.count()).select_from(claimed).add_cte(recorded)
+    return select(claimed.c.id).add_cte(recorded)
 
 
 _CLAIM_WITH_CALLS = _claim_with_calls()
 
 
 def claim_many(store: AttemptStore, asks: list[ClaimAsk]) -> list[Claim | Waiting | Refused | Exception]:
-    """`AttemptStore.claim` for several attempts in one transaction, one result per ask in order (an exception
+    """`AttemptStore.claim` for several attempts at once, one result per ask in order (an exception
     an ask's `admit` raised is given back for that ask alone). On Postgres the group's rows are
-    locked with one SELECT, the calls admitted (together: see `_admit_each`), and the claims
-    written with one UPDATE and one INSERT: a claim was three round trips and a commit per task.
-    A row locked before its calls are admitted is what keeps the room taken inside the claim's
-    transaction, as in `claim`."""
+    read with one SELECT, the calls admitted (together: see `_admit_each`), and the claims written
+    with one statement (the UPDATE and the calls' INSERT), each statement committed on its own.
+    Nothing is locked between the read and the claim: the claim is guarded as every transition
+    is, so an attempt another delivery claimed (or that was cancelled) meanwhile is refused, and
+    the room its calls were given is handed back by the caller, as for any refused claim. A
+    transaction with a locking read cost two round trips more (BEGIN, COMMIT) and a row lock's
+    WAL record per claim."""
     if store.engine.dialect.name != "postgresql":
         return [_claim_or_error(store, ask) for ask in asks]
     results: list[Claim | Waiting | Refused | Exception | None] = [None] * len(asks)
@@ -65,7 +68,7 @@ def claim_many(store: AttemptStore, asks: list[ClaimAsk]) -> list[Claim | Waitin
         else:
             first[key] = index
     now = utcnow()
-    with store.engine.begin() as connection:
+    with store.autocommit.connect() as connection:
         rows = transitions.claimable_each(connection, list(first))
         retried = [task_id for (task_id, attempt), _ in first.items() if attempt > 1 and task_id in rows]
         done: dict[uuid.UUID, set[int]] = defaultdict(set)
@@ -100,7 +103,10 @@ def claim_many(store: AttemptStore, asks: list[ClaimAsk]) -> list[Claim | Waitin
                 )
             else:
                 claimed[(asks[index].worker, asks[index].lease_s)].append((index, claim, slots))
+        lost: list[tuple[uuid.UUID, int]] = []
         for (worker, lease_s), group in claimed.items():
+            # In task id order, so that two groups claiming the same tasks lock their rows in the same order.
+            group.sort(key=lambda planned: planned[1].task_id)
             calls = [row for index, claim, slots in group for row in attempt_rows(claim, slots, worker, now)]
             parameters = {
                 "asked_id": [claim.task_id for _, claim, _ in group],
@@ -112,16 +118,16 @@ def claim_many(store: AttemptStore, asks: list[ClaimAsk]) -> list[Claim | Waitin
                 "started_at": now,
                 "lease_until": now + timedelta(seconds=lease_s),
             }
-            count = connection.execute(_CLAIM_WITH_CALLS, parameters).scalar_one()
-            if count != len(group):  # the rows are locked: cannot happen; nothing is written if it does
-                raise RuntimeError(f"claimed {count} of {len(group)} locked tasks")
-        missing = [key for key, index in first.items() if key[0] not in rows]
+            won = set(connection.scalars(_CLAIM_WITH_CALLS, parameters))
+            for index, claim, slots in group:
+                if claim.task_id in won:
+                    results[index] = replace(claim, slots=tuple(slots))
+                else:  # claimed by another delivery, or cancelled, since it was read
+                    lost.append((claim.task_id, claim.attempt))
+        missing = [key for key in first if key[0] not in rows] + lost
         states = transitions.states_of(connection, [task_id for task_id, _ in missing]) if missing else {}
     for task_id, attempt in missing:
         results[first[(task_id, attempt)]] = transitions.claim_refused(states.get(task_id), attempt)
-    for group in claimed.values():
-        for index, claim, slots in group:
-            results[index] = replace(claim, slots=tuple(slots))
     for index, original in duplicates:
         answer = results[original]
         results[index] = Refused.ALREADY_CLAIMED if isinstance(answer, (Claim, Waiting)) else answer

@@ -11,11 +11,13 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from sqlalchemy import func, select
 
+from imagegate.app.db import make_sessionmaker
 from imagegate.app.models import Attempt, Image, Task, utcnow
 from imagegate.app.state.refused import Refused
-from imagegate.app.state.tasks import QueuedReason, TaskStatus
+from imagegate.app.state.tasks import CancelOutcome, QueuedReason, TaskStatus
 from imagegate.app.stores.attempts import AttemptStore, Claim, ClaimAsk, Wait, Waiting
 from imagegate.app.stores.claim_groups import claim_many
+from imagegate.app.stores.tasks import TaskStore
 from tests.state.rows import make_task, task_row
 
 
@@ -159,3 +161,35 @@ def test_concurrent_overlapping_groups_claim_each_attempt_once(store, key_id):
         calls = connection.scalar(select(func.count()).where(Attempt.task_id.in_(task_ids)))
     assert set(rows) == {(TaskStatus.RUNNING, 1)}
     assert calls == 40
+
+
+def test_an_attempt_claimed_or_cancelled_while_its_calls_were_admitted_is_refused(store, key_id):
+    """Nothing is locked between the group's read and its claim: a task another worker claims, or
+    one that is cancelled, in that time is refused (the caller hands its room back), the others
+    are claimed, and only the winner's calls are recorded."""
+    raced, cancelled, calm = (make_task(store.engine, key_id) for _ in range(3))
+
+    def another_worker_claims_first(claim, slots):
+        (won,) = claim_many(store, [ask(raced, worker="w2")])
+        assert isinstance(won, Claim)
+
+    def the_client_cancels_first(claim, slots):
+        assert TaskStore(make_sessionmaker(store.engine)).cancel(cancelled, key_id) is CancelOutcome.ENDED
+
+    results = claim_many(
+        store,
+        [
+            ask(raced, admit=another_worker_claims_first),
+            ask(cancelled, admit=the_client_cancels_first),
+            ask(calm, admit=lambda claim, slots: None),
+        ],
+    )
+
+    assert results[:2] == [Refused.ALREADY_CLAIMED, Refused.ALREADY_ENDED]
+    assert isinstance(results[2], Claim)
+    assert (task_row(store.engine, raced).worker, task_row(store.engine, raced).attempts) == ("w2", 1)
+    with store.engine.connect() as connection:
+        calls = connection.execute(
+            select(Attempt.task_id, Attempt.worker).where(Attempt.task_id.in_([raced, cancelled, calm]))
+        ).all()
+    assert sorted(calls) == sorted([(raced, "w2"), (calm, "w1")])
