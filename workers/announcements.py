@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from contextlib import AbstractContextManager
 
 from imagegate.app.stores.attempts import Claim, NewImage
-from imagegate.app.views import b64_items, images_reply, json_body
+from imagegate.app.views import b64_reply_body
 from imagegate.app.wakeups import Wakeup, Wakeups
 
 log = logging.getLogger(__name__)
@@ -76,8 +76,7 @@ def handed_over_reply(claim: Claim, images: list[NewImage], usage: dict | None) 
     no request waits, or the reply is not the images' bytes (response_format url)."""
     if not claim.awaited or claim.created_at is None or claim.request.get("response_format") != "b64_json":
         return None
-    if any(image.data is None for image in images):
-        return None
     ordered = sorted(images, key=lambda image: image.slot)  # as stored: by slot, then in order within one
-    items = b64_items((image.data or b"", image.revised_prompt) for image in ordered)
-    return json_body(images_reply(claim.task_id, claim.created_at, usage, items)).encode()
+    return b64_reply_body(
+        claim.task_id, claim.created_at, usage, [(image.data, image.revised_prompt) for image in ordered]
+    )

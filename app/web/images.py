@@ -20,7 +20,7 @@ from imagegate.app.schemas import GenerationRequest, ImagesResponse, TaskAccepte
 from imagegate.app.state.refused import Refused
 from imagegate.app.state.tasks import ENDED, CancelOutcome, TaskStatus
 from imagegate.app.stores.tasks import NewTask, TaskRecord
-from imagegate.app.views import image_items, images_reply, json_body, task_view, timestamp
+from imagegate.app.views import b64_reply_body, image_items, images_reply, json_body, task_view, timestamp
 from imagegate.app.web.auth import require_api_key
 from imagegate.app.web.errors import ApiError, error_response, from_validation_error
 from imagegate.app.web.intake import (
@@ -218,6 +218,9 @@ def _ended_record(svc: Services, task_id: uuid.UUID) -> TaskRecord:
 
 def _sync_reply(svc: Services, record: TaskRecord):
     task = record.task
+    if task.status == TaskStatus.SUCCEED and task.response_format == "b64_json":
+        images = [(image.data or b"", image.revised_prompt) for image in record.images]
+        return _body(b64_reply_body(task.id, task.created_at, task.usage, images))
     if task.status == TaskStatus.SUCCEED:
         return _json(images_reply(task.id, task.created_at, task.usage, image_items(record, svc.settings)))
     if task.status == TaskStatus.FAILED:
