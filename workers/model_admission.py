@@ -1,5 +1,5 @@
-"""An attempt's claim under its model's upstream limits: the room for its calls is taken inside the
-claim's transaction (workers/model_limiter.py), so an attempt with no room is never claimed. It stays
+"""An attempt's claim under its model's upstream limits: the room for its calls is taken before the
+claim is written (workers/model_limiter.py), so an attempt with no room is never claimed. It stays
 pending, says why (`queued_reason`), and its message comes back after the wait: no retry is used,
 no worker slot is held meanwhile, and its place in the model's line is kept."""
 

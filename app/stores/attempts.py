@@ -103,8 +103,9 @@ class Waiting:
 
 
 # Given the claim and its planned slots, None to make the calls now, or how long to wait. Asked
-# inside the claim's transaction, so a wait leaves no trace of the claim. An admit may also answer
-# for a claim group at once (see `AdmitsTogether`).
+# before the claim is written (inside the claim's transaction; for a group, between its read and its
+# claim), so a wait leaves no trace of the claim. An admit may also answer for a claim group at once
+# (see `AdmitsTogether`).
 AdmitCalls = Callable[[Claim, list[int]], Wait | None]
 
 
