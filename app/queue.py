@@ -91,10 +91,6 @@ def make_celery(settings: Settings) -> Celery:
     return app
 
 
-# The keyword of a run message whose reply a synchronous request waits for (app/wakeups.py).
-AWAITED = "awaited"
-
-
 def queue_of(batch_id: uuid.UUID | None) -> str:
     return BATCH_QUEUE if batch_id else QUEUE
 
@@ -185,7 +181,7 @@ class RunPublisher:
         shape = self._shapes.get(queue) or self._shape(queue)
         args = [str(task_id), 1]
         (_, kwargs, embed), options = shape
-        kwargs = {**kwargs, AWAITED: True} if awaited else kwargs
+        kwargs = {**kwargs, "awaited": True} if awaited else kwargs  # run_task's keyword
         message_id = str(uuid.uuid4())
         headers = {
             **options["headers"],

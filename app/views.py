@@ -4,7 +4,7 @@ where both processes can: the API answers with it, the workers send it."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
@@ -55,9 +55,9 @@ def b64_reply_body(
     task_id: uuid.UUID, created_at: datetime, usage: dict[str, Any] | None, images: Sequence[tuple[bytes, str | None]]
 ) -> bytes:
     """The JSON of a succeeded b64_json task's reply: `images_reply` of the images (bytes, revised
-    prompt) as `b64_items`, with each image's base64 put in place after the JSON is written. Base
-    64 never needs escaping, and the JSON writer's scan of a 200 KB string for characters to
-    escape was most of the reply's cost."""
+    prompt), with each image's base64 put in place after the JSON is written. Base 64 never needs
+    escaping, and the JSON writer's scan of a 200 KB string for characters to escape was most of
+    the reply's cost."""
     items = [ImageData(b64_json="", revised_prompt=prompt) for _, prompt in images]
     body = json_body(images_reply(task_id, created_at, usage, items)).encode()
     # The data come before the usage (an upstream's usage might hold such a key): the first
@@ -69,15 +69,13 @@ def b64_reply_body(
     return b"".join(spliced)
 
 
-def b64_items(images: Iterable[tuple[bytes, str | None]]) -> list[ImageData]:
-    """Images (bytes, revised prompt) as b64_json items, in order."""
-    return [ImageData(b64_json=pybase64.b64encode(data).decode(), revised_prompt=prompt) for data, prompt in images]
-
-
 def image_items(record: TaskRecord, settings: Settings, *, as_urls: bool = False) -> list[ImageData]:
     """The images in the task's response_format, or as URLs when asked (webhooks never carry base64)."""
     if record.task.response_format == "b64_json" and not as_urls:
-        return b64_items((image.data or b"", image.revised_prompt) for image in record.images)
+        return [
+            ImageData(b64_json=pybase64.b64encode(image.data or b"").decode(), revised_prompt=image.revised_prompt)
+            for image in record.images
+        ]
     return [
         ImageData(
             url=image.store_url  # the bucket's presigned URL, with IMAGEGATE_IMAGE_URLS=store

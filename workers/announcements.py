@@ -73,8 +73,9 @@ class GroupedAnnouncements:
 def handed_over_reply(claim: Claim, images: list[NewImage], usage: dict | None) -> bytes | None:
     """The body of the reply a synchronous request waiting for this attempt answers, made with the
     images in hand (app/wakeups.py): the API's reply from the stored task, the same JSON. None when
-    no request waits, or the reply is not the images' bytes (response_format url)."""
-    if not claim.awaited or claim.created_at is None or claim.request.get("response_format") != "b64_json":
+    no request waits for it. The API asks (`awaited`) only for a b64_json task: its reply is the
+    images' bytes."""
+    if not claim.awaited or claim.created_at is None:
         return None
     ordered = sorted(images, key=lambda image: image.slot)  # as stored: by slot, then in order within one
     return b64_reply_body(

@@ -158,7 +158,8 @@ def submit_task(
         return *_json(_accepted(task), 202), replayed
 
     # Subscribe before publishing, so the end of even a very fast task is not missed. A new b64_json
-    # task asks its worker to hand its reply over (app/wakeups.py): its images are not read back.
+    # task asks its worker to hand its reply over (app/wakeups.py): its images are not read back. Only
+    # such a task is asked: a url reply holds no bytes to save, and the worker makes a b64_json reply.
     awaited = new and response_format == "b64_json"
     with svc.wakeups.subscription(str(task.id)) as wakeup:
         if new:

@@ -8,9 +8,11 @@ import os
 import uuid
 from datetime import UTC, datetime
 
+import pybase64
 import pytest
 
-from imagegate.app.views import b64_items, b64_reply_body, images_reply, json_body
+from imagegate.app.schemas import ImageData
+from imagegate.app.views import b64_reply_body, images_reply, json_body
 
 TRICKY = 'a "quoted" \\ prompt, "b64_json":"" and ünïcödé \n'
 
@@ -26,7 +28,8 @@ TRICKY = 'a "quoted" \\ prompt, "b64_json":"" and ünïcödé \n'
 )
 def test_the_spliced_reply_is_the_reply_written_whole(images, usage):
     task_id, created_at = uuid.uuid4(), datetime(2026, 11, 30, 12, 0, 1, tzinfo=UTC)
-    whole = json_body(images_reply(task_id, created_at, usage, b64_items(images)))
+    items = [ImageData(b64_json=pybase64.b64encode(data).decode(), revised_prompt=prompt) for data, prompt in images]
+    whole = json_body(images_reply(task_id, created_at, usage, items))
     spliced = b64_reply_body(task_id, created_at, usage, images)
     assert json.loads(spliced) == json.loads(whole)
     assert [item.get("revised_prompt") for item in json.loads(spliced)["data"]] == [prompt for _, prompt in images]
