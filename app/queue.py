@@ -17,7 +17,7 @@ from celery import Celery
 
 from imagegate.app import rabbitmq
 from imagegate.app.grouping import Grouped
-from imagegate.app.settings import Settings, is_redis_url
+from imagegate.app.settings import Settings, is_amqp_url, is_redis_url
 
 RUN_TASK = "imagegate.run_task"
 DELIVER_WEBHOOK = "imagegate.deliver_webhook"
@@ -132,7 +132,7 @@ class RunPublisher:
         self._celery = celery
         self._producer: Any = None
         self._shapes: dict[str, tuple[Any, dict[str, Any]]] = {}
-        self._pooled = rabbitmq.is_amqp(celery.conf.broker_url)
+        self._pooled = is_amqp_url(celery.conf.broker_url)
         self._grouped: Grouped[tuple[Any, dict[str, Any]], None] = Grouped(
             self._publish_many, max_group=MAX_PUBLISH_GROUP
         )

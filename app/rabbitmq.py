@@ -26,15 +26,12 @@ from typing import Any, TypeVar
 from kombu import Connection, Exchange, Queue
 from kombu.exceptions import OperationalError
 
+from imagegate.app.settings import is_amqp_url
+
 log = logging.getLogger(__name__)
 
-SCHEMES = ("amqp://", "amqps://", "pyamqp://")
 QUORUM = {"x-queue-type": "quorum"}
 _T = TypeVar("_T")
-
-
-def is_amqp(broker_url: object) -> bool:
-    return str(broker_url).startswith(SCHEMES)
 
 
 def queues(names: Iterable[str]) -> tuple[Queue, ...]:
@@ -66,7 +63,7 @@ def celery_config(queue_names: Iterable[str], default_queue: str) -> dict[str, A
 def countdown_for(broker_url: object, countdown: float | None) -> float | None:
     """Native delayed delivery counts whole seconds and refuses a delay under one: round such a
     countdown up to one second, never down."""
-    if countdown is not None and 0 < countdown < 1 and is_amqp(broker_url):
+    if countdown is not None and 0 < countdown < 1 and is_amqp_url(broker_url):
         return 1.0
     return countdown
 

@@ -21,6 +21,11 @@ def is_redis_url(url: object) -> bool:
     return str(url).startswith(("redis://", "rediss://"))
 
 
+def is_amqp_url(url: object) -> bool:
+    """A RabbitMQ broker (kombu's py-amqp transport)."""
+    return str(url).startswith(("amqp://", "amqps://", "pyamqp://"))
+
+
 class SettingsError(ValueError):
     """A setting that makes the process refuse to start."""
 
@@ -230,8 +235,7 @@ class Settings(BaseSettings):
 
     @property
     def uses_amqp(self) -> bool:
-        """A RabbitMQ broker (kombu's py-amqp transport)."""
-        return self.broker_url.startswith(("amqp://", "amqps://", "pyamqp://"))
+        return is_amqp_url(self.broker_url)
 
     @property
     def shared_redis_url(self) -> str | None:

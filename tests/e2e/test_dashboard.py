@@ -101,6 +101,18 @@ def sign_in(page: Page, url: str, secret: str) -> None:
     page.get_by_role("button", name="Sign in").click()
 
 
+def assert_fits(page: Page) -> None:
+    """The page is no wider than the screen; a failure names the elements that stick out."""
+    width = page.evaluate("document.documentElement.scrollWidth")
+    sticking_out = page.evaluate(
+        """() => [...document.querySelectorAll('body *')]
+            .filter(e => e.getBoundingClientRect().right > innerWidth + 0.5)
+            .map(e => `${e.tagName.toLowerCase()}.${e.className} (${Math.round(e.getBoundingClientRect().right)} px):`
+                      + ` ${e.textContent.trim().slice(0, 60)}`)"""
+    )
+    assert width <= page.viewport_size["width"], f"the page is {width} px wide: {sticking_out}"
+
+
 def row(page: Page, task_id: str):
     return page.locator(f'li[data-task-id="{task_id}"]')
 
@@ -281,11 +293,11 @@ def test_readable_on_a_phone(browser, dashboard_url, api_key, api, upstream):
     phone = _page(browser, PHONE)
     sign_in(phone, dashboard_url, api_key)
     expect(phone.locator("li[data-task-id]").first).to_be_visible()
-    assert phone.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]
+    assert_fits(phone)
     screenshot(phone, "dashboard-phone.png")
     phone.locator("li[data-status=failed] a").first.click()
     expect(phone.get_by_test_id("task-error")).to_be_visible()
-    assert phone.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]
+    assert_fits(phone)
     phone.context.close()
 
     laptop = _page(browser, LAPTOP)
