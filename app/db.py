@@ -29,7 +29,7 @@ def make_engine(
 
         return engine
     # A short connect timeout: with Postgres down, answer 503 quickly instead of hanging.
-    return create_engine(
+    engine = create_engine(
         database_url,
         pool_size=pool_size,
         max_overflow=pool_size * 2 if max_overflow is None else max_overflow,
@@ -37,6 +37,18 @@ def make_engine(
         pool_recycle=POOL_RECYCLE_S,
         connect_args={"connect_timeout": 5},
     )
+    if engine.dialect.driver == "psycopg":
+        event.listen(engine, "connect", _arrays_in_binary)
+    return engine
+
+
+def _arrays_in_binary(dbapi_connection, _record) -> None:
+    """Lists go to Postgres as binary arrays. psycopg writes them as text by default, quoting every
+    element in Python: for the one-array-per-column statements (a batch's 10,000 tasks, a group's
+    claims) that was 4x slower, and a third of a batch's intake CPU."""
+    from psycopg.types.array import ListBinaryDumper
+
+    dbapi_connection.adapters.register_dumper(list, ListBinaryDumper)
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:

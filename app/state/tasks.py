@@ -132,13 +132,14 @@ def new_task(
     }
 
 
-def accept(connection: Connection, rows: dict[str, Any] | list[dict[str, Any]]) -> None:
-    """(none) -> pending: one INSERT for one task, one multi-row INSERT for a batch's page."""
-    connection.execute(_ACCEPT, rows)
+def accept(connection: Connection, row: dict[str, Any]) -> None:
+    """(none) -> pending: one INSERT for one task."""
+    connection.execute(_ACCEPT, row)
 
 
 def accept_many(connection: Connection, rows: list[dict[str, Any]]) -> None:
-    """(none) -> pending for concurrent submits' rows (new_task's), in one INSERT statement."""
+    """(none) -> pending for many new_task rows (concurrent submits, a batch's lines), in one INSERT
+    statement."""
     if len(rows) == 1:  # alone: binding a row as one-element arrays cost the API ~0.3 ms more
         connection.execute(_ACCEPT, rows[0])
         return
