@@ -53,6 +53,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             "data_folder_in": folder,
             "data_folder_out": folder,
             "store_processed": False,
+            # How often an idle worker looks for a new message (kombu's default is every second):
+            # each look lists a folder, and a synchronous request waited for it.
+            "polling_interval": 0.1,
             # kombu's exchange tables (remote control): ./control in the working directory otherwise.
             "control_folder": str(settings.data_dir / "broker-control"),  # type: ignore[operator]
         }
