@@ -1,5 +1,5 @@
 """The batch transitions against real Postgres: cancel, and completion once its last task ended,
-only once, as `cancelled` when it was cancelled."""
+only once, as `cancelled` when it was cancelled; and its lines stored as sent."""
 
 from __future__ import annotations
 
@@ -10,11 +10,12 @@ from sqlalchemy import select
 
 from imagegate.app.db import make_sessionmaker
 from imagegate.app.failures import ErrorCode
-from imagegate.app.models import Batch, WebhookEvent
+from imagegate.app.models import Batch, Task, WebhookEvent
+from imagegate.app.schemas import GenerationRequest
 from imagegate.app.state.batches import BatchStatus
 from imagegate.app.state.refused import Refused
 from imagegate.app.state.tasks import TaskStatus
-from imagegate.app.stores.batches import BatchStore
+from imagegate.app.stores.batches import BatchStore, NewLine
 from tests.state.rows import make_task, new_key, task_row
 
 
@@ -90,3 +91,31 @@ def test_a_batch_cancel_is_refused_for_another_key_or_a_missing_batch(batches, e
     assert status_of(engine, batch_id) == BatchStatus.IN_PROGRESS
     assert task_row(engine, pending).status == TaskStatus.PENDING
     assert batches.cancel(uuid.uuid4(), key_id) is Refused.NOT_FOUND
+
+
+def test_a_batchs_lines_are_stored_as_sent_in_one_insert(batches, engine, key_id):
+    """Every line's columns come back as given, whatever their characters: they are bound as one
+    binary array per column (app/db.py), NULLs and quoting included."""
+    awkward = ["q\"uo'te", "com,ma", "{br}aces", "back\\slash", "", "ünï ✓", "NULL"]
+    lines = [
+        NewLine(
+            custom_id=custom_id,
+            model="fake-dalle",
+            body=GenerationRequest(prompt=f"tile {index}: {custom_id}", n=1 + index % 2),
+            callback_url=None if index % 2 else f"https://hooks.example/{index}",
+        )
+        for index, custom_id in enumerate(awkward)
+    ]
+    batch, task_ids = batches.create(api_key_id=key_id, lines=lines, callback_url=None, metadata=None)
+    with engine.connect() as connection:
+        rows = connection.execute(
+            select(Task.id, Task.custom_id, Task.batch_line, Task.callback_url, Task.request, Task.status)
+            .where(Task.batch_id == batch.id)
+            .order_by(Task.batch_line)
+        ).all()
+    assert [row.id for row in rows] == task_ids
+    assert [row.batch_line for row in rows] == list(range(len(awkward)))
+    assert [row.custom_id for row in rows] == awkward
+    assert [row.callback_url for row in rows] == [line.callback_url for line in lines]
+    assert [row.request for row in rows] == [line.body.stored() for line in lines]
+    assert {row.status for row in rows} == {TaskStatus.PENDING}
