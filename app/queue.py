@@ -46,8 +46,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # default of 10 made a worker with hundreds of tasks starting at once fail its acks.
         "max_connections": REDIS_MAX_CONNECTIONS,
     }
-    filesystem = settings.broker_url.startswith("filesystem://")  # the embedded mode's
-    if filesystem:
+    if settings.uses_filesystem:
         folder = str(settings.data_dir / "broker")  # type: ignore[operator]
         transport_options |= {
             "data_folder_in": folder,
@@ -82,10 +81,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_hijack_root_logger": False,
         # Task events (received, started, succeeded, failed) for Flower and `celery events`. Only the
         # worker's: task-sent events would cost every publish at intake another Redis round trip.
-        "worker_send_task_events": not filesystem,
+        "worker_send_task_events": not settings.uses_filesystem,
         # Remote control (`celery inspect`, `celery control`) over a filesystem broker is a thread
         # polling a folder every second, and stopping it held up the embedded worker's stop by a second.
-        "worker_enable_remote_control": not filesystem,
+        "worker_enable_remote_control": not settings.uses_filesystem,
     }
     if settings.uses_amqp:  # quorum queues, publisher confirms, countdowns held by RabbitMQ
         config |= rabbitmq.celery_config(WORKER_QUEUES, QUEUE)

@@ -225,7 +225,7 @@ class Settings(BaseSettings):
                 "IMAGEGATE_BROKER_URL is RabbitMQ (amqp://): set IMAGEGATE_REDIS_URL too, such as "
                 "redis://127.0.0.1:6379/0 (synchronous requests are woken and rate limits shared through Redis)"
             )
-        if self.broker_url.startswith("filesystem://") and self.data_dir is None:
+        if self.uses_filesystem and self.data_dir is None:
             raise SettingsError("a filesystem:// broker needs IMAGEGATE_DATA_DIR")
         return self
 
@@ -236,6 +236,11 @@ class Settings(BaseSettings):
     @property
     def uses_amqp(self) -> bool:
         return is_amqp_url(self.broker_url)
+
+    @property
+    def uses_filesystem(self) -> bool:
+        """The embedded mode's broker: kombu's filesystem transport, under data_dir."""
+        return self.broker_url.startswith("filesystem://")
 
     @property
     def shared_redis_url(self) -> str | None:

@@ -53,7 +53,7 @@ class Readiness:
                 log.warning("readyz: broker unreachable: %s", exc)
                 return f"unreachable ({type(exc).__name__})"
             return OK
-        if self.settings.broker_url.startswith("filesystem://"):
+        if self.settings.uses_filesystem:
             folder = self.settings.data_dir / "broker"  # type: ignore[operator]
             return OK if folder.is_dir() else "its folder is missing"
         return "not checked"

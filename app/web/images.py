@@ -219,10 +219,10 @@ def _ended_record(svc: Services, task_id: uuid.UUID) -> TaskRecord:
 
 def _sync_reply(svc: Services, record: TaskRecord):
     task = record.task
-    if task.status == TaskStatus.SUCCEED and task.response_format == "b64_json":
-        images = [(image.data or b"", image.revised_prompt) for image in record.images]
-        return _body(b64_reply_body(task.id, task.created_at, task.usage, images))
     if task.status == TaskStatus.SUCCEED:
+        if task.response_format == "b64_json":
+            images = [(image.data or b"", image.revised_prompt) for image in record.images]
+            return _body(b64_reply_body(task.id, task.created_at, task.usage, images))
         return _json(images_reply(task.id, task.created_at, task.usage, image_items(record, svc.settings)))
     if task.status == TaskStatus.FAILED:
         status = http_status_of_failure(task.error_code)
