@@ -5,7 +5,8 @@ No thread of its own: the first caller finds no group running and runs its item 
 latency added when idle). Callers arriving meanwhile wait; when the running group ends, the first of
 them leads the next group, made of everyone who waited (up to `max_group`). Under load a group
 holds what arrived during one round trip; each caller still returns only once its own item is done.
-Works with gevent's greenlets (the API) and with plain threads (tests, the embedded mode).
+Works with gevent's greenlets (the API) and with plain threads (tests, the embedded mode). The
+worker groups its writes with a pool of writers instead (workers/grouped.py says why).
 """
 
 from __future__ import annotations

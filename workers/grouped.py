@@ -1,6 +1,11 @@
 """Database writes in groups: a call waits for a writer that makes every call queued meanwhile in
 one transaction. Under load that turns hundreds of commits a second into a few, and per-task
-round trips into per-group ones; alone, a call is written at once, so no latency is added."""
+round trips into per-group ones; alone, a call is written at once, so no latency is added.
+
+Not the API's leader-based helper (app/grouping.py), where a caller finding a leader free runs its
+item at once: in the worker that made the groups smaller, and cost more Postgres CPU per task
+(docs/performance.md, the eighth session). A writer here is woken through the hub, and more calls
+queue behind the first meanwhile."""
 
 from __future__ import annotations
 
