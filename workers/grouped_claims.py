@@ -16,7 +16,7 @@ class GroupedClaims:
 
     # One writer: claims asked while it writes wait for its next group. A second writer halved the
     # groups of a backlog's drain, and each group is two statements, each its own commit: 0.79-0.83
-    # commits per task with two, 0.47-0.49 with one. A lone claim is still made at once.
+    # commits per task with two, 0.42-0.49 with one. A lone claim is still made at once.
     def __init__(self, store: AttemptStore, *, max_group: int = 100, writers: int = 1):
         self._grouped: Grouped[ClaimAsk, Claim | Waiting | Refused | Exception] = Grouped(
             lambda asks: claim_many(store, asks), name="claims", max_group=max_group, writers=writers

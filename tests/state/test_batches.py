@@ -93,7 +93,7 @@ def test_a_batch_cancel_is_refused_for_another_key_or_a_missing_batch(batches, e
     assert batches.cancel(uuid.uuid4(), key_id) is Refused.NOT_FOUND
 
 
-def test_a_batchs_lines_are_stored_as_sent_in_one_insert(batches, engine, key_id):
+def test_a_batchs_lines_are_stored_as_sent(batches, engine, key_id):
     """Every line's columns come back as given, whatever their characters: they are bound as one
     binary array per column (app/db.py), NULLs and quoting included."""
     awkward = ["q\"uo'te", "com,ma", "{br}aces", "back\\slash", "", "ünï ✓", "NULL"]
