@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from sqlalchemy.exc import InterfaceError, OperationalError
 
+from imagegate.app.grouping import GroupInterrupted
 from imagegate.app.image_store import ImageStore
 from imagegate.app.state.refused import Outcome
 from imagegate.app.stores.attempts import AttemptStore, Claim, NewImage
@@ -34,12 +35,14 @@ class DurableWrites:
         while True:
             try:
                 return write(*args, **kwargs)
-            except (OperationalError, InterfaceError) as exc:
+            # GroupInterrupted: the writer of this write's group ended before it knew the outcome
+            # (workers/grouped.py); another writer takes the retry.
+            except (OperationalError, InterfaceError, GroupInterrupted) as exc:
                 left = self.leases.valid_for_s(claim) - pause - 1.0
                 if left <= 0:
                     raise
                 log.warning(
-                    "task %s attempt %s: database unavailable (%s); retrying for up to %.0f s",
+                    "task %s attempt %s: final write not made (%s); retrying for up to %.0f s",
                     claim.task_id,
                     claim.attempt,
                     type(exc).__name__,

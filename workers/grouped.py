@@ -16,6 +16,8 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Generic, TypeVar
 
+from imagegate.app.grouping import GroupInterrupted
+
 log = logging.getLogger(__name__)
 
 Item = TypeVar("Item")
@@ -46,15 +48,17 @@ class Grouped(Generic[Item, Result]):
         self._threads: list[threading.Thread] = []
 
     def __call__(self, item: Item) -> Result:
-        """The item's result once written; a database error is raised to the caller, who may retry."""
+        """The item's result once written; a database error is raised to the caller, who may retry, and
+        so is GroupInterrupted when the writer ended before it knew its group's outcome."""
         future: Future[Result] = Future()
         self._queue.put((item, future))
         self._ensure_running()
         return future.result()
 
-    def _ensure_running(self) -> None:
+    def _ensure_running(self, ending: threading.Thread | None = None) -> None:
+        """Start writers up to the count; `ending`, a writer on its way out, no longer counts."""
         with self._lock:
-            self._threads = [thread for thread in self._threads if thread.is_alive()]
+            self._threads = [thread for thread in self._threads if thread.is_alive() and thread is not ending]
             while len(self._threads) < self._writers:
                 thread = threading.Thread(target=self._write_forever, name=self._name, daemon=True)
                 thread.start()
@@ -75,5 +79,11 @@ class Grouped(Generic[Item, Result]):
                 for _, future in group:
                     future.set_exception(exc)
                 continue
+            except BaseException as exc:  # GreenletExit, a Timeout: this writer ends; no caller may wait forever
+                for _, future in group:
+                    future.set_exception(GroupInterrupted(f"the {self._name} writer was interrupted: {exc!r}"))
+                log.warning("the %s writer was interrupted (%r); another takes its place", self._name, exc)
+                self._ensure_running(ending=threading.current_thread())  # for the calls queued behind
+                return
             for (_, future), result in zip(group, results, strict=True):
                 future.set_result(result)

@@ -171,8 +171,22 @@ max_pixels = 65536
 
         try:
             wait_until(ended, timeout_s, "every task to end", interval_s=0.5)
-        except TimeoutError:
-            pass  # the figures say how many were lost
+        except TimeoutError:  # the figures say how many were lost; this says where to look
+            print(self.why_not_ended(task_ids))
+
+    def why_not_ended(self, task_ids) -> str:
+        """The tasks' statuses, and each process's exit status and last log lines: printed when a
+        scenario times out, so a failure seen once (in CI, say) carries its evidence with it."""
+        try:
+            lines = [f"statuses: {dict(Counter(self.statuses(task_ids).values()))}"]
+        except Exception as exc:
+            lines = [f"statuses: unreadable ({exc!r})"]
+        for log in sorted(self.directory.glob("*.log")):
+            process = self.processes[int(log.stem.rsplit("-", 1)[1])]
+            kept = [line for line in log.read_text(errors="replace").splitlines() if "gunicorn.access" not in line]
+            tail = kept[-40:]
+            lines += [f"--- {log.name}: exit status {process.poll()}, last {len(tail)} lines", *tail]
+        return "\n".join(lines)
 
     # -- figures -----------------------------------------------------------------------------------
     def figures(self, scenario: str, tasks: dict[str, str], n: int = 1, note: str = "") -> Figures:
