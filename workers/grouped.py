@@ -27,7 +27,8 @@ Result = TypeVar("Result")
 class Grouped(Generic[Item, Result]):
     """Calls of `write_many(items) -> results` (one result per item, in order) made one item at a time
     from many greenlets or threads. `max_group` bounds a transaction's size (a group of successes
-    carries its images); several writers so one slow commit does not hold every call behind it.
+    carries its images); `writers` of them (successes have several, so one slow commit does not
+    hold every success behind it; claims one, workers/grouped_claims.py says why).
     Under gevent the writers are greenlets: writes on native threads were measured no faster under
     load (grouped, they are few) and ~1 ms slower for a lone request."""
 

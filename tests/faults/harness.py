@@ -105,21 +105,24 @@ max_pixels = 65536
             | {f"IMAGEGATE_{name.upper()}": value for name, value in settings.items()}
         )
         self.processes: list[subprocess.Popen] = []
+        self.logs: list[Path] = []  # each process's output, in the order started
         self._engine = create_engine(database_url, pool_pre_ping=True)
         self.started = time.monotonic()
 
     # -- processes -------------------------------------------------------------------------------
     def start(self, *args: str) -> subprocess.Popen:
-        log = (self.directory / f"{args[0]}-{len(self.processes)}.log").open("w")
-        process = subprocess.Popen(
-            IMAGEGATE + list(args), env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
+        path = self.directory / f"{args[0]}-{len(self.processes)}.log"
+        with path.open("w") as log:  # the child holds its own copy of the descriptor
+            process = subprocess.Popen(
+                IMAGEGATE + list(args), env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
         self.processes.append(process)
+        self.logs.append(path)
         return process
 
     def start_worker(self, concurrency: int = 100) -> subprocess.Popen:
         process = self.start("worker", "--concurrency", str(concurrency), "--loglevel", "INFO")
-        log = self.directory / f"worker-{len(self.processes) - 1}.log"
+        log = self.logs[-1]
         wait_until(lambda: process.poll() is not None or "ready" in log.read_text(), 60, "a worker")
         assert process.poll() is None, log.read_text()
         return process
@@ -181,8 +184,7 @@ max_pixels = 65536
             lines = [f"statuses: {dict(Counter(self.statuses(task_ids).values()))}"]
         except Exception as exc:
             lines = [f"statuses: unreadable ({exc!r})"]
-        for log in sorted(self.directory.glob("*.log")):
-            process = self.processes[int(log.stem.rsplit("-", 1)[1])]
+        for process, log in zip(self.processes, self.logs, strict=True):
             kept = [line for line in log.read_text(errors="replace").splitlines() if "gunicorn.access" not in line]
             tail = kept[-40:]
             lines += [f"--- {log.name}: exit status {process.poll()}, last {len(tail)} lines", *tail]

@@ -74,17 +74,19 @@ class LeaseHeld:
         return 30.0
 
 
-def test_a_final_write_whose_writer_was_interrupted_is_made_again_while_the_lease_holds():
-    """The upstream has answered and been paid: the write goes to the next writer, not to waste."""
-    tries: list[int] = []
+def test_a_success_whose_writer_was_interrupted_is_written_once_by_the_next_writer():
+    """The upstream has answered and been paid: the final write goes to a new writer while the lease
+    holds, instead of being dropped and bought again once the lease expires."""
+    groups: list[list[str]] = []
 
-    def succeed() -> str:
-        tries.append(1)
-        if len(tries) == 1:
-            raise GroupInterrupted("the successes writer was interrupted")
-        return "written"
+    def write_many(items: list[str]) -> list[str]:
+        groups.append(items)
+        if len(groups) == 1:
+            raise Interrupted
+        return [f"{item} written" for item in items]
 
+    successes: Grouped[str, str] = Grouped(write_many, name="successes", writers=1)
     durable = DurableWrites(store=None, leases=LeaseHeld(), image_store=None)  # type: ignore[arg-type]
     claim = SimpleNamespace(task_id=uuid.uuid4(), attempt=1)
-    assert durable.write(claim, succeed) == "written"  # type: ignore[arg-type]
-    assert len(tries) == 2
+    assert durable.write(claim, successes, "success") == "success written"  # type: ignore[arg-type]
+    assert groups == [["success"], ["success"]]  # tried by the interrupted writer, written by the next
