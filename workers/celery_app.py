@@ -39,8 +39,8 @@ def make_worker_app(settings: Settings, *, concurrency: int = 1000) -> Celery:
     for name in ("celery.app.trace", "celery.worker.strategy", "httpx"):
         logging.getLogger(name).setLevel(logging.WARNING)
     group_task_events(celery)
-    if settings.uses_redis:  # acknowledgements that cost Redis nothing when early (workers/early_acks.py)
-        celery.conf.broker_transport = "imagegate.workers.early_acks:EarlyAckTransport"
+    if settings.uses_redis:  # messages taken several at a time, early acks that cost Redis nothing
+        celery.conf.broker_transport = "imagegate.workers.redis_transport:WorkerRedisTransport"
     check_idle_connections_without_the_hub()  # the gevent pool patched select before this runs
     adapters = load_adapters()
     attempts = AttemptStore(runtime.engine)

@@ -1,5 +1,5 @@
-"""A Redis transport for the worker whose messages acknowledged soon after delivery cost no Redis
-writes for their acknowledgement.
+"""The QoS of the worker's Redis transport (workers/redis_transport.py): messages acknowledged soon
+after delivery cost no Redis writes for their acknowledgement.
 
 kombu's Redis transport records every delivered message in its `unacked` hash (a MULTI/EXEC round
 trip) so that a worker's death hands it back after the visibility timeout, and deletes the record
@@ -79,11 +79,3 @@ class EarlyAckQoS(kombu_redis.QoS):
                 pipe.zadd(self.unacked_index_key, {tag: delivered_at})
                 pipe.hset(self.unacked_key, tag, dumps([message._raw, delivery["exchange"], delivery["routing_key"]]))
             pipe.execute()
-
-
-class EarlyAckChannel(kombu_redis.Channel):
-    QoS = EarlyAckQoS
-
-
-class EarlyAckTransport(kombu_redis.Transport):
-    Channel = EarlyAckChannel

@@ -1,4 +1,4 @@
-"""The worker's Redis transport (workers/early_acks.py) against a real redis-server: a message
+"""The worker's Redis transport's acknowledgements (workers/early_acks.py) against a real redis-server: a message
 acknowledged soon after delivery leaves no trace in kombu's `unacked` records, one held longer is
 recorded as kombu always did (so a dead worker's message comes back after the visibility timeout),
 and a consumer that closes hands back what it still holds."""
@@ -12,6 +12,7 @@ import redis
 from kombu import Connection, Exchange, Queue
 
 from imagegate.workers import early_acks
+from imagegate.workers.redis_transport import WorkerRedisTransport
 
 QUEUE = Queue("early-acks", Exchange("early-acks"), routing_key="early-acks")
 
@@ -34,7 +35,7 @@ def publish(url: str, count: int) -> None:
 
 
 def consume(url: str, count: int, on_message) -> Connection:
-    connection = Connection(url, transport=early_acks.EarlyAckTransport)
+    connection = Connection(url, transport=WorkerRedisTransport)
     received = []
 
     def keep(body, message):

@@ -138,14 +138,15 @@ def start_postgres() -> Throwaway:
     )
 
 
-def start_redis() -> Throwaway:
+def start_redis(*options: str) -> Throwaway:
+    """A throwaway redis-server; `options` are more of its configuration ("--rename-command", ...)."""
     binary = shutil.which("redis-server")
     if not binary:
         raise MissingService(
             "Redis is not reachable at 127.0.0.1:6379 and redis-server is not installed (apt-get install redis-server)"
         )
     port = free_port()
-    command = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    command = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", *options]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL)
     wait_until(lambda: reachable("127.0.0.1", port), 20, "throwaway redis-server")
     return Throwaway(f"redis://127.0.0.1:{port}", process=process, start_command=command)
