@@ -8,6 +8,9 @@ the same blocking wait, but up to `RECEIVE_MAX` messages of the first non-empty 
 more than the prefetch window has room for. The queues still take turns after each receive, so a
 synchronous request waits behind at most `RECEIVE_MAX - 1` messages of a batch that were taken
 together with the one ahead of it; each is only handed to a slot, none waits for another to end.
+What faster intake does cost, measured: more of a backlog's tasks start at once, and a synchronous
+request sent into a drain's first seconds shares the CPU with them (~0.3 s more on average with a
+1 s upstream; docs/performance.md, the tenth session).
 
 Redis before 7.0 has no `BLMPOP`: its error is taken as the answer, and the channel goes back to
 kombu's `BRPOP` for good.
