@@ -97,7 +97,8 @@ class Throwaway:
             shutil.rmtree(self.directory, ignore_errors=True)
 
 
-def start_postgres() -> Throwaway:
+def start_postgres(*settings: str) -> Throwaway:
+    """A throwaway cluster; `settings` are more of its configuration ("autovacuum_naptime=1", ...)."""
     initdb, pg_ctl = _find("initdb"), _find("pg_ctl")
     if not (initdb and pg_ctl):
         raise MissingService(
@@ -125,7 +126,8 @@ def start_postgres() -> Throwaway:
         str(directory / "log"),
         "-w",
         "-o",
-        f"-p {port} -k {directory} -c listen_addresses=127.0.0.1 -c fsync=off",
+        f"-p {port} -k {directory} -c listen_addresses=127.0.0.1 -c fsync=off"
+        + "".join(f" -c {setting}" for setting in settings),
         "start",
     ]
     subprocess.run(run_as + start, check=True, capture_output=True, timeout=120)
