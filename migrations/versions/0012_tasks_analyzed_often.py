@@ -4,14 +4,13 @@ Revision ID: 0012
 Revises: 0011
 Create Date: 2026-12-01
 
-A claim addresses its tasks by id and guards their status (`WHERE id = … AND status = 'pending'`).
-When the statistics were taken while no task was unfinished, Postgres estimates the unfinished
-tasks at none and plans the claim as a scan of them (a status index, or the partial index of a
-key's unfinished tasks) instead of a lookup by primary key. After a burst of new tasks every claim
-then read the whole backlog: 10-13 ms for one claim with 50,000 pending, against 0.1 ms by the
-primary key (measured). Autovacuum analyzes a table once a tenth of its rows changed, which for a
-large tasks table may be never while a backlog comes and goes; with a fixed threshold it is analyzed
-in autovacuum's next round (autovacuum_naptime, a minute by default). Until then, the scan it is.
+Statements that search tasks by status (the sweeper's, the listings, a key's unfinished count) are
+planned on the statistics of `status`. Statistics taken while no task was unfinished estimate the
+unfinished at none, and after a burst of new tasks such a plan reads the whole backlog (a claim,
+before its guard was rewritten in app/state/attempts.py: 10-13 ms with 50,000 pending, against 0.1
+ms by primary key; measured). Autovacuum analyzes a table once a tenth of its rows changed, which
+for a large tasks table may be never while a backlog comes and goes; with a fixed threshold it is
+analyzed in autovacuum's next round (autovacuum_naptime, a minute by default).
 """
 
 from alembic import op
