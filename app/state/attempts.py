@@ -37,6 +37,7 @@ from sqlalchemy.sql.dml import Update
 
 from imagegate.app.failures import CANCELLED, Failure
 from imagegate.app.models import Task
+from imagegate.app.state.guards import status_is
 from imagegate.app.state.refused import Outcome, Refused
 from imagegate.app.state.tasks import ENDED, TaskStatus
 
@@ -58,15 +59,6 @@ CLAIM_COLUMNS = (
     tasks.c.created_at,
     tasks.c.api_key_id,
 )
-
-
-def _status_is(status: TaskStatus) -> ColumnElement[bool]:
-    """The guard on a task's status in a transition, which finds its tasks by id: written so that no
-    index on status can serve it. With statistics taken while no task had that status, Postgres
-    estimated those tasks at none and planned a transition as a scan of all of them instead of a
-    lookup by id: after a burst of new tasks each claim read the whole backlog (10-13 ms a
-    statement with 50,000 pending, against 0.1 ms)."""
-    return func.coalesce(tasks.c.status, "") == status
 
 
 _STATE = select(tasks.c.id, tasks.c.status, tasks.c.attempts, tasks.c.polls, tasks.c.cancel_requested)
@@ -91,7 +83,7 @@ def arrays_as_rows(name: str, *, ordinality: str | None = None, **columns: Any):
 
 def _fence(task_id: uuid.UUID, attempt: int, *, go_on: bool = False) -> list[ColumnElement[bool]]:
     """Attempt `attempt` is still the task's running one (and, with go_on, not cancelled)."""
-    guard = [tasks.c.id == task_id, _status_is(TaskStatus.RUNNING), tasks.c.attempts == attempt]
+    guard = [tasks.c.id == task_id, status_is(tasks.c.status, TaskStatus.RUNNING), tasks.c.attempts == attempt]
     return guard + [tasks.c.cancel_requested.is_(False)] if go_on else guard
 
 
@@ -110,7 +102,7 @@ def claim(
     """pending -> running for attempt `attempt`; the claim's columns (CLAIM_COLUMNS)."""
     row = connection.execute(
         update(tasks)
-        .where(tasks.c.id == task_id, _status_is(TaskStatus.PENDING), tasks.c.attempts == attempt - 1)
+        .where(tasks.c.id == task_id, status_is(tasks.c.status, TaskStatus.PENDING), tasks.c.attempts == attempt - 1)
         .values(
             status=TaskStatus.RUNNING,
             attempts=attempt,
@@ -139,7 +131,7 @@ def claimable_each(connection: Connection, asks: Sequence[tuple[uuid.UUID, int]]
 
 _ASKED = arrays_as_rows("asked", id=Uuid, attempt=Integer)
 _CLAIMABLE = select(*CLAIM_COLUMNS).where(
-    tasks.c.id == _ASKED.c.id, tasks.c.attempts == _ASKED.c.attempt - 1, _status_is(TaskStatus.PENDING)
+    tasks.c.id == _ASKED.c.id, tasks.c.attempts == _ASKED.c.attempt - 1, status_is(tasks.c.status, TaskStatus.PENDING)
 )
 _RUNNING = {"status": TaskStatus.RUNNING, "polls": 0, "queued_reason": None}
 
@@ -150,7 +142,11 @@ def claim_from(pairs) -> Update:
     at the bound `started_at`; returning the claimed ids and attempts."""
     return (
         update(tasks)
-        .where(tasks.c.id == pairs.c.id, _status_is(TaskStatus.PENDING), tasks.c.attempts == pairs.c.attempt - 1)
+        .where(
+            tasks.c.id == pairs.c.id,
+            status_is(tasks.c.status, TaskStatus.PENDING),
+            tasks.c.attempts == pairs.c.attempt - 1,
+        )
         .values(
             attempts=pairs.c.attempt,
             worker=bindparam("worker", type_=tasks.c.worker.type),
@@ -180,7 +176,7 @@ def wait_for_model(
     wait for a lost message. Refused if another delivery claimed the attempt meanwhile, or it ended."""
     guard = [
         tasks.c.id == task_id,
-        _status_is(TaskStatus.PENDING),
+        status_is(tasks.c.status, TaskStatus.PENDING),
         tasks.c.attempts == attempt - 1,
         tasks.c.cancel_requested.is_(False),
     ]
@@ -207,7 +203,7 @@ def extend_leases(connection: Connection, held: Sequence[tuple[uuid.UUID, int]],
     """running -> running, leased longer: every (task, attempt) of `held` still running; how many were."""
     return connection.execute(
         update(tasks)
-        .where(_status_is(TaskStatus.RUNNING), tuple_(tasks.c.id, tasks.c.attempts).in_(held))
+        .where(status_is(tasks.c.status, TaskStatus.RUNNING), tuple_(tasks.c.id, tasks.c.attempts).in_(held))
         .values(lease_expires_at=lease_until)
     ).rowcount
 
@@ -301,7 +297,7 @@ def succeed_from(pairs) -> Update:
         .where(
             tasks.c.id == pairs.c.id,
             tasks.c.attempts == pairs.c.attempt,
-            _status_is(TaskStatus.RUNNING),
+            status_is(tasks.c.status, TaskStatus.RUNNING),
             tasks.c.cancel_requested.is_(False),
         )
         .values(status=TaskStatus.SUCCEED, finished_at=FINISHED_AT, **_RELEASED)

@@ -18,6 +18,7 @@ from typing import Any
 from sqlalchemy import ColumnElement, Connection, Row, insert, or_, select, update
 
 from imagegate.app.models import WebhookEvent
+from imagegate.app.state.guards import status_is
 from imagegate.app.state.refused import Outcome, Refused
 
 
@@ -76,7 +77,7 @@ def claim(connection: Connection, event_id: str, *, now: datetime, lease_s: floa
     """pending -> sending, one attempt more, leased for `lease_s`; the claim's columns (CLAIM_COLUMNS)."""
     row = connection.execute(
         update(events)
-        .where(events.c.id == event_id, events.c.status == EventStatus.PENDING)
+        .where(events.c.id == event_id, status_is(events.c.status, EventStatus.PENDING))
         .values(
             status=EventStatus.SENDING, attempts=events.c.attempts + 1, next_attempt_at=now + timedelta(seconds=lease_s)
         )
@@ -94,7 +95,7 @@ def _sent(connection: Connection, event_id: str, attempt: int, **values: Any) ->
     """The guard of ending attempt `attempt`: the event is still sending it (its lease was not taken back)."""
     if connection.execute(
         update(events)
-        .where(events.c.id == event_id, events.c.status == EventStatus.SENDING, events.c.attempts == attempt)
+        .where(events.c.id == event_id, status_is(events.c.status, EventStatus.SENDING), events.c.attempts == attempt)
         .values(**values)
     ).rowcount:
         return True

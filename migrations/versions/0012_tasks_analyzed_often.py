@@ -7,7 +7,7 @@ Create Date: 2026-12-01
 Statements that search tasks by status (the sweeper's, the listings, a key's unfinished count) are
 planned on the statistics of `status`. Statistics taken while no task was unfinished estimate the
 unfinished at none, and after a burst of new tasks such a plan reads the whole backlog (a claim,
-before its guard was rewritten in app/state/attempts.py: 10-13 ms with 50,000 pending, against 0.1
+before its guard was rewritten (app/state/guards.py): 10-13 ms with 50,000 pending, against 0.1
 ms by primary key; measured). Autovacuum analyzes a table once a tenth of its rows changed, which
 for a large tasks table may be never while a backlog comes and goes; with a fixed threshold it is
 analyzed in autovacuum's next round (autovacuum_naptime, a minute by default).

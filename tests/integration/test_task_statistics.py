@@ -3,7 +3,7 @@
 With statistics taken while no task was unfinished, Postgres planned a claim (which finds its tasks
 by id and guards their status) as a scan of every unfinished task, which the statistics said were
 none: after a burst each claim read the whole backlog. The guards are now written so that no status
-index can serve them (app/state/attempts.py), and the tasks table is analyzed after every 1,000
+index can serve them (app/state/guards.py), and the tasks table is analyzed after every 1,000
 changes (migrations/versions/0012) for the statements that do search by status."""
 
 from __future__ import annotations
