@@ -40,10 +40,15 @@ class Runtime:
     images: ImageRecords
 
 
-def build_runtime(settings: Settings, *, pool_size: int = 10, max_overflow: int | None = None) -> Runtime:
+def build_runtime(
+    settings: Settings, *, pool_size: int = 10, max_overflow: int | None = None, by_key_only: bool = False
+) -> Runtime:
     """No ping before each checkout: a connection broken by a Postgres restart fails one statement,
-    the pool then drops them all, and the caller retries or the sweeper recovers what it was doing."""
-    engine = make_engine(settings.database_url, pool_size=pool_size, max_overflow=max_overflow, pre_ping=False)
+    the pool then drops them all, and the caller retries or the sweeper recovers what it was doing.
+    by_key_only: the process's statements all use an index (app/db.py)."""
+    engine = make_engine(
+        settings.database_url, pool_size=pool_size, max_overflow=max_overflow, pre_ping=False, by_key_only=by_key_only
+    )
     sessions = make_sessionmaker(engine)
     celery, wakeups = make_celery(settings), make_wakeups(settings.shared_redis_url or settings.broker_url)
     batches, webhooks = BatchStore(sessions), WebhookStore(sessions)

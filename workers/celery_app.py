@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 def make_worker_app(settings: Settings, *, concurrency: int = 1000) -> Celery:
     # A pool of 20 is enough: the hot writes are grouped (workers/grouped.py) and leases renewed in one.
-    runtime = build_runtime(settings.check(), pool_size=min(20, concurrency))
+    runtime = build_runtime(settings.check(), pool_size=min(20, concurrency), by_key_only=True)
     celery = runtime.celery
     # Celery's own "received" and "succeeded in" lines and httpx's "HTTP Request" line, three per
     # task, repeat what the runner logs once (an upstream's error status is in the task's end line).

@@ -4,7 +4,9 @@ With statistics taken while no task was unfinished, Postgres planned a claim (wh
 by id and guards their status) as a scan of every unfinished task, which the statistics said were
 none: after a burst each claim read the whole backlog. The guards are now written so that no status
 index can serve them (app/state/guards.py), and the tasks table is analyzed after every 1,000
-changes (migrations/versions/0012) for the statements that do search by status."""
+changes (migrations/versions/0012) for the statements that do search by status. And a plan made
+while the table was a few pages is not kept as the table grows: the worker's sessions price table
+scans out (app/db.py)."""
 
 from __future__ import annotations
 
@@ -16,9 +18,10 @@ import psycopg
 from sqlalchemy import create_engine, update
 from sqlalchemy.dialects import postgresql
 
+from imagegate.app.db import make_engine
 from imagegate.app.migrate import upgrade
 from imagegate.app.models import Task
-from imagegate.app.state.attempts import _CLAIMABLE, _fence
+from imagegate.app.state.attempts import _CLAIMABLE, _fence, claimable_each
 from imagegate.app.stores.claim_groups import _CLAIM_WITH_CALLS
 from tests.support.services import start_postgres
 
@@ -100,3 +103,31 @@ def test_the_tasks_table_is_analyzed_after_a_burst_smaller_than_a_tenth_of_it():
         assert analyzed, "autovacuum did not analyze the tasks table within 15 s of 30,000 new tasks"
     finally:
         server.stop()
+
+
+def test_a_claim_planned_on_a_young_table_still_finds_its_tasks_by_id_once_the_table_has_grown(own_database):
+    """The worker's statements are prepared, and Postgres keeps the plan it made while the table was
+    a few pages (a scan, cheapest then) until the table is next analyzed: each claim then read every
+    task, more with every task added, for up to a minute after a fresh start."""
+    engine = make_engine(own_database, pool_size=1, max_overflow=0, by_key_only=True)  # as the worker's
+    with psycopg.connect(own_database.replace("+psycopg", ""), autocommit=True) as setup:
+        setup.execute("ALTER TABLE tasks SET (autovacuum_enabled = false)")
+        a_backlog_the_statistics_have_not_seen(own_database, ended=0, pending=8)
+        asks = [(row[0], 1) for row in setup.execute("SELECT id FROM tasks")]
+    try:
+        with engine.connect() as connection:
+            for _ in range(12):  # prepared after 5 runs; its generic plan chosen after 5 more
+                assert len(claimable_each(connection, asks)) == 8
+                connection.commit()  # psycopg forgets what it prepared in a rolled-back transaction
+            with psycopg.connect(own_database.replace("+psycopg", ""), autocommit=True) as setup:
+                add_tasks(setup, 20_000, "pending")
+            before = _scans_of_tasks(connection)
+            assert len(claimable_each(connection, asks)) == 8
+            assert _scans_of_tasks(connection) == before
+    finally:
+        engine.dispose()
+
+
+def _scans_of_tasks(connection) -> int:
+    """Sequential scans of tasks by this connection's process (counted before they are reported)."""
+    return connection.exec_driver_sql("SELECT seq_scan FROM pg_stat_xact_user_tables WHERE relname = 'tasks'").scalar()
